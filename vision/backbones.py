@@ -245,25 +245,6 @@ def list_backbones(pattern: str | None = None, include_timm: bool = False) -> li
     return names
 
 
-class LastLevelP6P7(nn.Module):
-    """Extra FPN levels P6 = conv3x3/2(P5 or C5), P7 = conv3x3/2(relu(P6)) (RetinaNet / FCOS / ATSS)."""
-
-    def __init__(self, in_channels: int, out_channels: int, use_p5: bool = True) -> None:
-        super().__init__()
-        self.p6 = nn.Conv2d(in_channels, out_channels, 3, 2, 1)
-        self.p7 = nn.Conv2d(out_channels, out_channels, 3, 2, 1)
-        for m in (self.p6, self.p7):
-            nn.init.kaiming_uniform_(m.weight, a=1)
-            nn.init.constant_(m.bias, 0)
-        self.use_p5 = use_p5
-
-    def forward(self, p: list[Tensor], c: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
-        x = p[-1] if self.use_p5 else c[-1]
-        p6 = self.p6(x)
-        p7 = self.p7(torch.relu(p6))
-        return p + [p6, p7], names + ["p6", "p7"]
-
-
 class FPN(nn.Module):
     """torchvision FeaturePyramidNetwork over a list of maps, optional P6/P7; ``forward(list) -> list``."""
 
@@ -271,13 +252,14 @@ class FPN(nn.Module):
                  p6p7_from: str = "p5", in_strides: Sequence[int] | None = None) -> None:
         super().__init__()
         from torchvision.ops import FeaturePyramidNetwork
-        from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+        from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
         extra_block: nn.Module | None
         n_extra = 0
         if extra == "p6p7":
             use_p5 = p6p7_from == "p5"
-            extra_block = LastLevelP6P7(out_channels if use_p5 else in_channels[-1], out_channels, use_p5=use_p5)
+            # torchvision uses P5 as the input of P6 when in_channels == out_channels (ATSS / FCOS), else C5
+            extra_block = LastLevelP6P7(out_channels if use_p5 else in_channels[-1], out_channels)
             n_extra = 2
         elif extra == "pool":
             extra_block = LastLevelMaxPool()

@@ -1,0 +1,83 @@
+"""Detector registry: ATSS, and torchvision FCOS / RetinaNet on the same backbone + FPN (for comparisons)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+from torch import Tensor, nn
+
+from vision.backbones import Backbone, build_fpn, create_backbone
+from vision.registry import Registry
+
+DETECTORS: Registry[nn.Module] = Registry("detector")
+
+
+class BackboneWithFPN(nn.Module):
+    """Our backbone (C3-C5) + FPN with P6/P7 from P5, returning an OrderedDict as torchvision detectors expect."""
+
+    def __init__(self, backbone: Backbone, out_channels: int = 256) -> None:
+        super().__init__()
+        self.body = backbone
+        self.fpn = build_fpn(backbone, out_channels, extra="p6p7", p6p7_from="p5")
+        self.out_channels = out_channels
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        return OrderedDict((str(i), f) for i, f in enumerate(self.fpn(self.body(x))))
+
+
+def _backbone(name: str | Backbone, pretrained: bool | str, freeze_bn: bool | None) -> Backbone:
+    bb = name if isinstance(name, Backbone) else create_backbone(name, pretrained=pretrained, out_strides=(8, 16, 32))
+    if freeze_bn if freeze_bn is not None else bool(pretrained):
+        from timm.layers import freeze_batch_norm_2d
+
+        bb.body = freeze_batch_norm_2d(bb.body)
+    return bb
+
+
+@DETECTORS.register("atss")
+def atss(num_classes: int, **kwargs: Any) -> nn.Module:
+    """ATSS (the default detector)."""
+    from detectors.atss import ATSS
+
+    return ATSS(num_classes, **kwargs)
+
+
+@DETECTORS.register("fcos")
+def fcos(num_classes: int, backbone: str | Backbone = "efficientnet_lite0.offline", pretrained_backbone: bool | str = False,
+         fpn_channels: int = 256, min_size: int = 800, max_size: int = 1333, freeze_bn: bool | None = None,
+         **kwargs: Any) -> nn.Module:
+    """torchvision FCOS with this toolkit's backbone + FPN (P3-P7)."""
+    from torchvision.models.detection import FCOS
+
+    bb = _backbone(backbone, pretrained_backbone, freeze_bn)
+    model = FCOS(BackboneWithFPN(bb, fpn_channels), num_classes, min_size=min_size, max_size=max_size,
+                 image_mean=list(bb.mean), image_std=list(bb.std), **kwargs)
+    model.config = {"num_classes": num_classes, "backbone": bb.name, "fpn_channels": fpn_channels,
+                    "min_size": min_size, "max_size": max_size}
+    return model
+
+
+@DETECTORS.register("retinanet")
+def retinanet(num_classes: int, backbone: str | Backbone = "efficientnet_lite0.offline",
+              pretrained_backbone: bool | str = False, fpn_channels: int = 256, min_size: int = 800,
+              max_size: int = 1333, freeze_bn: bool | None = None, **kwargs: Any) -> nn.Module:
+    """torchvision RetinaNet (9 anchors per location, focal loss, smooth-L1 / L1 boxes) on the same backbone + FPN."""
+    from torchvision.models.detection import RetinaNet
+
+    bb = _backbone(backbone, pretrained_backbone, freeze_bn)
+    model = RetinaNet(BackboneWithFPN(bb, fpn_channels), num_classes, min_size=min_size, max_size=max_size,
+                      image_mean=list(bb.mean), image_std=list(bb.std), **kwargs)
+    model.config = {"num_classes": num_classes, "backbone": bb.name, "fpn_channels": fpn_channels,
+                    "min_size": min_size, "max_size": max_size}
+    return model
+
+
+def create_detector(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """Build a registered detector by name."""
+    return DETECTORS.create(name, num_classes=num_classes, **kwargs)
+
+
+def list_detectors() -> list[str]:
+    """Registered detector names."""
+    return DETECTORS.names()
