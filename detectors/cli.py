@@ -1,0 +1,149 @@
+"""``negvision detect`` (train / eval / predict) and ``negvision demo``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+detect_app = typer.Typer(help="ATSS object detectors on COCO / YOLO / VOC image folders.", no_args_is_help=True,
+                         add_completion=False, pretty_exceptions_enable=False)
+demo_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(1)
+
+
+def _pretrained(value: str) -> bool | str:
+    v = value.lower()
+    if v in ("true", "yes", "1", "imagenet"):
+        return True
+    if v in ("false", "no", "0", "none"):
+        return False
+    if not Path(value).is_file():
+        _fail(f"--pretrained '{value}': not true/false and no such file")
+    return value
+
+
+@detect_app.command("train")
+def train(
+    data: Path = typer.Option(..., "--data", help="COCO json/folder, YOLO data.yaml/folder or Pascal VOC folder."),
+    out: Path = typer.Option(Path("runs/detect/exp"), "--out", help="Run folder (config, checkpoints, logs, plots)."),
+    model: str = typer.Option("atss", "--model", help="atss | fcos | retinanet (torchvision, same backbone + FPN)."),
+    backbone: str = typer.Option("efficientnet_lite0.offline", "--backbone", help="Registry or timm model name."),
+    pretrained: str = typer.Option("true", "--pretrained", help="true | false | PATH to backbone weights."),
+    img_size: int = typer.Option(512, "--img-size", help="Longest image side after resizing."),
+    epochs: int = typer.Option(12, "--epochs"),
+    batch: int = typer.Option(8, "--batch", help="Images per step per process."),
+    lr: float = typer.Option(0.01, "--lr"),
+    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd | adamw | adam"),
+    scheduler: str = typer.Option("cosine", "--scheduler", help="cosine | step (x0.1 at 67% and 89%) | constant"),
+    warmup: int = typer.Option(100, "--warmup", help="Linear warmup steps."),
+    clip_grad: float | None = typer.Option(None, "--clip-grad", help="Max gradient norm."),
+    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes."),
+    amp: str = typer.Option("auto", "--amp", help="auto (bf16/fp16 on GPU, off on CPU) | no | fp16 | bf16"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoints/last."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad images/labels (counted in a summary)."),
+    no_augment: bool = typer.Option(False, "--no-augment", help="Disable flip / scale jitter / colour jitter."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
+    fpn_channels: int = typer.Option(256, "--fpn-channels"),
+    seed: int = typer.Option(0, "--seed"),
+    cpu: bool = typer.Option(False, "--cpu", help="Train on the CPU even if a GPU is present."),
+) -> None:
+    """Train a detector (multi-GPU: `accelerate launch $(which negvision) detect train ...`)."""
+    from detectors.detect import train_detector
+    from vision.data import DatasetError
+
+    try:
+        summary = train_detector(data, out, model=model, backbone=backbone, pretrained=_pretrained(pretrained),
+                                 img_size=img_size, epochs=epochs, batch=batch, lr=lr, optimizer=optimizer,
+                                 scheduler=scheduler, warmup_steps=warmup, clip_grad_norm=clip_grad, workers=workers,
+                                 skip_bad=skip_bad, augment=not no_augment, resume=resume, max_steps=max_steps,
+                                 mixed_precision=amp, seed=seed, cpu=cpu, model_kwargs={"fpn_channels": fpn_channels})
+    except (DatasetError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    ev = summary.get("eval")
+    if ev:
+        typer.echo(f"AP {ev['AP']:.4f}  AP50 {ev['AP50']:.4f}  AP75 {ev['AP75']:.4f}")
+    typer.echo(f"run folder: {out}")
+
+
+@detect_app.command("eval")
+def evaluate(
+    weights: Path = typer.Option(..., "--weights", help="Run folder, checkpoint folder or model.safetensors."),
+    data: Path = typer.Option(..., "--data"),
+    split: str = typer.Option("val", "--split"),
+    batch: int = typer.Option(8, "--batch"),
+    out: Path | None = typer.Option(None, "--out", help="Write metrics.json, PR curves, prediction grid here."),
+    skip_bad: bool = typer.Option(False, "--skip-bad"),
+    device: str | None = typer.Option(None, "--device"),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+) -> None:
+    """COCO AP / AP50 / AP75 / AP small-medium-large and a per-class AP table (pycocotools)."""
+    from detectors.detect import evaluate_detector, load_detector, save_eval_outputs
+    from vision.data import DatasetError, load_detection_dataset
+    from vision.metrics import format_ap_table
+
+    try:
+        model, spec = load_detector(weights, device)
+        ds = load_detection_dataset(data, split, skip_bad=skip_bad)
+    except (DatasetError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    if list(ds.classes) != list(spec["classes"]):
+        _fail(f"classes of {data} {ds.classes} differ from the model's {spec['classes']}")
+    res, preds = evaluate_detector(model, ds, batch_size=batch, progress=True)
+    if out is not None:
+        save_eval_outputs(res, preds, ds, out)
+    if as_json:
+        typer.echo(json.dumps({k: v for k, v in res.items() if k != "pr_curves"}, default=float))
+    else:
+        typer.echo(format_ap_table(res))
+
+
+@detect_app.command("predict")
+def predict(
+    weights: Path = typer.Option(..., "--weights"),
+    source: Path = typer.Option(..., "--source", help="An image or a folder of images."),
+    out: Path = typer.Option(Path("runs/detect/predict"), "--out"),
+    conf: float = typer.Option(0.3, "--conf", help="Minimum score to keep and draw."),
+    batch: int = typer.Option(4, "--batch"),
+    device: str | None = typer.Option(None, "--device"),
+    no_draw: bool = typer.Option(False, "--no-draw", help="Only write the JSON files."),
+) -> None:
+    """One JSON per image (boxes, scores, labels, class names) and the image with boxes drawn."""
+    from detectors.detect import predict_images
+
+    try:
+        res = predict_images(weights, source, out, score_thresh=conf, batch=batch, device=device, draw=not no_draw)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    n = sum(len(r["detections"]) for r in res)
+    typer.echo(f"{len(res)} images, {n} detections -> {out}")
+
+
+@demo_app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Where the data, run and predictions go."),
+    minutes: float = typer.Option(8.0, "--minutes", help="Training time budget (CPU)."),
+    n_train: int = typer.Option(400, "--n-train"),
+    n_val: int = typer.Option(100, "--n-val"),
+    img_size: int = typer.Option(256, "--img-size"),
+    batch: int = typer.Option(8, "--batch"),
+    epochs: int | None = typer.Option(None, "--epochs", help="Default: as many as fit the time budget."),
+    workers: int = typer.Option(1, "--workers"),
+) -> None:
+    """The main job: make a digits set, train ATSS (EfficientNet-Lite0, ImageNet weights), evaluate, predict."""
+    from detectors.demo import run_demo
+
+    try:
+        run_demo(out=out, minutes=minutes, n_train=n_train, n_val=n_val, img_size=img_size, batch=batch,
+                 epochs=epochs, workers=workers)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+
+
+__all__ = ["detect_app", "demo_app"]

@@ -1,0 +1,284 @@
+"""Detector tasks on image folders: train (shared engine), evaluate (COCOeval), predict (JSON + pictures)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vision.device import pick_device
+
+log = logging.getLogger(__name__)
+
+DETECTOR_JSON = "detector.json"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+# ----------------------------------------------------------------------------- model files
+def model_spec(model: str, num_classes: int, classes: Sequence[str], backbone: str, pretrained: bool | str,
+               img_size: int, freeze_bn: bool | None = None, **model_kwargs: Any) -> dict[str, Any]:
+    """The JSON that rebuilds a trained detector: registry name, constructor kwargs, class names."""
+    freeze = bool(pretrained) if freeze_bn is None else bool(freeze_bn)
+    kwargs = dict(backbone=backbone, min_size=img_size, max_size=img_size, freeze_bn=freeze, **model_kwargs)
+    return {"model": model, "num_classes": num_classes, "classes": list(classes), "kwargs": kwargs,
+            "pretrained_backbone": pretrained if isinstance(pretrained, bool) else str(pretrained)}
+
+
+def build_from_spec(spec: dict[str, Any], pretrained_backbone: bool | str = False) -> nn.Module:
+    """Instantiate the detector described by ``spec`` (weights loaded separately)."""
+    from detectors.zoo import create_detector
+
+    return create_detector(spec["model"], spec["num_classes"], pretrained_backbone=pretrained_backbone, **spec["kwargs"])
+
+
+def _find_spec(path: Path) -> Path:
+    for p in [path, *path.parents][:4]:
+        cand = p / DETECTOR_JSON if p.is_dir() else p.parent / DETECTOR_JSON
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(f"no {DETECTOR_JSON} found next to or above '{path}'; pass a run folder made by "
+                            "'negvision detect train' or a checkpoint inside one")
+
+
+def find_weights_file(path: str | Path) -> Path:
+    """The model.safetensors of a run folder (best, else last checkpoint), checkpoint folder or file path."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    for cand in (p / "checkpoints" / "best" / "model.safetensors", p / "checkpoints" / "last" / "model.safetensors",
+                 p / "model.safetensors", p / "best" / "model.safetensors", p / "last" / "model.safetensors"):
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(f"no model weights at '{p}' (looked for checkpoints/best|last/model.safetensors, model.safetensors)")
+
+
+def load_detector(weights: str | Path, device: str | torch.device | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a trained detector (eval mode) and its spec from a run folder, checkpoint folder or weights file."""
+    from vision.engine import load_model_weights
+
+    wfile = find_weights_file(weights)
+    spec = json.loads(_find_spec(wfile).read_text())
+    model = build_from_spec(spec)
+    load_model_weights(model, wfile)
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    return model.to(dev).eval(), spec
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def run_inference(model: nn.Module, dataset: Any, batch_size: int = 8, device: torch.device | None = None,
+                  num_workers: int = 0, progress: bool = False) -> list[dict[str, Any]]:
+    """Detections for every image of ``dataset`` (per image: image_id, boxes, scores, labels on the CPU)."""
+    from torch.utils.data import DataLoader
+
+    from vision.data import detection_collate
+
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=detection_collate)
+    preds: list[dict[str, Any]] = []
+    it: Iterable = loader
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(loader, desc="eval", leave=False)
+    for images, targets in it:
+        out = model([im.to(device) for im in images])
+        for o, t in zip(out, targets, strict=True):
+            preds.append({"image_id": int(t["image_id"]), **{k: v.detach().float().cpu() if k != "labels" else v.cpu()
+                                                              for k, v in o.items()}})
+    model.train(was_training)
+    return preds
+
+
+def evaluate_detector(model: nn.Module, dataset: Any, batch_size: int = 8, device: torch.device | None = None,
+                      num_workers: int = 0, progress: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """COCOeval (pycocotools) of ``model`` on ``dataset``: AP, AP50, AP75, APs/m/l, per-class AP, PR curves."""
+    from vision.metrics import coco_evaluate
+
+    t0 = time.perf_counter()
+    preds = run_inference(model, dataset, batch_size, device, num_workers, progress)
+    dt = time.perf_counter() - t0
+    result = coco_evaluate(dataset.to_coco(), preds, class_names=list(dataset.classes))
+    result["images_per_s"] = len(dataset) / max(dt, 1e-9)
+    return result, preds
+
+
+def save_eval_outputs(result: dict[str, Any], preds: list[dict[str, Any]], dataset: Any, out: Path,
+                      max_images: int = 16, score_thresh: float = 0.3) -> dict[str, str]:
+    """Write metrics.json, pr_curves.png and a grid of validation predictions; returns their paths."""
+    from vision.engine.checkpoint import write_json_atomic
+    from vision.viz import draw_boxes, image_grid, plot_pr_curves, save_image
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {k: v for k, v in result.items() if k != "pr_curves"}
+    write_json_atomic(out / "metrics.json", metrics)
+    curves = {name: rp for name, rp in result.get("pr_curves", {}).items()}
+    pr_path = plot_pr_curves(curves, out / "pr_curves.png", title=f"PR @ IoU 0.5 (AP50 {result['AP50']:.3f})")
+    tiles, titles = [], []
+    for p in preds[:max_images]:
+        img, _ = dataset[p["image_id"]]
+        keep = p["scores"] >= score_thresh
+        tiles.append(draw_boxes(img, p["boxes"][keep], p["labels"][keep], p["scores"][keep], class_names=dataset.classes))
+        titles.append(Path(dataset.image_paths[p["image_id"]]).name)
+    grid_path = save_image(image_grid(tiles, titles=titles), out / "val_predictions.jpg") if tiles else None
+    return {"metrics": str(out / "metrics.json"), "pr_curves": str(pr_path), "predictions": str(grid_path)}
+
+
+# ----------------------------------------------------------------------------- training
+def train_detector(
+    data: str | Path,
+    out: str | Path,
+    *,
+    model: str = "atss",
+    backbone: str = "efficientnet_lite0.offline",
+    pretrained: bool | str = True,
+    img_size: int = 512,
+    epochs: int = 12,
+    batch: int = 8,
+    lr: float = 0.01,
+    optimizer: str = "sgd",
+    weight_decay: float = 1e-4,
+    scheduler: str = "cosine",
+    warmup_steps: int = 100,
+    clip_grad_norm: float | None = None,
+    workers: int = 2,
+    skip_bad: bool = False,
+    augment: bool = True,
+    resume: bool | str = False,
+    max_steps: int | None = None,
+    mixed_precision: str = "auto",
+    seed: int = 0,
+    eval_every: int = 1,
+    checkpoint_every: int = 0,
+    val_split: str = "val",
+    progress: bool = True,
+    cpu: bool = False,
+    model_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train a detector on a COCO / YOLO / VOC folder through the shared engine; writes the run folder ``out``."""
+    from vision.data import build_detection_transforms, detection_collate, load_detection_dataset
+    from vision.engine import TrainConfig, Trainer
+    from vision.engine.checkpoint import write_json_atomic
+
+    out = Path(out)
+    tf = build_detection_transforms(True) if augment else None
+    train_ds = load_detection_dataset(data, "train", transforms=tf, skip_bad=skip_bad)
+    try:
+        val_ds = load_detection_dataset(data, val_split, skip_bad=skip_bad)
+    except Exception as e:  # no validation split: train without periodic evaluation
+        log.warning("no '%s' split in %s (%s); training without validation", val_split, data, e)
+        val_ds = None
+    if train_ds.bad:
+        log.warning("skipped bad training items:\n%s", train_ds.summary())
+    if val_ds is not None and list(val_ds.classes) != list(train_ds.classes):
+        raise ValueError(f"class lists differ between train {train_ds.classes} and {val_split} {val_ds.classes} in {data}")
+    classes = list(train_ds.classes)
+    spec = model_spec(model, len(classes), classes, backbone, pretrained, img_size, **(model_kwargs or {}))
+    resuming = bool(resume)
+    if resuming and (out / DETECTOR_JSON).is_file():
+        old = json.loads((out / DETECTOR_JSON).read_text())
+        if old["classes"] != spec["classes"] or old["model"] != spec["model"]:
+            raise ValueError(f"cannot resume {out}: it was trained with model {old['model']} / classes {old['classes']}")
+        spec = old
+    net = build_from_spec(spec, pretrained_backbone=pretrained if not resuming else False)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / DETECTOR_JSON, spec)
+
+    def loss_fn(m: nn.Module, b: Any) -> dict[str, torch.Tensor]:
+        images, targets = b
+        losses = m(list(images), [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
+        return {"loss": sum(losses.values()), **losses}
+
+    def eval_fn(m: nn.Module) -> dict[str, float]:
+        assert val_ds is not None
+        res, _ = evaluate_detector(m, val_ds, batch_size=batch, device=next(m.parameters()).device)
+        return {k: float(res[k]) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
+
+    cfg = TrainConfig(out_dir=str(out), epochs=epochs, max_steps=max_steps, optimizer=optimizer, lr=lr,
+                      weight_decay=weight_decay, scheduler=scheduler, warmup_steps=warmup_steps,
+                      clip_grad_norm=clip_grad_norm, mixed_precision=mixed_precision, seed=seed,
+                      eval_every=eval_every if val_ds is not None else 0, checkpoint_every=checkpoint_every,
+                      progress=progress, cpu=cpu)
+    trainer = Trainer(net, train_ds, cfg, loss_fn=loss_fn, eval_fn=eval_fn if val_ds is not None else None,
+                      metric="AP" if val_ds is not None else None, mode="max", batch_size=batch, num_workers=workers,
+                      collate_fn=detection_collate, batch_size_fn=lambda b: len(b[0]),
+                      extra_config={"task": "detect", "data": str(data), "detector": spec})
+    summary = trainer.fit(resume=resume)
+    summary["out"] = str(out)
+    if not trainer.accelerator.is_main_process:
+        return summary
+    if val_ds is not None:
+        best = out / "checkpoints" / "best" / "model.safetensors"
+        final_model, _ = load_detector(best if best.is_file() else out)
+        res, preds = evaluate_detector(final_model, val_ds, batch_size=batch)
+        summary["eval"] = {k: res[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "per_class", "images_per_s")}
+        summary["files"] = save_eval_outputs(res, preds, val_ds, out)
+    from vision.engine.checkpoint import write_json_atomic as _w
+
+    _w(out / "train_summary.json", summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------- prediction
+def list_images(source: str | Path) -> list[Path]:
+    """Image files of a folder (recursive, sorted) or the single image given."""
+    src = Path(source)
+    if src.is_file():
+        return [src]
+    if not src.is_dir():
+        raise FileNotFoundError(f"source '{src}' is neither an image file nor a folder")
+    files = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under '{src}'")
+    return files
+
+
+@torch.no_grad()
+def predict_images(weights: str | Path, source: str | Path, out: str | Path, *, score_thresh: float = 0.3,
+                   batch: int = 4, device: str | None = None, draw: bool = True) -> list[dict[str, Any]]:
+    """Run a trained detector on images; writes one JSON per image and (optionally) images with boxes drawn."""
+    import numpy as np
+    from PIL import Image
+
+    from vision.engine.checkpoint import write_json_atomic
+    from vision.viz import draw_boxes, save_image
+
+    model, spec = load_detector(weights, device)
+    dev = next(model.parameters()).device
+    classes = spec["classes"]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = list_images(source)
+    results = []
+    for i in range(0, len(files), batch):
+        chunk = files[i:i + batch]
+        imgs = []
+        for f in chunk:
+            try:
+                with Image.open(f) as im:
+                    arr = np.asarray(im.convert("RGB"))
+            except Exception as e:
+                raise ValueError(f"{f}: cannot read image ({e})") from e
+            imgs.append(torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255))
+        dets = model([im.to(dev) for im in imgs])
+        for f, im, d in zip(chunk, imgs, dets, strict=True):
+            keep = d["scores"] >= score_thresh
+            boxes, scores, labels = d["boxes"][keep].cpu(), d["scores"][keep].cpu(), d["labels"][keep].cpu()
+            rec = {"image": str(f), "width": int(im.shape[-1]), "height": int(im.shape[-2]),
+                   "detections": [{"box": [round(float(v), 2) for v in b], "score": round(float(s), 4),
+                                   "label": int(lab), "class_name": classes[int(lab)]}
+                                  for b, s, lab in zip(boxes, scores, labels, strict=True)]}
+            write_json_atomic(out / f"{f.stem}.json", rec)
+            if draw:
+                save_image(draw_boxes(im, boxes, labels, scores, class_names=classes), out / f"{f.stem}.jpg")
+            results.append(rec)
+    return results

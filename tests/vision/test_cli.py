@@ -1,0 +1,42 @@
+"""The negvision CLI: --help of the root and every group exits 0; help stays light."""
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from vision.cli import GROUPS, PLANNED, app
+
+runner = CliRunner()
+
+
+def test_root_help():
+    r = runner.invoke(app, ["--help"])
+    assert r.exit_code == 0
+    for g in list(GROUPS) + list(PLANNED):
+        assert g in r.output
+
+
+@pytest.mark.parametrize("group", sorted(set(GROUPS) | set(PLANNED)))
+def test_group_help(group):
+    r = runner.invoke(app, [group, "--help"])
+    assert r.exit_code == 0, r.output
+
+
+def test_planned_group_says_so():
+    for g in PLANNED:
+        r = runner.invoke(app, [g])
+        assert r.exit_code == 2
+        break
+
+
+def test_help_does_not_import_heavy_libraries():
+    code = (
+        "import sys; from vision.cli import app\n"
+        "try:\n    app(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'open_clip', 'timm') if m in sys.modules]\n"
+        "print('HEAVY', heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out
