@@ -1,0 +1,310 @@
+"""Atomic checkpoint directories (safetensors weights + training state) and strict weight loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "training_state.pt"
+META_FILE = "meta.json"
+
+
+class WeightsMismatchError(RuntimeError):
+    """The weights file does not match the model (missing / unexpected keys or wrong shapes)."""
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """No checkpoint where one was expected."""
+
+
+# ----------------------------------------------------------------------------------------------- fs helpers
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temp file + fsync + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, (np.generic,)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    return repr(o)
+
+
+# ----------------------------------------------------------------------------------------------- weights
+
+
+def state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict as contiguous CPU tensors that share no memory (safetensors requirement)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in model.state_dict().items():
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.to("cpu")
+        else:
+            key = t.untyped_storage().data_ptr()
+            if key in seen or not t.is_contiguous():
+                t = t.contiguous().clone()
+            else:
+                seen.add(key)
+        out[name] = t
+    return out
+
+
+def save_model_weights(
+    model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
+    """Save ``model``'s state dict to a safetensors file (shared tensors are cloned)."""
+    save_file(state_dict_for_saving(model), str(path), metadata=metadata or {"format": "pt"})
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if path.is_dir():
+        cand = path / MODEL_FILE
+        if not cand.exists():
+            raise CheckpointNotFoundError(f"no {MODEL_FILE} in checkpoint directory '{path}'")
+        path = cand
+    if not path.exists():
+        raise FileNotFoundError(f"weights file '{path}' does not exist")
+    if path.suffix == ".safetensors":
+        return load_file(str(path), device="cpu")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsMismatchError(f"'{path}' does not hold a state dict of tensors")
+    return dict(obj)
+
+
+def _fmt_keys(keys: list[str], limit: int = 20) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_model_weights(
+    model: nn.Module, path: str | os.PathLike, strict: bool = True
+) -> tuple[list[str], list[str]]:
+    """Load weights from a .safetensors / .pt / .pth file (or checkpoint dir) into ``model``.
+
+    With ``strict`` a mismatch raises :class:`WeightsMismatchError` listing missing/unexpected keys and
+    shape conflicts. Returns ``(missing_keys, unexpected_keys)``.
+    """
+    path = Path(path)
+    sd = _read_weights(path)
+    own = model.state_dict()
+    # checkpoints saved from a DDP / compiled wrapper carry a prefix
+    for prefix in ("module.", "_orig_mod."):
+        if sd and all(k.startswith(prefix) for k in sd) and not any(k.startswith(prefix) for k in own):
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
+    missing = [k for k in own if k not in sd]
+    if missing:  # keys tied to another tensor (e.g. shared embeddings saved once) are not really missing
+        ptr_to_keys: dict[tuple[int, int, tuple], list[str]] = {}
+        for k, v in own.items():
+            ptr_to_keys.setdefault((v.data_ptr(), v.storage_offset(), tuple(v.shape)), []).append(k)
+        alias_ok = set()
+        for keys in ptr_to_keys.values():
+            present = [k for k in keys if k in sd]
+            if present:
+                for k in keys:
+                    if k not in sd:
+                        sd[k] = sd[present[0]]
+                        alias_ok.add(k)
+        missing = [k for k in missing if k not in alias_ok]
+    unexpected = [k for k in sd if k not in own]
+    bad_shape = [
+        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sd
+        if k in own and tuple(sd[k].shape) != tuple(own[k].shape)
+    ]
+    if bad_shape or (strict and (missing or unexpected)):
+        lines = [f"weights in '{path}' do not match {type(model).__name__}:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {_fmt_keys(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {_fmt_keys(unexpected)}")
+        if bad_shape:
+            lines.append(f"  shape mismatches ({len(bad_shape)}): {_fmt_keys(bad_shape)}")
+        raise WeightsMismatchError("\n".join(lines))
+    model.load_state_dict(sd, strict=False)
+    return missing, unexpected
+
+
+# ----------------------------------------------------------------------------------------------- rng
+
+
+def get_rng_state() -> dict[str, Any]:
+    """RNG states of torch (CPU + CUDA), numpy and python ``random`` as tensors / plain containers."""
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all()
+        if torch.cuda.is_available() and torch.cuda.is_initialized()
+        else [],
+        "numpy": {
+            "name": str(np_name),
+            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_gauss),
+        },
+        "python": {"version": int(py_version), "state": [int(x) for x in py_state], "gauss": py_gauss},
+    }
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore the states captured by :func:`get_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    n = state["numpy"]
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+# ----------------------------------------------------------------------------------------------- directories
+
+
+def save_checkpoint_atomic(
+    directory: str | os.PathLike,
+    model: nn.Module | None,
+    state: Mapping[str, Any] | None = None,
+    *,
+    meta: Mapping[str, Any] | None = None,
+    json_files: Mapping[str, Any] | None = None,
+    previous_to: str | os.PathLike | None = None,
+) -> Path:
+    """Write a checkpoint directory atomically: ``model.safetensors``, ``training_state.pt``, ``meta.json``.
+
+    Everything goes into ``<dir>.tmp-XXXX`` first (fsynced); then the old directory is moved aside
+    (to ``previous_to`` if given, else deleted) and the new one renamed into place.
+    """
+    directory = Path(directory)
+    parent = directory.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{directory.name}.tmp-", dir=parent))
+    try:
+        if model is not None:
+            save_model_weights(model, tmp / MODEL_FILE)
+            _fsync_file(tmp / MODEL_FILE)
+        if state is not None:
+            with open(tmp / STATE_FILE, "wb") as f:
+                torch.save(dict(state), f)
+                f.flush()
+                os.fsync(f.fileno())
+        for name, obj in (json_files or {}).items():
+            with open(tmp / name, "w") as f:
+                json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+                f.flush()
+                os.fsync(f.fileno())
+        # meta.json is written last: its presence marks a complete directory
+        with open(tmp / META_FILE, "w") as f:
+            json.dump(dict(meta or {}), f, indent=2, sort_keys=True, default=_json_default)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    trash: Path | None = None
+    if directory.exists():
+        trash = (
+            Path(previous_to)
+            if previous_to is not None
+            else parent / f"{directory.name}.trash-{tmp.name[-8:]}"
+        )
+        if trash.exists():
+            shutil.rmtree(trash)
+        os.replace(directory, trash)
+    os.replace(tmp, directory)
+    _fsync_dir(parent)
+    if trash is not None and previous_to is None:
+        shutil.rmtree(trash, ignore_errors=True)
+    return directory
+
+
+def resolve_checkpoint(directory: str | os.PathLike) -> Path:
+    """Return ``directory`` if it is a complete checkpoint, recovering from an interrupted rename if needed."""
+    directory = Path(directory)
+    if (directory / META_FILE).exists():
+        return directory
+    parent = directory.parent
+    if not directory.exists() and parent.is_dir():
+        # crash between "move old aside" and "move new in": prefer the complete new one, else the old one
+        for pattern in (f"{directory.name}.tmp-*", f"{directory.name}.trash-*"):
+            cands = sorted(
+                (p for p in parent.glob(pattern) if (p / META_FILE).exists()),
+                key=lambda p: p.stat().st_mtime,
+                reverse=True,
+            )
+            if cands:
+                os.replace(cands[0], directory)
+                return directory
+    raise CheckpointNotFoundError(
+        f"no checkpoint found at '{directory}' (expected {MODEL_FILE}, {STATE_FILE} and {META_FILE} there); "
+        "start without --resume or pass the path of an existing checkpoint directory"
+    )
+
+
+def load_training_state(directory: str | os.PathLike) -> dict[str, Any]:
+    """Load ``training_state.pt`` from a checkpoint directory (``weights_only=True``)."""
+    path = Path(directory) / STATE_FILE
+    if not path.exists():
+        raise CheckpointNotFoundError(
+            f"checkpoint '{directory}' has no {STATE_FILE}; it cannot be resumed from"
+        )
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,917 @@
+"""One training loop for every task, on HF Accelerate: AMP, grad accumulation, DDP, exact resume."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
+    InitProcessGroupKwargs,
+    set_seed,
+)
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..device import best_mixed_precision, pick_device
+from .checkpoint import (
+    META_FILE,
+    CheckpointNotFoundError,
+    get_rng_state,
+    load_model_weights,
+    load_training_state,
+    resolve_checkpoint,
+    save_checkpoint_atomic,
+    set_rng_state,
+    write_json_atomic,
+)
+from .schedule import SCHEDULERS, build_scheduler
+
+logger = logging.getLogger("negvision.engine")
+
+Callback = Callable[["Trainer", str, dict], None]
+OPTIMIZERS = ("sgd", "adamw", "adam")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss was NaN/inf for ``max_bad_steps`` optimizer steps in a row."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT/SIGTERM (or ``request_stop``) after saving a resumable checkpoint."""
+
+    def __init__(self, message: str, checkpoint: Path | None = None, summary: dict | None = None):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+        self.summary = summary or {}
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters and bookkeeping options of :class:`Trainer`."""
+
+    out_dir: str
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; overrides epochs if set
+    optimizer: str = "sgd"  # "sgd" | "adamw" | "adam"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    scheduler: str = "cosine"  # "cosine" | "step" | "constant"
+    warmup_steps: int = 0  # linear warmup from warmup_factor * lr
+    warmup_factor: float = 0.001
+    milestones: tuple[float, ...] = (0.67, 0.89)  # "step": fractions of total steps
+    gamma: float = 0.1
+    min_lr_factor: float = 0.0  # "cosine": final lr = min_lr_factor * lr
+    grad_accum: int = 1
+    clip_grad_norm: float | None = None
+    mixed_precision: str = "auto"  # "no" | "fp16" | "bf16" | "auto"
+    seed: int = 0
+    log_every: int = 10  # steps
+    checkpoint_every: int = 0  # steps; 0 = only at end of each epoch and at the end
+    eval_every: int = 1  # epochs; 0 = never
+    max_bad_steps: int = 5  # consecutive non-finite losses before stopping
+    keep_last: int = 1  # >1 also keeps older "last" checkpoints as checkpoints/step-XXXXXXX
+    cpu: bool = False
+    progress: bool = True
+    ddp_find_unused_parameters: bool = False
+    ddp_timeout_s: int = 3600  # collectives wait this long (e.g. while the main process evaluates)
+    drop_last: bool = False  # for the DataLoader built from a Dataset
+
+    def __post_init__(self) -> None:
+        self.milestones = tuple(float(m) for m in self.milestones)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"TrainConfig.optimizer must be one of {OPTIMIZERS}, got '{self.optimizer}'")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"TrainConfig.scheduler must be one of {SCHEDULERS}, got '{self.scheduler}'")
+        if self.mixed_precision not in ("no", "fp16", "bf16", "auto"):
+            raise ValueError(
+                f"TrainConfig.mixed_precision must be no/fp16/bf16/auto, got '{self.mixed_precision}'"
+            )
+        if self.grad_accum < 1:
+            raise ValueError("TrainConfig.grad_accum must be >= 1")
+        if self.max_steps is None and self.epochs < 1:
+            raise ValueError("TrainConfig needs epochs >= 1 or max_steps")
+
+    def to_dict(self) -> dict:
+        """Plain-JSON dict of the fields."""
+        d = dataclasses.asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+
+class SeededSampler(Sampler[int]):
+    """Random (or sequential) order that depends only on ``(seed, epoch)``; call ``set_epoch`` each epoch."""
+
+    def __init__(self, data_source: Sequence | Dataset, seed: int = 0, shuffle: bool = True):
+        self.n = len(data_source)  # type: ignore[arg-type]
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of ``epoch``."""
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator()
+        g.manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def default_batch_size(batch: Any) -> int:
+    """Best guess of the number of samples in a batch (tensor, list of images, tuple, dict)."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else 1
+    if isinstance(batch, dict):
+        for v in batch.values():
+            if isinstance(v, (Tensor, list, tuple)):
+                return default_batch_size(v)
+        return 1
+    if isinstance(batch, (list, tuple)) and batch:
+        first = batch[0]
+        if (
+            isinstance(first, Tensor)
+            and first.dim() > 0
+            and all(isinstance(b, Tensor) and b.dim() > 0 and b.shape[0] == first.shape[0] for b in batch)
+            and len(batch) <= 4
+        ):
+            return int(first.shape[0])  # (inputs, targets, ...) tuple of stacked tensors
+        if isinstance(first, (list, tuple)):
+            return len(first)  # (list of images, list of targets)
+        return len(batch)
+    return 1
+
+
+def _split_loss(out: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    """Total loss and the components to log from a loss_fn result."""
+    if isinstance(out, Tensor):
+        return out, {}
+    if isinstance(out, dict):
+        comps = {k: v for k, v in out.items() if k != "loss"}
+        if "loss" in out:
+            total = out["loss"]
+        else:  # torchvision-style loss dict: the total is the sum
+            vals = [v for v in comps.values() if isinstance(v, Tensor)]
+            if not vals:
+                raise TypeError("loss_fn returned a dict without tensors")
+            total = sum(vals)
+        return total, comps
+    raise TypeError(f"loss_fn must return a Tensor or a dict of Tensors, got {type(out).__name__}")
+
+
+def _to_float(v: Any) -> float:
+    return float(v.detach().float().mean()) if isinstance(v, Tensor) else float(v)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2**20 if os.uname().sysname == "Darwin" else rss / 1024  # bytes on macOS, KiB on Linux
+    except (ImportError, AttributeError):
+        return float("nan")
+
+
+def _truncate_csv(path: Path, max_step: int) -> None:
+    """Drop rows with step > max_step (left by a run that died after its last checkpoint)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or "step" not in rows[0]:
+        return
+    i = rows[0].index("step")
+    keep = [rows[0]] + [r for r in rows[1:] if len(r) > i and r[i].isdigit() and int(r[i]) <= max_step]
+    if len(keep) != len(rows):
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerows(keep)
+
+
+class _CSVLog:
+    """Append-only CSV whose header is fixed by the first row (or the existing file)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fields: list[str] | None = None
+        if path.exists() and path.stat().st_size > 0:
+            with open(path, newline="") as f:
+                self.fields = next(csv.reader(f), None)
+
+    def write(self, row: dict) -> None:
+        new = self.fields is None
+        if new:
+            self.fields = list(row)
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def _resolve_mixed_precision(cfg: TrainConfig) -> str:
+    if cfg.mixed_precision != "auto":
+        return cfg.mixed_precision
+    if cfg.cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return "no"
+    return best_mixed_precision(pick_device())
+
+
+def _make_accelerator(cfg: TrainConfig) -> Accelerator:
+    from accelerate.state import AcceleratorState, PartialState
+
+    kwargs: dict[str, Any] = dict(
+        mixed_precision=_resolve_mixed_precision(cfg),
+        gradient_accumulation_steps=cfg.grad_accum,
+        cpu=cfg.cpu,
+        step_scheduler_with_optimizer=False,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=cfg.ddp_find_unused_parameters),
+            InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout_s)),
+        ],
+    )
+    try:
+        return Accelerator(**kwargs)
+    except ValueError as e:
+        # a previous Trainer in this (single) process fixed another precision: start afresh
+        if "already been initialized" not in str(e) or PartialState().num_processes > 1:
+            raise
+        AcceleratorState._reset_state()
+        return Accelerator(**kwargs)
+
+
+def _build_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def param_groups_no_decay(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two parameter groups: weight decay on weights of dim >= 2, none on biases and norm parameters."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Trainer:
+    """Generic loop: ``loss_fn(model, batch)`` -> loss (or dict with "loss"); optional ``eval_fn(model)`` -> metrics."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_dataset_or_loader: Dataset | DataLoader,
+        config: TrainConfig,
+        *,
+        loss_fn: Callable[[nn.Module, Any], dict[str, Tensor] | Tensor],
+        eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+        metric: str | None = None,
+        mode: str = "max",
+        batch_size: int = 8,
+        num_workers: int = 0,
+        collate_fn: Callable | None = None,
+        param_groups: list[dict] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        batch_size_fn: Callable[[Any], int] | None = None,
+        extra_config: dict | None = None,
+        callbacks: Sequence[Callback] | None = None,
+    ):
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got '{mode}'")
+        self.config = cfg = config
+        self.loss_fn = loss_fn
+        self.eval_fn = eval_fn
+        self.metric = metric
+        self.mode = mode
+        self.batch_size_fn = batch_size_fn or default_batch_size
+        self.extra_config = dict(extra_config or {})
+        self.callbacks: list[Callback] = list(callbacks or [])
+        self.out_dir = Path(cfg.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+
+        self.accelerator = _make_accelerator(cfg)
+        set_seed(cfg.seed)
+
+        # data: a Dataset gets a (seed, epoch)-determined order; a DataLoader is used as given
+        self._sampler: SeededSampler | None = None
+        if isinstance(train_dataset_or_loader, DataLoader):
+            loader = train_dataset_or_loader
+            if loader.generator is None:
+                loader.generator = torch.Generator()  # keeps worker seeds off the global RNG
+        else:
+            self._sampler = SeededSampler(train_dataset_or_loader, seed=cfg.seed)
+            loader = DataLoader(
+                train_dataset_or_loader,
+                batch_size=batch_size,
+                sampler=self._sampler,
+                num_workers=num_workers,
+                collate_fn=collate_fn,
+                drop_last=cfg.drop_last,
+                pin_memory=self.accelerator.device.type == "cuda",
+                generator=torch.Generator(),
+                persistent_workers=False,
+            )
+        self._loader_generator: torch.Generator = loader.generator
+
+        if optimizer is None:
+            params = (
+                param_groups
+                if param_groups is not None
+                else [p for p in model.parameters() if p.requires_grad]
+            )
+            optimizer = _build_optimizer(cfg, params)
+        self.model, self.optimizer, self.train_loader = self.accelerator.prepare(model, optimizer, loader)
+        try:
+            self.batches_per_epoch = len(self.train_loader)
+        except TypeError as e:
+            raise TypeError(
+                "the training data must have a length (a map-style Dataset or a sized DataLoader)"
+            ) from e
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                "the training data loader is empty (no batches); check the dataset and batch_size"
+            )
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accum)
+        self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.steps_per_epoch
+        self.scheduler = build_scheduler(
+            self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer,
+            self.total_steps,
+            cfg.scheduler,
+            warmup_steps=cfg.warmup_steps,
+            warmup_factor=cfg.warmup_factor,
+            milestones=cfg.milestones,
+            gamma=cfg.gamma,
+            min_lr_factor=cfg.min_lr_factor,
+        )
+
+        # counters (position = next batch to consume)
+        self.global_step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.best_metric: float | None = None
+        self.best_step: int | None = None
+        self.last_metrics: dict[str, float] = {}
+        self.skipped_steps = 0
+        self.consecutive_bad = 0
+        self.elapsed_before = 0.0
+        self._stop_signal: int | None = None
+        self._last_saved: tuple[int, int, int] | None = None
+        self._last_eval_step: int | None = None
+
+    # ------------------------------------------------------------------------------------------ helpers
+
+    @property
+    def is_main(self) -> bool:
+        """True on the main process."""
+        return self.accelerator.is_main_process
+
+    @property
+    def unwrapped_model(self) -> nn.Module:
+        """The model without DDP / compile wrappers."""
+        return self.accelerator.unwrap_model(self.model)
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop after the current step, saving a checkpoint (same path as SIGINT)."""
+        self._stop_signal = self._stop_signal or signal.SIGINT
+
+    def _emit(self, event: str, info: dict) -> None:
+        for cb in self.callbacks:
+            cb(self, event, info)
+
+    def _lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    @property
+    def lr(self) -> float:
+        """Learning rate of the first parameter group used by the last optimizer step."""
+        lr = getattr(self, "_step_lr", None)
+        return self._lr() if lr is None else lr
+
+    def _position(self) -> tuple[int, int, int]:
+        return (self.global_step, self.epoch, self.batch_in_epoch)
+
+    def _better(self, value: float) -> bool:
+        if self.best_metric is None or math.isnan(self.best_metric):
+            return not math.isnan(value)
+        return value > self.best_metric if self.mode == "max" else value < self.best_metric
+
+    # ------------------------------------------------------------------------------------------ state
+
+    def _training_state(self, rng_states: list) -> dict:
+        scaler = self.accelerator.scaler
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "step": self.global_step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "best_metric": self.best_metric,
+            "best_step": self.best_step,
+            "skipped_steps": self.skipped_steps,
+            "consecutive_bad": self.consecutive_bad,
+            "elapsed": self.elapsed_before + self._elapsed(),
+            "rng": rng_states,
+            "num_processes": self.accelerator.num_processes,
+            "grad_accum": self.config.grad_accum,
+        }
+
+    def _elapsed(self) -> float:
+        return time.time() - self._fit_start if hasattr(self, "_fit_start") else 0.0
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/last`` atomically (collective: call on every process)."""
+        acc = self.accelerator
+        rng = get_rng_state()
+        if acc.num_processes > 1 and torch.distributed.is_initialized():
+            gathered: list = [None] * acc.num_processes
+            torch.distributed.all_gather_object(gathered, rng)
+            rng_states = gathered
+        else:
+            rng_states = [rng]
+        path = self.ckpt_dir / "last"
+        if self.is_main:
+            previous_to = None
+            if self.config.keep_last > 1 and (path / META_FILE).exists() and self._last_saved is not None:
+                previous_to = self.ckpt_dir / f"step-{self._last_saved[0]:07d}"
+            meta = {
+                "step": self.global_step,
+                "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch,
+                "total_steps": self.total_steps,
+                "best_metric": self.best_metric,
+                "metric": self.metric,
+                "last_metrics": self.last_metrics,
+                "time": time.time(),
+                "config": self.config.to_dict(),
+                "extra_config": self.extra_config,
+            }
+            save_checkpoint_atomic(
+                path,
+                self.unwrapped_model,
+                self._training_state(rng_states),
+                meta=meta,
+                previous_to=previous_to,
+            )
+            for stale in [*self.ckpt_dir.glob("*.tmp-*"), *self.ckpt_dir.glob("*.trash-*")]:
+                shutil.rmtree(stale, ignore_errors=True)  # left by a run killed while saving
+            if previous_to is not None:
+                olds = sorted(self.ckpt_dir.glob("step-*"))
+                for old in olds[: max(len(olds) - (self.config.keep_last - 1), 0)]:
+                    shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        self._last_saved = self._position()
+        self._emit("checkpoint", {"path": str(path), "step": self.global_step})
+        return path
+
+    def _load_checkpoint(self, resume: bool | str) -> Path:
+        path = self.ckpt_dir / "last" if resume is True else Path(resume)
+        error: str | None = None
+        if self.is_main:  # only the main process may repair an interrupted rename
+            try:
+                path = resolve_checkpoint(path)
+            except CheckpointNotFoundError as e:
+                error = str(e)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            error = broadcast_object_list([error])[0]
+        if error is not None:
+            raise CheckpointNotFoundError(error)
+        path = resolve_checkpoint(path)
+        load_model_weights(self.unwrapped_model, path)
+        st = load_training_state(path)
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        if st.get("scaler") is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(st["scaler"])
+        self.global_step = int(st["step"])
+        self.epoch = int(st["epoch"])
+        self.batch_in_epoch = int(st["batch_in_epoch"])
+        self.best_metric = st.get("best_metric")
+        self.best_step = st.get("best_step")
+        self.skipped_steps = int(st.get("skipped_steps", 0))
+        self.consecutive_bad = int(st.get("consecutive_bad", 0))
+        self.elapsed_before = float(st.get("elapsed", 0.0))
+        if (
+            st.get("num_processes") != self.accelerator.num_processes
+            or st.get("grad_accum") != self.config.grad_accum
+        ):
+            logger.warning(
+                "resuming with %s processes / grad_accum %s (checkpoint: %s / %s): the data order will differ "
+                "from an uninterrupted run",
+                self.accelerator.num_processes,
+                self.config.grad_accum,
+                st.get("num_processes"),
+                st.get("grad_accum"),
+            )
+        rngs = st.get("rng") or []
+        if rngs:
+            idx = self.accelerator.process_index
+            set_rng_state(rngs[idx] if idx < len(rngs) else rngs[0])
+        self._last_saved = self._position()
+        return path
+
+    # ------------------------------------------------------------------------------------------ eval
+
+    def _run_eval(self) -> dict[str, float]:
+        acc = self.accelerator
+        metrics: dict[str, float] = {}
+        if self.eval_fn is not None and self.is_main:
+            model = self.unwrapped_model
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    metrics = {k: _to_float(v) for k, v in (self.eval_fn(model) or {}).items()}
+            finally:
+                model.train(was_training)
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            metrics = broadcast_object_list([metrics])[0]
+        self._last_eval_step = self.global_step
+        self.last_metrics = metrics
+        if not metrics:
+            return metrics
+        improved = False
+        if self.metric is not None:
+            if self.metric not in metrics:
+                raise KeyError(
+                    f"eval_fn returned {sorted(metrics)}, which lacks the tracked metric '{self.metric}'"
+                )
+            value = metrics[self.metric]
+            if self._better(value):
+                self.best_metric, self.best_step, improved = value, self.global_step, True
+        if self.is_main:
+            _CSVLog(self.out_dir / "metrics.csv").write(
+                {"step": self.global_step, "epoch": self.epoch, **metrics}
+            )
+            if self._tb is not None:
+                for k, v in metrics.items():
+                    self._tb.add_scalar(f"eval/{k}", v, self.global_step)
+            msg = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+            self._write(f"eval @ step {self.global_step}: {msg}" + (" (best)" if improved else ""))
+            if improved:
+                save_checkpoint_atomic(
+                    self.ckpt_dir / "best",
+                    self.unwrapped_model,
+                    None,
+                    meta={
+                        "step": self.global_step,
+                        "epoch": self.epoch,
+                        "metric": self.metric,
+                        "value": self.best_metric,
+                    },
+                    json_files={"metrics.json": {"step": self.global_step, "epoch": self.epoch, **metrics}},
+                )
+        acc.wait_for_everyone()
+        self._emit("eval", {"step": self.global_step, "metrics": metrics, "improved": improved})
+        return metrics
+
+    # ------------------------------------------------------------------------------------------ logging
+
+    def _write(self, msg: str) -> None:
+        if not self.is_main:
+            return
+        logger.info(msg)
+        if self._pbar is not None and not self._pbar.disable:
+            self._pbar.write(msg)
+
+    def _open_logs(self, resumed: bool) -> None:
+        self._tb = None
+        self._pbar = None
+        if not self.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if resumed:
+            _truncate_csv(self.out_dir / "log.csv", self.global_step)
+            _truncate_csv(self.out_dir / "metrics.csv", self.global_step)
+        self._csv = _CSVLog(self.out_dir / "log.csv")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(
+                str(self.out_dir / "tb"), purge_step=self.global_step if resumed else None
+            )
+        except Exception:  # tensorboard not installed
+            self._tb = None
+        from tqdm.auto import tqdm
+
+        self._pbar = tqdm(
+            total=self.total_steps,
+            initial=self.global_step,
+            disable=not self.config.progress,
+            dynamic_ncols=True,
+            desc="train",
+        )
+
+    def _close_logs(self) -> None:
+        if getattr(self, "_pbar", None) is not None:
+            self._pbar.close()
+        if getattr(self, "_tb", None) is not None:
+            self._tb.close()
+        self._pbar = self._tb = None
+
+    def _log_step(self, sums: dict[str, Tensor], count: int, samples: int, t0: float) -> dict[str, float]:
+        acc = self.accelerator
+        keys = sorted(sums)
+        if count > 0:
+            vec = torch.stack([sums[k].float() for k in keys]) / count
+        else:
+            vec = torch.full((len(keys),), float("nan"), device=acc.device)
+        if acc.num_processes > 1 and keys:
+            vec = acc.reduce(vec.to(acc.device), reduction="mean")
+        vals = dict(zip(keys, vec.tolist(), strict=True)) if keys else {}
+        dt = max(time.time() - t0, 1e-9)
+        ips = samples * acc.num_processes / dt
+        row = {
+            "step": self.global_step,
+            "epoch": self.epoch,
+            "lr": self.lr,
+            "loss": vals.pop("loss", float("nan")),
+            **vals,
+            "images_per_s": ips,
+            "time": self.elapsed_before + self._elapsed(),
+        }
+        if self.is_main:
+            self._csv.write(row)
+            if self._tb is not None:
+                for k, v in row.items():
+                    if k not in ("step", "epoch", "time"):
+                        self._tb.add_scalar(f"train/{k}", v, self.global_step)
+            if self._pbar is not None:
+                self._pbar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{row['lr']:.3g}", img_s=f"{ips:.1f}")
+        return row
+
+    # ------------------------------------------------------------------------------------------ signals
+
+    def _install_signals(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+
+        def handler(signum, frame):
+            if self._stop_signal is not None:  # second signal: stop now
+                for s, h in previous.items():
+                    signal.signal(s, h)
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            if self.is_main:
+                logger.warning("received %s: stopping after the current step", signal.Signals(signum).name)
+
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[s] = signal.signal(s, handler)
+            except (ValueError, OSError):
+                pass
+        return previous
+
+    # ------------------------------------------------------------------------------------------ fit
+
+    def _set_epoch(self, epoch: int) -> None:
+        self._loader_generator.manual_seed(self.config.seed * 1_000_003 + epoch)
+        if self._sampler is not None:
+            self._sampler.set_epoch(epoch)
+        if hasattr(self.train_loader, "set_epoch"):
+            self.train_loader.set_epoch(epoch)
+
+    def fit(self, resume: bool | str = False) -> dict:
+        """Train to ``max_steps`` (or ``epochs``); returns a summary and writes ``summary.json``."""
+        cfg, acc = self.config, self.accelerator
+        set_seed(cfg.seed)
+        self._stop_signal = None
+        resumed_from = None
+        if resume:
+            resumed_from = self._load_checkpoint(resume)
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(
+                self.out_dir / "config.json",
+                {
+                    "train": cfg.to_dict(),
+                    "extra": self.extra_config,
+                    "num_processes": acc.num_processes,
+                    "mixed_precision": acc.mixed_precision,
+                    "device": str(acc.device),
+                    "total_steps": self.total_steps,
+                    "steps_per_epoch": self.steps_per_epoch,
+                    "resumed_from": str(resumed_from) if resumed_from else None,
+                },
+            )
+        self._open_logs(resumed=resumed_from is not None)
+        if resumed_from is not None:
+            self._write(f"resumed from {resumed_from} at step {self.global_step} (epoch {self.epoch})")
+        previous_handlers = self._install_signals()
+        if acc.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(acc.device)
+        self._fit_start = time.time()
+        train_time, samples_total, last_row = 0.0, 0, {}
+        try:
+            self._emit("fit_start", {"step": self.global_step})
+            # (an interrupted run may stop right at the end of an epoch: finish that epoch's bookkeeping)
+            while self.global_step < self.total_steps or self.batch_in_epoch >= self.batches_per_epoch:
+                ended_epoch, interrupted, stats = self._train_epoch()
+                train_time += stats["time"]
+                samples_total += stats["samples"]
+                last_row = stats["last_row"] or last_row
+                if ended_epoch and not interrupted:
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+                    self._emit("epoch_end", {"epoch": self.epoch, "step": self.global_step})
+                    if self.eval_fn is not None and cfg.eval_every > 0 and self.epoch % cfg.eval_every == 0:
+                        self._run_eval()
+                    self.save_checkpoint()
+                if interrupted:  # position may be "end of epoch": the resumed run then does the eval first
+                    path = self.save_checkpoint()
+                    msg = f"interrupted at step {self.global_step}; checkpoint saved to {path}; resume with --resume"
+                    if self.is_main:
+                        logger.warning(msg)
+                    raise TrainingInterrupted(
+                        msg, path, self._summary(train_time, samples_total, last_row, True)
+                    )
+            if self.eval_fn is not None and cfg.eval_every > 0 and self._last_eval_step != self.global_step:
+                self._run_eval()
+            if self._last_saved != self._position():
+                self.save_checkpoint()
+            summary = self._summary(train_time, samples_total, last_row, False)
+            if self.is_main:
+                write_json_atomic(self.out_dir / "summary.json", summary)
+            self._emit("fit_end", summary)
+            return summary
+        finally:
+            for s, h in previous_handlers.items():
+                signal.signal(s, h)
+            self._close_logs()
+
+    def _summary(self, train_time: float, samples: int, last_row: dict, interrupted: bool) -> dict:
+        return {
+            "steps": self.global_step,
+            "epochs": self.epoch + self.batch_in_epoch / self.batches_per_epoch,
+            "total_steps": self.total_steps,
+            "metric": self.metric,
+            "best_metric": self.best_metric,
+            "best_step": self.best_step,
+            "last_metrics": dict(self.last_metrics),
+            "last_loss": last_row.get("loss"),
+            "images_per_s": samples * self.accelerator.num_processes / train_time if train_time > 0 else None,
+            "peak_memory_mb": _peak_memory_mb(self.accelerator.device),
+            "skipped_steps": self.skipped_steps,
+            "train_time_s": train_time,
+            "checkpoint": str(self.ckpt_dir / "last"),
+            "interrupted": interrupted,
+            "num_processes": self.accelerator.num_processes,
+            "mixed_precision": self.accelerator.mixed_precision,
+        }
+
+    def _train_epoch(self) -> tuple[bool, bool, dict]:
+        """Run (the rest of) the current epoch. Returns (epoch finished, interrupted, stats)."""
+        cfg, acc = self.config, self.accelerator
+        if self.batch_in_epoch >= self.batches_per_epoch:
+            return True, False, {"time": 0.0, "samples": 0, "last_row": {}}
+        self._set_epoch(self.epoch)
+        loader = self.train_loader
+        if self.batch_in_epoch > 0:
+            loader = acc.skip_first_batches(self.train_loader, self.batch_in_epoch)
+        self.model.train()
+        sums: dict[str, Tensor] = {}
+        count = 0  # finite micro-batches since the last log
+        samples_log = 0
+        samples_epoch = 0
+        t_log = time.time()
+        t_epoch = 0.0
+        t_step = time.time()
+        window_bad: dict | None = None
+        last_row: dict = {}
+        interrupted = False
+        distributed = acc.num_processes > 1
+        it = iter(loader)
+        try:
+            for batch in it:
+                with acc.accumulate(self.model):
+                    out = self.loss_fn(self.model, batch)
+                    loss, comps = _split_loss(out)
+                    # the skip decision must agree across ranks, or DDP's gradient all-reduce would hang
+                    bad_t = (~torch.isfinite(loss.detach())).any().float().reshape(1)
+                    bad = bool((acc.reduce(bad_t, reduction="sum") if distributed else bad_t).item() > 0)
+                    if bad:
+                        if window_bad is None:
+                            window_bad = {
+                                "loss": _to_float(loss),
+                                **{k: _to_float(v) for k, v in comps.items()},
+                            }
+                    else:
+                        acc.backward(loss)
+                        for k, v in (("loss", loss), *comps.items()):
+                            v = (
+                                v.detach().float().mean().to(acc.device)
+                                if isinstance(v, Tensor)
+                                else (torch.tensor(float(v), device=acc.device))
+                            )
+                            sums[k] = sums[k] + v if k in sums else v.clone()
+                        count += 1
+                    n = self.batch_size_fn(batch)
+                    samples_log += n
+                    samples_epoch += n
+                    synced = acc.sync_gradients
+                    if synced:
+                        if window_bad is not None:
+                            self.optimizer.zero_grad(set_to_none=True)
+                            self.skipped_steps += 1
+                            self.consecutive_bad += 1
+                        else:
+                            if cfg.clip_grad_norm is not None:
+                                acc.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm)
+                            self.optimizer.step()
+                            self.consecutive_bad = 0
+                        self.optimizer.zero_grad(set_to_none=True)
+                        self._step_lr = self._lr()  # the lr this step used
+                        with warnings.catch_warnings():  # a skipped step is not an ordering mistake
+                            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                            self.scheduler.step()
+                        self.global_step += 1
+                self.batch_in_epoch += 1
+                if not synced:
+                    continue
+                # ---- after an optimizer step (or a skipped one)
+                t_epoch += time.time() - t_step
+                if window_bad is not None:
+                    comps_msg = ", ".join(f"{k}={v:.4g}" for k, v in window_bad.items())
+                    if distributed:
+                        comps_msg = f"on at least one process; here {comps_msg}"
+                    if self.consecutive_bad >= cfg.max_bad_steps:
+                        raise NonFiniteLossError(
+                            f"loss was NaN/inf for {self.consecutive_bad} optimizer steps in a row "
+                            f"(last at step {self.global_step}, epoch {self.epoch}; {comps_msg}). "
+                            f"Try a lower learning rate (lr={cfg.lr}), enable gradient clipping "
+                            f"(clip_grad_norm), or check the data for NaN/inf values and broken labels."
+                        )
+                    if self.is_main:
+                        logger.warning(
+                            "non-finite loss at step %d (%s): step skipped", self.global_step, comps_msg
+                        )
+                    window_bad = None
+                if self._pbar is not None:
+                    self._pbar.update(1)
+                if self.global_step % max(cfg.log_every, 1) == 0 or self.global_step >= self.total_steps:
+                    last_row = self._log_step(sums, count, samples_log, t_log)
+                    sums, count, samples_log, t_log = {}, 0, 0, time.time()
+                self._emit("step_end", {"step": self.global_step, "epoch": self.epoch, "lr": self.lr})
+                end_of_epoch = self.batch_in_epoch >= self.batches_per_epoch
+                # a signal (or request_stop) may reach the ranks at different times: agree on it
+                stop_t = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=acc.device)
+                if distributed:
+                    stop_t = acc.reduce(stop_t, reduction="sum")
+                if stop_t.item() > 0:
+                    interrupted = True
+                    break
+                if self.global_step >= self.total_steps:
+                    break
+                if (
+                    cfg.checkpoint_every > 0
+                    and self.global_step % cfg.checkpoint_every == 0
+                    and not end_of_epoch
+                ):
+                    self.save_checkpoint()
+                t_step = time.time()
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+            end = getattr(loader, "end", None)
+            if end is not None:
+                end()
+        ended = self.batch_in_epoch >= self.batches_per_epoch
+        if not interrupted and not ended and self.global_step < self.total_steps:
+            raise RuntimeError(
+                f"the data loader stopped after {self.batch_in_epoch} of {self.batches_per_epoch} batches"
+            )
+        return ended, interrupted, {"time": t_epoch, "samples": samples_epoch, "last_row": last_row}
