@@ -1,0 +1,114 @@
+"""End to end on a tiny generated set: data make-digits / check, detect train / eval / predict, resume, demo."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from vision.cli import app
+
+runner = CliRunner()
+
+TINY = ["--backbone", "resnet18", "--pretrained", "false", "--img-size", "96", "--batch", "4", "--fpn-channels", "32",
+        "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits")
+    r = runner.invoke(app, ["data", "make-digits", "--out", str(out), "--format", "yolo", "--n-train", "8",
+                            "--n-val", "4", "--img-size", "96"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(digits, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run") / "exp"
+    r = runner.invoke(app, ["detect", "train", "--data", str(digits), "--out", str(run), "--epochs", "2", *TINY])
+    assert r.exit_code == 0, r.output
+    return run
+
+
+def test_data_check(digits):
+    r = runner.invoke(app, ["data", "check", "--data", str(digits)])
+    assert r.exit_code == 0, r.output
+    assert "format yolo" in r.output and "8 images" in r.output
+
+
+def test_train_writes_run_folder(trained):
+    for name in ("detector.json", "config.json", "log.csv", "metrics.json", "pr_curves.png", "val_predictions.jpg",
+                 "checkpoints/last/model.safetensors", "checkpoints/best/model.safetensors"):
+        assert (trained / name).exists(), name
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "per_class"} <= set(metrics)
+    spec = json.loads((trained / "detector.json").read_text())
+    assert spec["model"] == "atss" and spec["classes"] == [str(i) for i in range(10)]
+
+
+def test_resume_continues(trained, digits):
+    summary = json.loads((trained / "summary.json").read_text())
+    r = runner.invoke(app, ["detect", "train", "--data", str(digits), "--out", str(trained), "--epochs", "3",
+                            "--resume", *TINY])
+    assert r.exit_code == 0, r.output
+    after = json.loads((trained / "summary.json").read_text())
+    assert after["steps"] > summary["steps"]
+
+
+def test_eval_prints_table_and_json(trained, digits):
+    r = runner.invoke(app, ["detect", "eval", "--weights", str(trained), "--data", str(digits)])
+    assert r.exit_code == 0, r.output
+    assert "AP50" in r.output
+    r = runner.invoke(app, ["detect", "eval", "--weights", str(trained), "--data", str(digits), "--json"])
+    assert r.exit_code == 0
+    res = json.loads(r.output.strip().splitlines()[-1])
+    assert 0.0 <= res["AP"] <= 1.0 and "per_class" in res
+
+
+def test_predict_writes_json_and_pictures(trained, digits, tmp_path):
+    src = digits / "images" / "val"
+    out = tmp_path / "pred"
+    r = runner.invoke(app, ["detect", "predict", "--weights", str(trained), "--source", str(src), "--out", str(out),
+                            "--conf", "0.0"])
+    assert r.exit_code == 0, r.output
+    jsons = sorted(out.glob("*.json"))
+    assert len(jsons) == 4 and len(list(out.glob("*.jpg"))) == 4
+    rec = json.loads(jsons[0].read_text())
+    assert {"image", "width", "height", "detections"} <= set(rec)
+    for d in rec["detections"]:
+        assert len(d["box"]) == 4 and d["class_name"] in [str(i) for i in range(10)]
+
+
+def test_bad_inputs_give_clear_errors(tmp_path, digits, trained):
+    r = runner.invoke(app, ["detect", "train", "--data", str(tmp_path), "--out", str(tmp_path / "x"), *TINY])
+    assert r.exit_code == 1 and "expected one of" in r.output
+    r = runner.invoke(app, ["detect", "predict", "--weights", str(trained), "--source", str(tmp_path / "none"),
+                            "--out", str(tmp_path / "p")])
+    assert r.exit_code == 1 and "neither an image file nor a folder" in r.output
+    # a malformed YOLO label line names the file and line
+    bad = tmp_path / "bad"
+    import shutil
+
+    shutil.copytree(digits, bad)
+    label = sorted((bad / "labels" / "train").glob("*.txt"))[0]
+    label.write_text(label.read_text() + "3 0.5 oops 0.1 0.1\n")
+    r = runner.invoke(app, ["detect", "train", "--data", str(bad), "--out", str(tmp_path / "y"), *TINY])
+    assert r.exit_code == 1 and label.name in r.output
+    r = runner.invoke(app, ["detect", "train", "--data", str(bad), "--out", str(tmp_path / "y"), "--epochs", "1",
+                            "--skip-bad", *TINY])
+    assert r.exit_code == 0, r.output
+
+
+def test_fcos_and_retinanet_train_through_the_same_command(digits, tmp_path):
+    for name in ("fcos", "retinanet"):
+        r = runner.invoke(app, ["detect", "train", "--data", str(digits), "--out", str(tmp_path / name), "--model", name,
+                                "--max-steps", "1", *TINY])
+        assert r.exit_code == 0, r.output
+
+
+def test_demo_tiny(tmp_path):
+    r = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--n-train", "8", "--n-val", "4", "--img-size", "96",
+                            "--epochs", "1", "--batch", "4", "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
+    assert s["AP"] is not None and (tmp_path / "demo" / "predictions").is_dir()
