@@ -28,6 +28,18 @@ def _pretrained(value: str) -> bool | str:
     return value
 
 
+def _augment(hflip: float, scale: str, color_jitter: float) -> dict:
+    if scale.lower() == "none":
+        rng = None
+    else:
+        try:
+            lo, hi = (float(v) for v in scale.split(","))
+        except ValueError:
+            _fail(f"--scale must be LO,HI (e.g. 0.5,1.5) or none, got '{scale}'")
+        rng = (lo, hi)
+    return {"hflip": hflip, "scale": rng, "color_jitter": color_jitter}
+
+
 @detect_app.command("train")
 def train(
     data: Path = typer.Option(..., "--data", help="COCO json/folder, YOLO data.yaml/folder or Pascal VOC folder."),
@@ -48,6 +60,9 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoints/last."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad images/labels (counted in a summary)."),
     no_augment: bool = typer.Option(False, "--no-augment", help="Disable flip / scale jitter / colour jitter."),
+    hflip: float = typer.Option(0.5, "--hflip", help="Horizontal flip probability."),
+    scale: str = typer.Option("0.5,1.5", "--scale", help="Scale jitter range LO,HI (then crop/pad to img-size); 'none'."),
+    color_jitter: float = typer.Option(0.2, "--color-jitter", help="Brightness/contrast/saturation jitter."),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
     fpn_channels: int = typer.Option(256, "--fpn-channels"),
     seed: int = typer.Option(0, "--seed"),
@@ -61,7 +76,7 @@ def train(
         summary = train_detector(data, out, model=model, backbone=backbone, pretrained=_pretrained(pretrained),
                                  img_size=img_size, epochs=epochs, batch=batch, lr=lr, optimizer=optimizer,
                                  scheduler=scheduler, warmup_steps=warmup, clip_grad_norm=clip_grad, workers=workers,
-                                 skip_bad=skip_bad, augment=not no_augment, resume=resume, max_steps=max_steps,
+                                 skip_bad=skip_bad, augment=False if no_augment else _augment(hflip, scale, color_jitter), resume=resume, max_steps=max_steps,
                                  mixed_precision=amp, seed=seed, cpu=cpu, model_kwargs={"fpn_channels": fpn_channels})
     except (DatasetError, FileNotFoundError, ValueError) as e:
         _fail(str(e))

@@ -152,7 +152,7 @@ def train_detector(
     clip_grad_norm: float | None = None,
     workers: int = 2,
     skip_bad: bool = False,
-    augment: bool = True,
+    augment: bool | dict[str, Any] = True,
     resume: bool | str = False,
     max_steps: int | None = None,
     mixed_precision: str = "auto",
@@ -170,7 +170,8 @@ def train_detector(
     from vision.engine.checkpoint import write_json_atomic
 
     out = Path(out)
-    tf = build_detection_transforms(True) if augment else None
+    aug = dict(augment) if isinstance(augment, dict) else {}
+    tf = build_detection_transforms(True, img_size=img_size, **aug) if augment else None
     train_ds = load_detection_dataset(data, "train", transforms=tf, skip_bad=skip_bad)
     try:
         val_ds = load_detection_dataset(data, val_split, skip_bad=skip_bad)

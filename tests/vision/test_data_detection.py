@@ -299,3 +299,19 @@ def test_collate(digits: dict[str, Path]) -> None:
     assert len(images) == len(targets) == 4
     assert [t["image_id"] for t in targets] == [0, 1, 2, 3]
     assert all(im.shape == (3, 96, 96) for im in images)
+
+
+def test_large_scale_jitter_to_img_size(tmp_path):
+    from vision.data import build_detection_transforms, load_detection_dataset
+    from vision.data.digits import make_digits
+
+    make_digits(tmp_path / "d", format="coco", n_train=4, n_val=1, img_size=160, seed=3)
+    tf = build_detection_transforms(True, img_size=96, scale=(0.5, 1.5))
+    ds = load_detection_dataset(tmp_path / "d", "train", transforms=tf)
+    for i in range(len(ds)):
+        img, t = ds[i]
+        assert img.shape[-2:] == (96, 96)
+        b = t["boxes"]
+        assert len(b) == len(t["labels"])
+        if len(b):
+            assert (b[:, 0] >= 0).all() and (b[:, 2] <= 96).all() and (b[:, 2] > b[:, 0]).all()

@@ -683,13 +683,23 @@ def build_detection_transforms(
     crop_size: int | None = None,
     color_jitter: float = 0.2,
     min_visibility: float = 0.3,
+    img_size: int | None = None,
 ) -> Any:
-    """Albumentations training augmentation for pascal_voc boxes (flip, scale jitter, crop, colour); eval -> None."""
+    """Albumentations training augmentation for pascal_voc boxes (flip, scale jitter, crop, colour); eval -> None.
+
+    With ``img_size`` (the detector's input size) the image is first resized to that longest side, then scale
+    jittered and cropped/padded back to ``img_size`` x ``img_size`` (large-scale jitter); without a crop, scale
+    jitter alone would be undone by the detector's own resize.
+    """
     if not train:
         return None
     import albumentations as A
 
     ops: list[Any] = []
+    if img_size is not None:
+        ops.append(A.LongestMaxSize(max_size=img_size, p=1.0))
+        if crop_size is None and scale is not None:
+            crop_size = img_size
     if hflip > 0:
         ops.append(A.HorizontalFlip(p=hflip))
     if scale is not None:
