@@ -142,7 +142,6 @@ def predict(
 @demo_app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Where the data, run and predictions go."),
-    minutes: float = typer.Option(8.0, "--minutes", help="Training time budget (CPU)."),
     n_train: int = typer.Option(400, "--n-train"),
     n_val: int = typer.Option(100, "--n-val"),
     img_size: int = typer.Option(256, "--img-size"),
@@ -154,7 +153,7 @@ def demo(
     from detectors.demo import run_demo
 
     try:
-        run_demo(out=out, minutes=minutes, n_train=n_train, n_val=n_val, img_size=img_size, batch=batch,
+        run_demo(out=out, n_train=n_train, n_val=n_val, img_size=img_size, batch=batch,
                  epochs=epochs, workers=workers)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
