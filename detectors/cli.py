@@ -71,6 +71,7 @@ def train(
     """Train a detector (multi-GPU: `accelerate launch $(which negvision) detect train ...`)."""
     from detectors.detect import train_detector
     from vision.data import DatasetError
+    from vision.engine import TrainingInterrupted
 
     try:
         summary = train_detector(data, out, model=model, backbone=backbone, pretrained=_pretrained(pretrained),
@@ -78,6 +79,9 @@ def train(
                                  scheduler=scheduler, warmup_steps=warmup, clip_grad_norm=clip_grad, workers=workers,
                                  skip_bad=skip_bad, augment=False if no_augment else _augment(hflip, scale, color_jitter), resume=resume, max_steps=max_steps,
                                  mixed_precision=amp, seed=seed, cpu=cpu, model_kwargs={"fpn_channels": fpn_channels})
+    except TrainingInterrupted as e:
+        typer.echo(f"{e} (negvision detect train ... --resume)", err=True)
+        raise typer.Exit(130) from None
     except (DatasetError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
     ev = summary.get("eval")

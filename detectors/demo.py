@@ -53,7 +53,7 @@ def run_demo(out: Path = Path("runs/demo"), n_train: int = 400, n_val: int = 100
     print(f"[demo] 4/4 predictions (JSON + pictures) for {len(sample)} images -> {pred_dir}")
     report = {
         "AP": ev.get("AP"), "AP50": ev.get("AP50"), "AP75": ev.get("AP75"),
-        "train_images_per_s": summary.get("images_per_s"), "peak_memory_mib": summary.get("peak_memory_mib"),
+        "train_images_per_s": summary.get("images_per_s"), "peak_memory_mb": summary.get("peak_memory_mb"),
         "epochs": epochs, "steps": summary.get("steps"), "wall_s": round(time.perf_counter() - t_start, 1),
         "device": str(device), "run": str(run), "predictions": str(pred_dir),
         "files": summary.get("files", {}),
