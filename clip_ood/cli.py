@@ -1,0 +1,331 @@
+"""``negvision ood``: mine-labels, score, bench, serve. Heavy imports (torch, open_clip) happen inside commands."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import typer
+
+ood_app = typer.Typer(help="Zero-shot OOD scoring with CLIP and negative labels (NegLabel, ANTS).",
+                      no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+_MODEL_HELP = "open_clip model (ViT-B-16-quickgelu), local-dir:PATH or hf-hub:ORG/REPO."
+_PRETRAINED_HELP = "open_clip tag (openai), a weights file, or a weights name from weights/manifest.toml."
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(1)
+
+
+def _dist() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the env `accelerate launch` / torchrun set; (0, 1, 0) otherwise."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _encoder(model: str, pretrained: str | None, device: str | None):
+    from clip_ood.encoders import load_encoder
+
+    _, world, local = _dist()
+    if device is None and world > 1:
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{local}"
+    try:
+        return load_encoder(model, pretrained=pretrained or None, device=device)
+    except (FileNotFoundError, RuntimeError, ValueError) as e:
+        _fail(f"cannot load model '{model}' (pretrained={pretrained}): {e}")
+
+
+def _id_labels(path: Path | None, id_dir: Path | None = None) -> list[str]:
+    from clip_ood.data import class_folders
+    from clip_ood.lexicon import read_labels
+
+    if path is not None:
+        try:
+            return read_labels(path)
+        except (OSError, ValueError) as e:
+            _fail(str(e))
+    if id_dir is not None and id_dir.is_dir() and class_folders(id_dir):
+        return [c.replace("_", " ") for c in class_folders(id_dir)]
+    _fail("give --id-labels (class names, one a line)")
+    return []
+
+
+def _negatives(encoder, labels: list[str], method: str, neg_labels: Path | None, num_negatives: int,
+               percentile: float, save_to: Path | None):
+    from clip_ood.lexicon import NegativeLabels, mine_negative_labels
+
+    if method not in ("neglabel", "ants"):
+        return NegativeLabels.load(neg_labels) if neg_labels else None
+    if neg_labels is not None:
+        if not neg_labels.is_file():
+            _fail(f"--neg-labels {neg_labels}: no such file (make it with `negvision ood mine-labels`)")
+        return NegativeLabels.load(neg_labels)
+    typer.echo(f"mining {num_negatives} negative labels from WordNet (cached after the first run)", err=True)
+    neg = mine_negative_labels(encoder, labels, num_negatives, percentile)
+    if save_to is not None:
+        neg.save(save_to)
+        typer.echo(f"negative labels written to {save_to}", err=True)
+    return neg
+
+
+def _scorer(encoder, labels, method, negatives, describer: str, describer_model: str | None, mode: str,
+            ants_state: Path | None, seed: int = 0):
+    from clip_ood.scorer import OODScorer
+
+    try:
+        sc = OODScorer(encoder, labels, method=method, negatives=negatives, seed=seed)
+    except ValueError as e:
+        _fail(str(e))
+    if method == "ants":
+        from clip_ood.describers import create_describer
+
+        kw = {"encoder": encoder} if describer == "lexicon" else {}
+        if describer_model and describer != "lexicon":
+            kw["model"] = describer_model
+        sc.ants.describer = create_describer(describer, **kw)
+        sc.ants.mode = mode
+        if ants_state is not None and ants_state.with_suffix(".json").is_file():
+            sc.ants.load(ants_state)
+            typer.echo(f"ANTS state loaded from {ants_state.with_suffix('.json')}", err=True)
+    return sc
+
+
+@ood_app.command("mine-labels")
+def mine_labels(
+    id_labels: Path = typer.Option(..., "--id-labels", help="ID class names, one a line."),
+    model: str = typer.Option(..., "--model", help=_MODEL_HELP),
+    pretrained: str = typer.Option("", "--pretrained", help=_PRETRAINED_HELP),
+    out: Path = typer.Option(Path("neg.txt"), "--out", help="Output: one 'noun|adj<TAB>word' a line."),
+    num_negatives: int = typer.Option(10_000, "--num-negatives", min=1),
+    percentile: float = typer.Option(0.95, "--percentile", min=0.0, max=1.0),
+    words: Path | None = typer.Option(None, "--words", help="Own candidate list instead of WordNet ('adj<TAB>word' or 'word')."),
+    exclude: str = typer.Option("noun.person,noun.quantity,noun.group,adj.pert", "--exclude",
+                                help="WordNet lexicographer files to leave out (comma list, '' for none)."),
+    device: str | None = typer.Option(None, "--device"),
+) -> None:
+    """Mine NegLabel negative labels far from the ID classes (WordNet nouns + adjectives)."""
+    from clip_ood.lexicon import load_wordnet, mine_negative_labels, read_words
+
+    labels = _id_labels(id_labels)
+    enc = _encoder(model, pretrained, device)
+    lex = read_words(words) if words else load_wordnet(exclude=[e for e in exclude.split(",") if e])
+    neg = mine_negative_labels(enc, labels, num_negatives, percentile, lexicon=lex)
+    neg.save(out)
+    typer.echo(json.dumps({"out": str(out), "negatives": len(neg), "nouns": neg.pos.count("noun"),
+                           "adjectives": neg.pos.count("adj"), "candidates": len(lex)}))
+
+
+_METHOD_OPT = typer.Option("neglabel", "--method", help="mcm | neglabel | ants | energy | max_logit")
+
+
+@ood_app.command("score")
+def score(
+    model: str = typer.Option(..., "--model", help=_MODEL_HELP),
+    pretrained: str = typer.Option("", "--pretrained", help=_PRETRAINED_HELP),
+    id_labels: Path = typer.Option(..., "--id-labels", help="ID class names, one a line."),
+    method: str = _METHOD_OPT,
+    source: Path = typer.Option(..., "--source", help="Image folder (recursive) or an image list file."),
+    data_root: Path | None = typer.Option(None, "--data-root", help="Root of the paths in a list file."),
+    out: Path = typer.Option(Path("scores.csv"), "--out", help="CSV: path,score,is_ood,top_class,top_prob."),
+    neg_labels: Path | None = typer.Option(None, "--neg-labels", help="Mined negatives (else mined now, saved next to --out)."),
+    num_negatives: int = typer.Option(10_000, "--num-negatives"),
+    threshold: float = typer.Option(0.5, "--threshold", help="is_ood = score < threshold."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Skip images already in --out."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images with a warning."),
+    describer: str = typer.Option("lexicon", "--describer", help="ANTS: lexicon (offline) | qwen2-vl | llava | blip"),
+    describer_model: str | None = typer.Option(None, "--describer-model", help="Hub name or local folder."),
+    ants_mode: str = typer.Option("ada", "--ants-mode", help="ada | far_only | near_only"),
+    ants_state: Path | None = typer.Option(None, "--ants-state", help="Load/save the ANTS state here."),
+    device: str | None = typer.Option(None, "--device"),
+) -> None:
+    """Score images (streamed, resumable); under `accelerate launch` each process takes a shard."""
+    import csv
+
+    from tqdm import tqdm
+
+    from clip_ood.data import BadImageError, iter_batches, list_images
+
+    rank, world, _ = _dist()
+    try:
+        paths = list_images(source, data_root)
+    except (OSError, ValueError) as e:
+        _fail(str(e))
+    paths = paths[rank::world]
+    if world > 1:
+        out = out.with_name(f"{out.stem}.rank{rank}{out.suffix}")
+    done: set[str] = set()
+    if resume and out.is_file():
+        with open(out, newline="", encoding="utf-8") as f:
+            done = {row["path"] for row in csv.DictReader(f)}
+    todo = [p for p in paths if str(p) not in done]
+    labels = _id_labels(id_labels)
+    enc = _encoder(model, pretrained, device)
+    neg = _negatives(enc, labels, method, neg_labels, num_negatives, 0.95, out.with_suffix(".neg.txt"))
+    sc = _scorer(enc, labels, method, neg, describer, describer_model, ants_mode, ants_state)
+    new_file = not out.is_file() or not resume
+    out.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with open(out, "w" if new_file else "a", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        if new_file:
+            w.writerow(["path", "score", "is_ood", "top_class", "top_prob"])
+        try:
+            for bp, ims in tqdm(iter_batches(todo, batch_size, skip_bad), total=-(-len(todo) // batch_size),
+                                desc="scoring", unit="batch", disable=None):
+                r = sc.score_images(ims)
+                p, c = r.id_probs.max(dim=-1)
+                for i, path in enumerate(bp):
+                    s = float(r.scores[i])
+                    w.writerow([str(path), f"{s:.6f}", int(s < threshold), labels[int(c[i])], f"{float(p[i]):.6f}"])
+                f.flush()  # results are on disk as they come (resumable)
+                n += len(bp)
+        except BadImageError as e:
+            _fail(f"{e} (use --skip-bad to skip it)")
+    if ants_state is not None and sc.ants is not None:
+        sc.ants.save(ants_state)
+    typer.echo(json.dumps({"out": str(out), "scored": n, "skipped_done": len(paths) - len(todo),
+                           "rank": rank, "world_size": world, "method": method}))
+
+
+@ood_app.command("bench")
+def bench(
+    model: str = typer.Option(..., "--model", help=_MODEL_HELP),
+    pretrained: str = typer.Option("", "--pretrained", help=_PRETRAINED_HELP),
+    id_dir: Path = typer.Option(..., "--id-dir", help="ID images: class folders, any folder, or a list file."),
+    ood_dir: list[Path] = typer.Option(..., "--ood-dir", help="OOD set (folder or list file); repeat for several."),
+    data_root: Path | None = typer.Option(None, "--data-root", help="Root of the paths in list files."),
+    id_labels: Path | None = typer.Option(None, "--id-labels", help="ID class names (default: --id-dir's sub-folders)."),
+    method: str = _METHOD_OPT,
+    neg_labels: Path | None = typer.Option(None, "--neg-labels"),
+    num_negatives: int = typer.Option(10_000, "--num-negatives"),
+    out_dir: Path = typer.Option(Path("runs/ood_bench"), "--out-dir", help="metrics.json/csv, scores.csv, plots."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    max_images: int | None = typer.Option(None, "--max-images", help="At most this many images per set."),
+    seed: int = typer.Option(0, "--seed", help="Shuffle seed of the ANTS mixed stream."),
+    skip_bad: bool = typer.Option(False, "--skip-bad"),
+    describer: str = typer.Option("lexicon", "--describer"),
+    describer_model: str | None = typer.Option(None, "--describer-model"),
+    ants_mode: str = typer.Option("ada", "--ants-mode"),
+    device: str | None = typer.Option(None, "--device"),
+) -> None:
+    """FPR95 / AUROC / AUPR per OOD set and averaged, with score histograms and ROC plots."""
+    import csv
+    import random
+
+    import numpy as np
+    from tqdm import tqdm
+
+    from clip_ood.data import BadImageError, iter_batches, list_images
+    from clip_ood.metrics import ood_metrics, roc_points
+    from vision.viz import plot_roc_curve, plot_score_histograms
+
+    sets: dict[str, list[Path]] = {}
+    try:
+        sets["ID"] = list_images(id_dir, data_root)[:max_images]
+        for d in ood_dir:
+            name = d.stem if d.is_file() else d.name
+            while name in sets:
+                name += "_"
+            sets[name] = list_images(d, data_root)[:max_images]
+    except (OSError, ValueError) as e:
+        _fail(str(e))
+    for k, v in sets.items():
+        if not v:
+            _fail(f"set '{k}' has no images")
+    labels = _id_labels(id_labels, id_dir)
+    enc = _encoder(model, pretrained, device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    neg = _negatives(enc, labels, method, neg_labels, num_negatives, 0.95, out_dir / "neg.txt")
+    sc = _scorer(enc, labels, method, neg, describer, describer_model, ants_mode, None, seed)
+    stream = [(p, k) for k, v in sets.items() for p in v]
+    if method == "ants":  # test-time adaptation sees one mixed, shuffled ID+OOD stream
+        random.Random(seed).shuffle(stream)
+    set_of = {str(p): k for p, k in stream}
+    got: dict[str, list[float]] = {k: [] for k in sets}
+    rows = []
+    try:
+        for bp, ims in tqdm(iter_batches([p for p, _ in stream], batch_size, skip_bad),
+                            total=-(-len(stream) // batch_size), desc="bench", unit="batch", disable=None):
+            r = sc.score_images(ims)
+            for path, s in zip(bp, r.scores.tolist(), strict=False):
+                k = set_of[str(path)]
+                got[k].append(s)
+                rows.append((str(path), k, s))
+    except BadImageError as e:
+        _fail(f"{e} (use --skip-bad to skip it)")
+    results: dict[str, dict] = {}
+    for k in sets:
+        if k == "ID":
+            continue
+        m = ood_metrics(got["ID"], got[k])
+        m["n_id"], m["n_ood"] = len(got["ID"]), len(got[k])
+        results[k] = m
+        fpr, tpr = roc_points(got["ID"], got[k])
+        plot_roc_curve(fpr, tpr, out_dir / f"roc_{k}.png", auroc=m["auroc"])
+        plot_score_histograms(np.array(got["ID"]), np.array(got[k]), out_dir / f"hist_{k}.png", labels=("ID", k))
+    avg = {key: float(np.mean([r[key] for r in results.values()])) for key in ("auroc", "fpr95", "aupr_in", "aupr_out")}
+    summary = {"method": method, "model": model, "per_set": results, "average": avg}
+    if method == "ants":
+        summary["ants"] = {"lambda": sc.ants.lambda_, "tau": sc.ants.tau, "far_bank": len(sc.ants.far_texts),
+                           "near_labels": len(sc.ants.near_texts)}
+    tmp = out_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(out_dir / "metrics.json")
+    with open(out_dir / "metrics.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["set", "auroc", "fpr95", "aupr_in", "aupr_out"])
+        for k, m in list(results.items()) + [("average", avg)]:
+            w.writerow([k] + [f"{m[c]:.6f}" for c in ("auroc", "fpr95", "aupr_in", "aupr_out")])
+    with open(out_dir / "scores.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "set", "score"])
+        w.writerows((p, k, f"{s:.6f}") for p, k, s in rows)
+    for k, m in list(results.items()) + [("average", avg)]:
+        typer.echo(f"{k:>16}  AUROC {100 * m['auroc']:6.2f}  FPR95 {100 * m['fpr95']:6.2f}", err=True)
+    typer.echo(json.dumps({"out_dir": str(out_dir), "average": avg}))
+
+
+@ood_app.command("serve")
+def serve(
+    model: str = typer.Option(..., "--model", help=_MODEL_HELP),
+    pretrained: str = typer.Option("", "--pretrained", help=_PRETRAINED_HELP),
+    id_labels: Path = typer.Option(..., "--id-labels"),
+    method: str = typer.Option("neglabel", "--method", help="neglabel | ants | mcm"),
+    neg_labels: Path | None = typer.Option(None, "--neg-labels"),
+    num_negatives: int = typer.Option(10_000, "--num-negatives"),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="NEGVISION_API_KEY",
+                                       help="Require this key (X-API-Key or Authorization: Bearer)."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    threshold: float = typer.Option(0.5, "--threshold", help="is_ood = score < threshold."),
+    max_images: int = typer.Option(32, "--max-images", help="Images per request."),
+    max_request_mb: float = typer.Option(32.0, "--max-request-mb", help="Bytes per request (MiB)."),
+    max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Pixels per image (decompression bombs)."),
+    max_batch: int = typer.Option(64, "--max-batch", help="Images per micro-batched encoder call."),
+    batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", help="How long to gather concurrent requests."),
+    describer: str = typer.Option("lexicon", "--describer"),
+    describer_model: str | None = typer.Option(None, "--describer-model"),
+    ants_mode: str = typer.Option("ada", "--ants-mode"),
+    device: str | None = typer.Option(None, "--device"),
+) -> None:
+    """Serve the scoring API (FastAPI; OpenAPI docs at /docs)."""
+    import uvicorn
+
+    from clip_ood.api import ApiLimits, create_app
+
+    labels = _id_labels(id_labels)
+    enc = _encoder(model, pretrained, device)
+    neg = _negatives(enc, labels, method, neg_labels, num_negatives, 0.95, None)
+    sc = _scorer(enc, labels, method, neg, describer, describer_model, ants_mode, None)
+    limits = ApiLimits(max_images=max_images, max_request_bytes=int(max_request_mb * 1024 * 1024),
+                       max_pixels=max_pixels)
+    app = create_app(sc, api_key=api_key, threshold=threshold, limits=limits, max_batch=max_batch,
+                     batch_wait_ms=batch_wait_ms)
+    uvicorn.run(app, host=host, port=port, log_level="info")

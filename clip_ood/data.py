@@ -1,0 +1,75 @@
+"""Image sources for OOD scoring: folders (ImageNet-style class folders too) and OpenOOD-style image lists."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".jfif"}
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be decoded; the message names the file."""
+
+
+def list_images(source: str | Path, data_root: str | Path | None = None) -> list[Path]:
+    """All images under a folder (recursive, sorted), or the paths of an OpenOOD-style list file.
+
+    A list file has one ``relative/path [label]`` a line, relative to ``data_root`` (default: the list's folder).
+    """
+    source = Path(source)
+    if source.is_dir():
+        return sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    if source.is_file():
+        root = Path(data_root) if data_root else source.parent
+        out = []
+        with open(source, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                rel = line.split()[0]
+                if Path(rel).is_absolute() or ".." in Path(rel).parts:
+                    raise ValueError(f"{source}:{lineno}: image path must be relative to the data root, got {rel!r}")
+                out.append(root / rel)
+        return out
+    raise FileNotFoundError(f"image source {source} is neither a folder nor a list file")
+
+
+def class_folders(root: str | Path) -> list[str]:
+    """Sub-folder names of an ImageNet-style folder (sorted), used as ID class names when none are given."""
+    return sorted(p.name for p in Path(root).iterdir() if p.is_dir())
+
+
+def load_image(path: str | Path):
+    """Open and fully decode an image as RGB; BadImageError naming the file otherwise."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise BadImageError(f"{path}: cannot read image ({e})") from e
+
+
+def iter_batches(paths: Sequence[Path], batch_size: int, skip_bad: bool = False) -> Iterator[tuple[list[Path], list]]:
+    """Yield (paths, PIL images) batches; bad files raise, or are skipped with a warning under ``skip_bad``."""
+    bp: list[Path] = []
+    bi: list = []
+    for p in paths:
+        try:
+            im = load_image(p)
+        except BadImageError as e:
+            if not skip_bad:
+                raise
+            warnings.warn(f"skipped: {e}", stacklevel=2)
+            continue
+        bp.append(Path(p))
+        bi.append(im)
+        if len(bp) == batch_size:
+            yield bp, bi
+            bp, bi = [], []
+    if bp:
+        yield bp, bi

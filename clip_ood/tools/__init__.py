@@ -1,0 +1,1 @@
+"""Maintenance scripts for clip_ood (not imported at run time)."""
