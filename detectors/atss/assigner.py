@@ -24,18 +24,37 @@ __all__ = ["atss_assign", "atss_assign_loop"]
 
 
 def _nearest_k(dist: Tensor, k: int) -> Tensor:
-    """Indices [k, G] of the k smallest entries of each column of ``dist`` [n, G]; equal values -> lower index first."""
-    n, g = dist.shape
+    """Indices [G, k] of the k smallest entries of each row of ``dist`` [G, n]; equal values -> lower index first."""
+    g, n = dist.shape
     if k >= n:
-        return torch.arange(n, device=dist.device)[:, None].expand(n, g)
-    kth = dist.kthvalue(k, dim=0).values  # [G] k-th smallest distance
-    below = dist < kth
-    need = k - below.sum(0)  # how many of the ties at the k-th value to take, per gt
-    ties = dist == kth
-    take = below | (ties & (ties.cumsum(0) <= need))  # ties: the first `need` in anchor order
-    # exactly k True per column; nonzero on the transpose lists them per gt in ascending anchor index
-    idx = take.t().nonzero()[:, 1]
-    return idx.view(g, k).t()
+        return torch.arange(n, device=dist.device).expand(g, n)
+    # one more than needed: a row's choice is ambiguous only if the (k+1)-th smallest equals the k-th
+    vals, idx = dist.topk(k + 1, dim=1, largest=False, sorted=True)
+    kth = vals[:, k - 1:k]  # [G, 1] the k-th smallest distance
+    idx = idx[:, :k]
+    # topk's choice among values equal to the k-th is unspecified: redo those rows deterministically
+    # (the lowest anchor indices among the ties)
+    rows = torch.nonzero(vals[:, k] == vals[:, k - 1]).squeeze(1)
+    if rows.numel():
+        d, kr = dist[rows], kth[rows]
+        below = d < kr
+        need = k - torch.count_nonzero(below, dim=1)
+        t = d == kr
+        take = below | (t & (t.cumsum(1, dtype=torch.int32) <= need[:, None]))
+        idx = idx.clone()
+        idx[rows] = torch.nonzero(take)[:, 1].view(-1, k)
+    return idx.sort(dim=1).values
+
+
+def _pairwise_iou(a: Tensor, b: Tensor) -> Tensor:
+    """Element-wise IoU of boxes a [..., 4] and b [..., 4] (same formula as torchvision's ``box_iou``)."""
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    lt = torch.max(a[..., :2], b[..., :2])
+    rb = torch.min(a[..., 2:], b[..., 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (area_a + area_b - inter)
 
 
 def atss_assign(
@@ -46,14 +65,15 @@ def atss_assign(
     num_anchors_per_location: int = 1,
     *,
     assign_unmatched_gt: bool = False,
-    max_elements: int = 1 << 24,
+    max_elements: int = 1 << 22,
     return_ious: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """ATSS: for each anchor the index of its gt (-1 = background).
 
     anchors [A, 4] xyxy (levels concatenated in order), gt_boxes [G, 4] xyxy. ``assign_unmatched_gt`` (off by
     default, ATSS issue #90) gives a gt with no positive its highest-IoU candidate. Work is chunked over gts so
-    that no intermediate exceeds ``max_elements`` entries per A x G block (memory-bounded for thousands of gts).
+    that no gt x level-anchors block exceeds ``max_elements`` entries (memory-bounded for thousands of gts); IoUs
+    are computed for the candidates only.
     ``return_ious`` also returns each anchor's IoU with its assigned gt (-inf for background).
     """
     if anchors.dim() != 2 or anchors.shape[-1] != 4:
@@ -80,44 +100,44 @@ def atss_assign(
     for n in num_anchors_per_level[:-1]:
         starts.append(starts[-1] + n)
 
-    chunk = max(1, min(G, max_elements // max(A, 1)))
+    n_max = max(num_anchors_per_level)
+    chunk = max(1, min(G, max_elements // max(n_max, 1)))
     for g0 in range(0, G, chunk):
         gts = gt_boxes[g0:g0 + chunk]  # [g, 4]
         g = gts.shape[0]
         gt_points = torch.stack(((gts[:, 0] + gts[:, 2]) / 2.0, (gts[:, 1] + gts[:, 3]) / 2.0), dim=1)
-        # candidates: the k nearest anchor centres per level (Alg. 1, lines 3-6)
+        # candidates: the k nearest anchor centres per level (Alg. 1, lines 3-6); L2 as the official code
         cands = []
         for start, n, k in zip(starts, num_anchors_per_level, k_per_level, strict=True):
             if n == 0:
                 continue
-            d = (anchor_points[start:start + n, None, :] - gt_points[None, :, :]).pow(2).sum(-1).sqrt()  # [n, g]
-            cands.append(_nearest_k(d, k) + start)
+            d = torch.cdist(gt_points, anchor_points[start:start + n], compute_mode="donot_use_mm_for_euclid_dist")
+            cands.append(_nearest_k(d, k) + start)  # [g, k]
             del d
-        cand = torch.cat(cands, dim=0)  # [K, g] anchor indices
-        gcol = torch.arange(g, device=device).expand_as(cand)
-        ious = box_iou(anchors, gts)  # [A, g]
-        cand_ious = ious[cand, gcol]  # [K, g]
+        cand = torch.cat(cands, dim=1)  # [g, K] anchor indices
+        cand_ious = _pairwise_iou(anchors[cand], gts[:, None, :])  # [g, K]
         # t_g = m_g + v_g (Alg. 1, lines 7-10)
         with warnings.catch_warnings():  # a single candidate has std nan -> no positive, as in the official code
             warnings.simplefilter("ignore", UserWarning)
-            thresh = cand_ious.mean(0) + cand_ious.std(0)
-        is_pos = cand_ious >= thresh[None, :]
+            thresh = cand_ious.mean(1, keepdim=True) + cand_ious.std(1, keepdim=True)
+        is_pos = cand_ious >= thresh
         # centre of the positive inside the gt (Alg. 1, line 12)
-        l = acx[cand] - gts[:, 0]
-        t = acy[cand] - gts[:, 1]
-        r = gts[:, 2] - acx[cand]
-        b = gts[:, 3] - acy[cand]
+        cx, cy = acx[cand], acy[cand]
+        l = cx - gts[:, 0:1]
+        t = cy - gts[:, 1:2]
+        r = gts[:, 2:3] - cx
+        b = gts[:, 3:4] - cy
         inside = torch.stack((l, t, r, b), dim=0).min(dim=0).values > 0.01
         is_pos &= inside
         if assign_unmatched_gt:
-            none = ~is_pos.any(0)  # gts without any positive
+            none = ~is_pos.any(1)  # gts without any positive
             if none.any():
-                best = cand_ious.argmax(0)
-                cols = torch.nonzero(none).squeeze(1)
-                is_pos[best[cols], cols] = True
+                rows = torch.nonzero(none).squeeze(1)
+                is_pos[rows, cand_ious[rows].argmax(1)] = True
         # resolve anchors positive for several gts: highest IoU, then lowest gt index
+        grow = torch.arange(g, device=device)[:, None].expand_as(cand)
         pa = cand[is_pos]  # anchor index of each positive pair
-        pg = gcol[is_pos] + g0  # gt index
+        pg = grow[is_pos] + g0  # gt index
         pv = cand_ious[is_pos]
         if pa.numel() == 0:
             continue
@@ -129,7 +149,6 @@ def atss_assign(
         better = chunk_best > best_iou  # strict: earlier chunks hold lower gt indices and win ties
         best_iou = torch.where(better, chunk_best, best_iou)
         assigned = torch.where(better, chunk_gt, assigned)
-        del ious
     return (assigned, best_iou) if return_ious else assigned
 
 

@@ -92,9 +92,14 @@ def test_candidate_ties_take_lower_index():
     from detectors.atss.assigner import _nearest_k
 
     c = (anchors[:, 0] + anchors[:, 2]) / 2
-    d = (c - 1.5).abs()[:, None]
-    assert sorted(_nearest_k(d, 3)[:, 0].tolist()) == [0, 1, 2]
-    assert sorted(_nearest_k(d, 1)[:, 0].tolist()) == [1]
+    d = (c - 1.5).abs()[None, :]  # [G=1, n=5]
+    assert _nearest_k(d, 3)[0].tolist() == [0, 1, 2]  # the tie at 1.5 (anchors 0 and 3) -> 0
+    assert _nearest_k(d, 1)[0].tolist() == [1]  # the tie at 0.5 (anchors 1 and 2) -> 1
+    assert _nearest_k(d, 2)[0].tolist() == [1, 2]
+    # many rows, mixed: rows with all ties taken and rows with a partial tie
+    dd = torch.tensor([[1.0, 0.0, 1.0, 1.0, 2.0], [0.0, 0.0, 3.0, 1.0, 1.0]])
+    assert _nearest_k(dd, 2).tolist() == [[0, 1], [0, 1]]
+    assert _nearest_k(dd, 4).tolist() == [[0, 1, 2, 3], [0, 1, 3, 4]]
     assert gt.shape == (1, 4)
 
 
@@ -201,3 +206,22 @@ def test_thousand_gts_on_coco_layout_is_memory_bounded():
     assert out.shape == (anchors.shape[0],)
     assert (out >= 0).sum() > 1000
     assert out.max() < 1000
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_regular_grid_with_many_distance_ties_matches_loop(seed):
+    """On a regular anchor grid with integer gt boxes, equal centre distances are everywhere: both
+    implementations break them towards the lower anchor index."""
+    anchors, levels = [], []
+    for s in (8, 16, 32):
+        h = w = 128 // s
+        ys, xs = torch.meshgrid(torch.arange(h) * s, torch.arange(w) * s, indexing="ij")
+        c = torch.stack([xs.flatten(), ys.flatten()], 1).float()
+        anchors.append(torch.cat([c - 4 * s, c + 4 * s], 1))
+        levels.append(h * w)
+    anchors = torch.cat(anchors)
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.randint(0, 100, (12, 2), generator=g).float()
+    gt = torch.cat([xy, xy + torch.randint(4, 40, (12, 2), generator=g).float()], 1)
+    assert torch.equal(atss_assign(anchors, levels, gt), atss_assign_loop(anchors, levels, gt))
+    assert torch.equal(atss_assign(anchors, levels, gt), atss_assign(anchors, levels, gt, max_elements=64))
