@@ -14,12 +14,12 @@ GROUPS: dict[str, tuple[str, str]] = {
     "demo": ("detectors.cli:demo_app", "The main job: train ATSS on a generated digits set, evaluate, predict."),
     "data": ("vision.cli_data:app", "Data sets: make the sample digits set, inspect and check folders."),
     "weights": ("vision.cli_weights:app", "Known weights: list, locate, verify."),
+    "defect": ("detectors.segdec.cli:app", "Two-stage surface-defect network (SegDecNet): train, eval, predict."),
     "ood": ("clip_ood.cli:ood_app", "Zero-shot OOD scoring with CLIP and negative labels: mine, score, bench, serve."),
 }
 
 # groups whose capability has not landed yet: their help says so, and using them exits with a clear message
 PLANNED: dict[str, str] = {
-    "defect": "Two-stage surface-defect network (SegDecNet) - not in this release yet.",
     "generate": "Perp-Neg guided generation (2D, views, text-to-3D) - not in this release yet.",
     "neon": "Neon: self-train, then merge weights in the negative direction - not in this release yet.",
     "retrieval": "DCAR dual prompt learning for image-text retrieval - not in this release yet.",

@@ -31,6 +31,25 @@ def make_digits_cmd(
     typer.echo(f"digits set ({fmt}, {n_train} train / {n_val} val, {img_size}px) -> {path}")
 
 
+@app.command("make-defects")
+def make_defects_cmd(
+    out: Path = typer.Option(..., "--out", help="Output folder (images/, masks/, labels.csv)."),
+    n_train: int = typer.Option(200, "--n-train"),
+    n_test: int = typer.Option(100, "--n-test"),
+    img_size: int = typer.Option(128, "--img-size"),
+    seed: int = typer.Option(0, "--seed"),
+    defect_fraction: float = typer.Option(0.3, "--defect-fraction", help="Share of defective images."),
+    image_level_fraction: float = typer.Option(0.3, "--image-level-fraction",
+                                               help="Share of defective training images marked image-level only."),
+) -> None:
+    """DAGM-style surface set: real and procedural textures with scratches, spots, cracks and stains, pixel masks."""
+    from vision.data.defects import make_defects
+
+    path = make_defects(out, n_train=n_train, n_test=n_test, img_size=img_size, seed=seed,
+                        defect_fraction=defect_fraction, image_level_fraction=image_level_fraction)
+    typer.echo(f"defect set ({n_train} train / {n_test} test, {img_size}px) -> {path}")
+
+
 @app.command("check")
 def check_cmd(
     data: Path = typer.Option(..., "--data"),

@@ -1,0 +1,185 @@
+"""``negvision defect``: train / eval / predict the two-stage surface-defect network (SegDecNet)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(
+    help="Two-stage surface-defect network (SegDecNet): train, eval, predict on defect image folders.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+KIND_HELP = "auto | ksdd | ksdd2 | dagm | severstal | folder"
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(1)
+
+
+def _pretrained(value: str) -> bool | str:
+    v = value.lower()
+    if v in ("true", "yes", "1", "imagenet"):
+        return True
+    if v in ("false", "no", "0", "none"):
+        return False
+    if not Path(value).is_file():
+        _fail(f"--pretrained '{value}': not true/false and no such file")
+    return value
+
+
+def _fmt(v: object) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _print_metrics(res: dict) -> None:
+    keys = ("AP", "AUROC", "FP", "FN", "FP_at_FN0", "detection_rate", "accuracy", "threshold", "dice", "iou")
+    typer.echo("  ".join(f"{k}={_fmt(res[k])}" for k in keys if k in res))
+
+
+@app.command("train")
+def train(
+    data: Path = typer.Option(..., "--data", help="Data folder (KolektorSDD, KSDD2, DAGM, Severstal or generic)."),
+    out: Path = typer.Option(Path("runs/defect/exp"), "--out", help="Run folder (config, checkpoints, logs, eval)."),
+    dataset_kind: str = typer.Option("auto", "--dataset-kind", help=KIND_HELP),
+    img_size: str | None = typer.Option(None, "--img-size", help="N or WIDTHxHEIGHT, multiples of 8 "
+                                           "(default: the dataset's official size; folders: the image size)."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Default: the dataset preset (DAGM 70)."),
+    batch: int | None = typer.Option(None, "--batch", help="Images per step per process (preset: 1; Severstal 10)."),
+    lr: float | None = typer.Option(None, "--lr", help="Learning rate (preset, e.g. DAGM 0.05)."),
+    delta: float | None = typer.Option(None, "--delta", help="Weight of the decision loss (preset)."),
+    p: float | None = typer.Option(None, "--p", help="Exponent of the distance weights (preset)."),
+    w_pos: float | None = typer.Option(None, "--w-pos", help="Weight of the most central defect pixel (preset)."),
+    dilate: int | None = typer.Option(None, "--dilate", help="Mask dilation kernel, 1 = none (preset)."),
+    num_segmented: int | None = typer.Option(None, "--num-segmented",
+                                                help="Keep pixel masks for only N defective training images "
+                                                     "(0 = weakly supervised, where the official runs also use "
+                                                 "--no-dynamic; default: all)."),
+    no_dynamic: bool = typer.Option(False, "--no-dynamic", help="Fixed loss weights (1, delta) instead of dynamic balancing."),
+    no_grad_adjust: bool = typer.Option(False, "--no-grad-adjust",
+                                        help="Let the decision loss flow into the segmentation net."),
+    grad_multiplier: float | None = typer.Option(None, "--grad-multiplier",
+                                                    help="Explicit gradient multiplier (overrides --no-grad-adjust)."),
+    no_frequency: bool = typer.Option(False, "--no-frequency", help="Uniform instead of frequency-of-use negatives."),
+    no_weighted: bool = typer.Option(False, "--no-weighted", help="Plain BCE instead of distance-weighted seg loss."),
+    backbone: str | None = typer.Option(None, "--backbone",
+                                           help="Registry/timm backbone at stride 8 instead of the paper's trunk."),
+    pretrained: str = typer.Option("false", "--pretrained", help="Backbone weights: true | false | PATH."),
+    width: float = typer.Option(1.0, "--width", help="Channel multiplier of the paper's trunk (1 = the paper)."),
+    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (official, plain) | adamw | adam"),
+    momentum: float = typer.Option(0.0, "--momentum"),
+    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes."),
+    amp: str = typer.Option("auto", "--amp", help="auto (bf16/fp16 on GPU, off on CPU) | no | fp16 | bf16"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoints/last."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
+    eval_every: int | None = typer.Option(None, "--eval-every", help="Evaluate on the test split every N epochs "
+                                             "(default 5, as the official code; 0 = never)."),
+    checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Also checkpoint every N steps."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images / bad masks (counted)."),
+    cache: bool = typer.Option(False, "--cache", help="Keep decoded images in memory (small data sets)."),
+    dagm_class: int | None = typer.Option(None, "--dagm-class", help="DAGM: train on ClassN only."),
+    fold: int = typer.Option(0, "--fold", help="KolektorSDD: which third of the kos folders is the test set."),
+    seed: int = typer.Option(0, "--seed"),
+    cpu: bool = typer.Option(False, "--cpu", help="Train on the CPU even if a GPU is present."),
+) -> None:
+    """Train SegDecNet (multi-GPU: `accelerate launch $(which negvision) defect train ...`)."""
+    from .data import DatasetError
+    from .train import train_segdec
+
+    try:
+        summary = train_segdec(
+            data, out, dataset_kind=dataset_kind, img_size=img_size, epochs=epochs, batch=batch, lr=lr,
+            delta=delta, p=p, w_pos=w_pos, dilate=dilate, dynamic=not no_dynamic, grad_adjust=not no_grad_adjust,
+            grad_multiplier=grad_multiplier, frequency=not no_frequency, weighted=not no_weighted,
+            num_segmented=num_segmented, backbone=backbone, pretrained=_pretrained(pretrained), width=width,
+            optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, workers=workers, resume=resume,
+            max_steps=max_steps, seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every,
+            skip_bad=skip_bad, cache=cache, mixed_precision=amp, cpu=cpu, dagm_class=dagm_class, fold=fold,
+        )
+    except (DatasetError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+        return
+    typer.echo(f"trained {summary['steps']} steps; run folder: {summary['out']}")
+    if "eval" in summary:
+        _print_metrics(summary["eval"])
+        typer.echo(f"evaluation written to {Path(summary['out']) / 'eval'}")
+
+
+@app.command("eval")
+def evaluate(
+    weights: Path = typer.Option(..., "--weights", help="Run folder, checkpoint folder or weights file."),
+    data: Path | None = typer.Option(None, "--data", help="Data folder (default: the one trained on)."),
+    dataset_kind: str | None = typer.Option(None, "--dataset-kind", help=KIND_HELP + " (default: as trained)"),
+    split: str = typer.Option("test", "--split", help="test | train"),
+    out: Path | None = typer.Option(None, "--out", help="Output folder (default: RUN/eval or runs/defect/eval)."),
+    batch: int = typer.Option(8, "--batch"),
+    seg_threshold: float = typer.Option(0.5, "--seg-threshold", help="Pixel threshold for Dice / IoU."),
+    img_size: str | None = typer.Option(None, "--img-size", help="Only for bare weights files: N or WxH."),
+    channels: int | None = typer.Option(None, "--channels", help="Only for bare weights files: 1 or 3."),
+    dagm_class: int | None = typer.Option(None, "--dagm-class"),
+    fold: int | None = typer.Option(None, "--fold"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images / bad masks (counted)."),
+    max_images: int = typer.Option(16, "--max-images", help="Heatmaps drawn into heatmaps.jpg."),
+    device: str | None = typer.Option(None, "--device", help="cpu | cuda | cuda:1 (default: best available)."),
+) -> None:
+    """Evaluate: AP, AUROC, FP/FN at the best-F1 threshold, FP at FN=0, detection rate, Dice / IoU; results.csv,
+    PR and ROC plots, heatmaps."""
+    from .data import DatasetError, load_defect_dataset
+    from .train import evaluate_segdec, load_segdec, save_eval_outputs
+
+    try:
+        model, spec = load_segdec(weights, device, img_size=img_size, channels=channels)
+        train_cfg = spec.get("train", {})
+        src = data or (Path(spec["data"]) if spec.get("data") else None)
+        if src is None:
+            _fail("--data is required for a weights file without a run folder")
+            return
+        ds = load_defect_dataset(
+            src, split, dataset_kind or ("auto" if data else spec.get("dataset_kind", "auto")),
+            img_size=tuple(spec["img_size"]), channels=int(spec.get("channels", spec["model"]["in_channels"])),
+            skip_bad=skip_bad, dagm_class=dagm_class if dagm_class is not None else train_cfg.get("dagm_class"),
+            fold=fold if fold is not None else int(train_cfg.get("fold", 0) or 0),
+        )
+        res = evaluate_segdec(model, ds, batch=batch, seg_threshold=seg_threshold, progress=True)
+    except (DatasetError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+        return
+    if out is None:
+        out = weights / "eval" if weights.is_dir() and (weights / "segdec.json").is_file() else Path("runs/defect/eval")
+    files = save_eval_outputs(res, ds, out, max_images=max_images)
+    _print_metrics(res)
+    if ds.bad:
+        typer.echo(f"skipped {len(ds.bad)} bad samples")
+    typer.echo(json.dumps({"out": str(out), **files}))
+
+
+@app.command("predict")
+def predict(
+    weights: Path = typer.Option(..., "--weights", help="Run folder, checkpoint folder or weights file."),
+    source: Path = typer.Option(..., "--source", help="Image file or folder (searched recursively)."),
+    out: Path = typer.Option(Path("runs/defect/predict"), "--out", help="Output folder."),
+    threshold: float | None = typer.Option(None, "--threshold",
+                                              help="Decision threshold (default: the run's best-F1 threshold, else 0.5)."),
+    seg_threshold: float = typer.Option(0.5, "--seg-threshold", help="Pixel threshold of the mask PNGs."),
+    batch: int = typer.Option(4, "--batch"),
+    no_heatmaps: bool = typer.Option(False, "--no-heatmaps", help="Skip the heatmap overlays."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (listed in predictions.json)."),
+    device: str | None = typer.Option(None, "--device", help="cpu | cuda | cuda:1 (default: best available)."),
+) -> None:
+    """Per image: defect probability (predictions.csv), full-resolution mask PNG and heatmap overlay."""
+    from .train import predict_segdec
+
+    try:
+        results = predict_segdec(weights, source, out, threshold=threshold, seg_threshold=seg_threshold,
+                                 batch=batch, device=device, heatmaps=not no_heatmaps, skip_bad=skip_bad)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+        return
+    n_def = sum(r["defective"] for r in results)
+    typer.echo(f"{len(results)} images, {n_def} defective; written to {out}")

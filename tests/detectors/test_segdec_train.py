@@ -1,0 +1,134 @@
+"""SegDecNet end to end on a tiny generated set: train / eval / predict through the CLI, exact resume, metrics."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from detectors.segdec import image_metrics, train_segdec
+from detectors.segdec.cli import app
+from detectors.segdec.train import _dice_iou
+from vision.data.defects import make_defects
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest single-threaded on a shared 2-core machine (OpenMP threads contend)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+FAST = ["--width", "0.25", "--workers", "0", "--cpu", "--batch", "4"]
+
+
+@pytest.fixture(scope="module")
+def defect_set(tmp_path_factory) -> Path:
+    return make_defects(tmp_path_factory.mktemp("defects") / "set", n_train=16, n_test=8, img_size=32, seed=0)
+
+
+def test_image_metrics_hand_checked():
+    m = image_metrics([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+    assert m["AP"] == pytest.approx(0.8333333, rel=1e-6)
+    assert m["AUROC"] == pytest.approx(0.75)
+    # best F1 = 0.8 at threshold 0.35 (TP 2, FP 1)
+    assert m["threshold"] == pytest.approx(0.35) and m["F1"] == pytest.approx(0.8)
+    assert (m["TP"], m["FP"], m["FN"], m["TN"]) == (2, 1, 0, 1)
+    assert m["FP_at_FN0"] == 1 and m["detection_rate"] == 1.0 and m["accuracy"] == 0.75
+    perfect = image_metrics([0, 1, 0, 1], [0.2, 0.9, 0.1, 0.7])
+    assert perfect["AP"] == 1.0 and perfect["FP"] == 0 and perfect["FN"] == 0 and perfect["FP_at_FN0"] == 0
+    assert np.isnan(image_metrics([0, 0], [0.1, 0.2])["AUROC"])
+    with pytest.raises(ValueError):
+        image_metrics([0, 1], [0.5])
+
+
+def test_dice_iou():
+    gt = np.zeros((4, 4), bool)
+    gt[:2, :2] = True  # 4 pixels
+    pred = np.zeros((4, 4), bool)
+    pred[:2, :3] = True  # 6 pixels, 4 overlap
+    d, j = _dice_iou(pred, gt)
+    assert d == pytest.approx(2 * 4 / 10) and j == pytest.approx(4 / 6)
+    assert _dice_iou(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == (1.0, 1.0)
+
+
+def test_train_eval_predict_cli(defect_set, tmp_path):
+    run = tmp_path / "run"
+    r = CliRunner().invoke(app, ["train", "--data", str(defect_set), "--out", str(run), "--epochs", "2",
+                                 "--eval-every", "1", *FAST])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    spec = json.loads((run / "segdec.json").read_text())
+    assert spec["img_size"] == [32, 32] and spec["model"]["grad_multiplier"] == 0.0
+    assert spec["dataset_kind"] == "folder" and spec["train"]["frequency"] is True
+    for f in ("checkpoints/last/model.safetensors", "checkpoints/last/sampler.safetensors", "log.csv",
+              "metrics.csv", "eval/results.csv", "eval/metrics.json", "eval/pr_curve.png", "eval/roc_curve.png",
+              "eval/heatmaps.jpg", "train_summary.json"):
+        assert (run / f).is_file(), f
+    log_rows = list(csv.DictReader(open(run / "log.csv")))
+    assert {"loss", "loss_seg", "loss_dec", "w_seg", "w_dec"} <= set(log_rows[0])
+    assert float(log_rows[0]["w_seg"]) == 1.0 and float(log_rows[0]["w_dec"]) == 0.0  # epoch 0 of 2
+
+    out = tmp_path / "eval"
+    r = CliRunner().invoke(app, ["eval", "--weights", str(run), "--out", str(out), "--device", "cpu"])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    metrics = json.loads((out / "metrics.json").read_text())
+    for k in ("AP", "AUROC", "FP", "FN", "FP_at_FN0", "detection_rate", "threshold", "dice", "iou"):
+        assert k in metrics
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 8 and {"name", "label", "score", "decision", "dice", "iou"} <= set(rows[0])
+    assert (out / "pr_curve.png").is_file() and (out / "roc_curve.png").is_file()
+
+    pred = tmp_path / "pred"
+    r = CliRunner().invoke(app, ["predict", "--weights", str(run), "--source", str(defect_set / "test" / "images"),
+                                 "--out", str(pred), "--device", "cpu"])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    rows = list(csv.DictReader(open(pred / "predictions.csv")))
+    assert len(rows) == 8 and all(0.0 <= float(x["probability"]) <= 1.0 for x in rows)
+    mask = np.asarray(Image.open(pred / "masks" / "test_0000.png"))
+    assert mask.shape == (32, 32) and set(np.unique(mask).tolist()) <= {0, 255}
+    assert (pred / "heatmaps" / "test_0000.jpg").is_file()
+    # bad input gives a clear error, not a traceback
+    r = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x"), *FAST])
+    assert r.exit_code == 1 and "does not exist" in r.output
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
+
+
+def test_resume_mid_epoch_is_exact(defect_set, tmp_path):
+    kw = dict(epochs=3, batch=4, width=0.25, cpu=True, progress=False, eval_every=0, final_eval=False, seed=1)
+    full = train_segdec(defect_set, tmp_path / "full", **kw)
+    steps = full["steps"]
+    assert steps >= 4
+    part = train_segdec(defect_set, tmp_path / "part", max_steps=steps // 2 + 1, **kw)  # stops inside an epoch
+    assert part["steps"] == steps // 2 + 1
+    resumed = train_segdec(defect_set, tmp_path / "part", resume=True, **kw)
+    assert resumed["steps"] == steps
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "part")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+@pytest.mark.gpu
+def test_gpu_forward_backward_bf16_and_short_training(defect_set, tmp_path):
+    from detectors.segdec import SegDecNet
+
+    m = SegDecNet().cuda()
+    x = torch.rand(2, 1, 64, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        dec, seg = m(x)
+    (dec.float().sum() + seg.float().mean()).backward()
+    assert torch.isfinite(dec.float()).all() and m.volume[0][0].weight.grad is not None
+    s = train_segdec(defect_set, tmp_path / "gpu", epochs=1, batch=4, progress=False, eval_every=0)
+    assert s["steps"] >= 1 and s["eval"]["n_images"] == 8
