@@ -15,13 +15,13 @@ GROUPS: dict[str, tuple[str, str]] = {
     "data": ("vision.cli_data:app", "Data sets: make the sample digits set, inspect and check folders."),
     "weights": ("vision.cli_weights:app", "Known weights: list, locate, verify."),
     "defect": ("detectors.segdec.cli:app", "Two-stage surface-defect network (SegDecNet): train, eval, predict."),
+    "generate": ("diffusion.perpneg.cli:generate_app", "Perp-Neg guided generation: images, views, text-to-3D."),
+    "neon": ("diffusion.neon.cli:neon_app", "Neon: self-train, merge weights in the negative direction, sweep w."),
     "ood": ("clip_ood.cli:ood_app", "Zero-shot OOD scoring with CLIP and negative labels: mine, score, bench, serve."),
 }
 
 # groups whose capability has not landed yet: their help says so, and using them exits with a clear message
 PLANNED: dict[str, str] = {
-    "generate": "Perp-Neg guided generation (2D, views, text-to-3D) - not in this release yet.",
-    "neon": "Neon: self-train, then merge weights in the negative direction - not in this release yet.",
     "retrieval": "DCAR dual prompt learning for image-text retrieval - not in this release yet.",
 }
 

@@ -1,0 +1,139 @@
+"""`negvision neon`: merge, selftrain, sweep. torch/diffusers are imported inside the commands only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+neon_app = typer.Typer(
+    help="Neon: self-train a diffusion model, then merge weights in the negative direction "
+    "(theta_neon = (1 + w) * theta_base - w * theta_selftrained).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+def _lines(path: Path | None) -> list[str] | None:
+    if path is None:
+        return None
+    if not path.is_file():
+        _fail(f"prompts file '{path}' does not exist")
+    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def _ints(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"bad --class-labels '{text}' (expected comma-separated integers)")
+    return None
+
+
+@neon_app.command("merge")
+def merge_cmd(
+    base: Path = typer.Option(..., "--base", help="Base checkpoint: .safetensors/.pt file, model folder or pipeline folder."),
+    selftrained: Path = typer.Option(..., "--selftrained", help="Self-trained checkpoint (same kinds, or a Trainer checkpoint dir)."),
+    w: float = typer.Option(1.0, "--w", help="Extrapolation weight w (> 0 moves away from the self-trained model)."),
+    out: Path = typer.Option(..., "--out", help="Output file or folder (same format as --base)."),
+    component: str = typer.Option(None, "--component", help="Pipeline component to merge (default: unet/transformer)."),
+    ema: str = typer.Option("ema", "--ema", help="With EMA weights present, merge 'ema' (default), 'model' or 'both'."),
+) -> None:
+    """Merge two checkpoints tensor by tensor: theta_neon = (1 + w) * base - w * selftrained."""
+    import warnings
+
+    from .merge import merge_checkpoints
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            info = merge_checkpoints(base, selftrained, out, w, component=component, ema=ema)
+        for c in caught:
+            typer.echo(f"warning: {c.message}", err=True)
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps(info))
+
+
+@neon_app.command("selftrain")
+def selftrain_cmd(
+    model: Path = typer.Option(..., "--model", help="Base diffusers pipeline folder."),
+    num_samples: int = typer.Option(1000, "--num-samples", min=1, help="Images to sample from the base model."),
+    steps: int = typer.Option(1000, "--steps", min=1, help="Fine-tuning optimizer steps."),
+    out: Path = typer.Option(..., "--out", help="Output folder (samples grid, train/ logs + checkpoints, pipeline/)."),
+    save_every: int = typer.Option(0, "--save-every", min=0, help="Keep a checkpoint every k steps (0: end only)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    sample_batch_size: int = typer.Option(64, "--sample-batch-size", min=1),
+    lr: float = typer.Option(1e-4, "--lr"),
+    num_inference_steps: int = typer.Option(None, "--num-inference-steps", help="Sampler steps (pipeline default if unset)."),
+    prompts: Path = typer.Option(None, "--prompts", help="Text file, one prompt a line (text-to-image pipelines)."),
+    class_labels: str = typer.Option(None, "--class-labels", help="Comma-separated class ids (class-conditional)."),
+    guidance_scale: float = typer.Option(None, "--guidance-scale"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: best available)."),
+) -> None:
+    """Sample N images from the base model and fine-tune it on them with the denoising loss."""
+    from .selftrain import self_train
+
+    try:
+        info = self_train(
+            model, out, num_samples=num_samples, steps=steps, save_every=save_every, batch_size=batch_size,
+            sample_batch_size=sample_batch_size, lr=lr, num_inference_steps=num_inference_steps,
+            prompts=_lines(prompts), class_labels=_ints(class_labels), guidance_scale=guidance_scale,
+            seed=seed, device=device,
+        )
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps(info))
+
+
+@neon_app.command("sweep")
+def sweep_cmd(
+    base: Path = typer.Option(..., "--base", help="Base diffusers pipeline folder."),
+    selftrained: Path = typer.Option(..., "--selftrained", help="Self-trained pipeline/model folder or weights file."),
+    w: str = typer.Option("0,0.5,1,1.5,2", "--w", help="Comma-separated w values."),
+    reference: Path = typer.Option(..., "--reference", help="Folder of real images to compare against."),
+    out: Path = typer.Option(..., "--out", help="Output folder (sweep.csv, fid_vs_w.png, samples/)."),
+    features: str = typer.Option(
+        "pixels", "--features",
+        help="Feature extractor: inception:PATH, torch-fidelity:PATH, export:PATH (.pt2), torchscript:PATH, module:factory, pixels[:N].",
+    ),
+    num_samples: int = typer.Option(1000, "--num-samples", min=2),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    num_inference_steps: int = typer.Option(None, "--num-inference-steps"),
+    guidance_scale: str = typer.Option(None, "--guidance-scale", help="Comma-separated guidance scales to sweep too."),
+    prompts: Path = typer.Option(None, "--prompts"),
+    class_labels: str = typer.Option(None, "--class-labels"),
+    seed: int = typer.Option(0, "--seed"),
+    k: int = typer.Option(3, "--k", min=1, help="k of the k-NN precision/recall."),
+    max_reference: int = typer.Option(None, "--max-reference", help="Use at most this many reference images."),
+    device: str = typer.Option(None, "--device"),
+) -> None:
+    """For each w: merge, sample, score (FID, precision, recall); write a CSV and a plot; print the best w."""
+    from .sweep import neon_sweep, parse_floats
+
+    try:
+        ws = parse_floats(w, "w")
+        gss = parse_floats(guidance_scale, "guidance scale") if guidance_scale else None
+        info = neon_sweep(
+            base, selftrained, ws, out, reference=reference, features=features, num_samples=num_samples,
+            batch_size=batch_size, num_inference_steps=num_inference_steps, guidance_scales=gss,
+            prompts=_lines(prompts), class_labels=_ints(class_labels), seed=seed, k=k,
+            max_reference=max_reference, device=device,
+        )
+    except (ValueError, FileNotFoundError, NotImplementedError, ImportError) as e:
+        _fail(str(e))
+    for r in info["rows"]:
+        gs = f" gs={r['guidance_scale']}" if r["guidance_scale"] != "" else ""
+        typer.echo(f"w={r['w']:g}{gs}  FID={r['fid']:.4g}  precision={r['precision']:.3f}  recall={r['recall']:.3f}", err=True)
+    typer.echo(json.dumps({k_: v for k_, v in info.items() if k_ != "rows"}))

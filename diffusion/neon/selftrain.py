@@ -1,0 +1,283 @@
+"""Neon self-training: sample from the base diffusion model, then fine-tune it on its own samples.
+
+The fine-tuning uses the standard denoising loss (the scheduler's ``prediction_type``: epsilon, v or x0) through
+the shared engine ``vision.engine.Trainer``, which saves a checkpoint every ``save_every`` steps.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = ["denoising_loss", "load_pipeline", "sample_images", "self_train", "trainable_component"]
+
+logger = logging.getLogger("negvision.neon")
+
+
+def load_pipeline(path: str | os.PathLike, device: torch.device | str | None = None) -> Any:
+    """A diffusers pipeline from a local folder (never downloads), moved to ``device``."""
+    from diffusers import DiffusionPipeline
+
+    path = Path(path)
+    if not (path / "model_index.json").exists():
+        raise FileNotFoundError(
+            f"'{path}' is not a diffusers pipeline folder (no model_index.json); save one with "
+            "pipeline.save_pretrained(DIR)"
+        )
+    pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
+    if device is not None:
+        pipe.to(device)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    params = inspect.signature(fn).parameters
+    return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
+@torch.no_grad()
+def sample_images(
+    pipe: Any,
+    num_samples: int,
+    *,
+    batch_size: int = 64,
+    num_inference_steps: int | None = None,
+    seed: int = 0,
+    prompts: Sequence[str] | None = None,
+    class_labels: Sequence[int] | None = None,
+    guidance_scale: float | None = None,
+    progress: bool = False,
+) -> tuple[Tensor, list[Any]]:
+    """``num_samples`` images [N, C, H, W] in [0, 1] from any diffusers pipeline, plus the condition of each.
+
+    Unconditional pipelines get ``batch_size``; text-to-image ones cycle through ``prompts``; class-conditional
+    ones through ``class_labels``. Only arguments the pipeline accepts are passed.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    call = pipe.__call__
+    device = getattr(pipe, "device", torch.device("cpu"))
+    conds: list[Any] = []
+    images: list[Tensor] = []
+    n_batches = math.ceil(num_samples / batch_size)
+    it = range(n_batches)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="sampling", unit="batch")
+    for b in it:
+        n = min(batch_size, num_samples - b * batch_size)
+        idx = list(range(b * batch_size, b * batch_size + n))
+        kwargs: dict[str, Any] = {}
+        if prompts:
+            if not _accepts(call, "prompt"):
+                raise ValueError(f"{type(pipe).__name__} takes no prompt; drop --prompts")
+            cond = [prompts[i % len(prompts)] for i in idx]
+            kwargs["prompt"] = cond
+        elif class_labels:
+            if not _accepts(call, "class_labels"):
+                raise ValueError(f"{type(pipe).__name__} takes no class_labels")
+            cond = [int(class_labels[i % len(class_labels)]) for i in idx]
+            kwargs["class_labels"] = cond
+        else:
+            if _accepts(call, "prompt") and not _accepts(call, "batch_size"):
+                raise ValueError(f"{type(pipe).__name__} is text-conditioned: give prompts")
+            if _accepts(call, "batch_size"):
+                kwargs["batch_size"] = n
+            elif _accepts(call, "num_images_per_prompt"):
+                kwargs["num_images_per_prompt"] = n
+            cond = [None] * n
+        if num_inference_steps is not None and _accepts(call, "num_inference_steps"):
+            kwargs["num_inference_steps"] = int(num_inference_steps)
+        if guidance_scale is not None and _accepts(call, "guidance_scale"):
+            kwargs["guidance_scale"] = float(guidance_scale)
+        gen_device = device.type if isinstance(device, torch.device) and device.type == "cuda" else "cpu"
+        kwargs["generator"] = torch.Generator(gen_device).manual_seed(int(seed) * 1_000_003 + b)
+        kwargs["output_type"] = "np"
+        out = pipe(**kwargs)
+        arr = out.images if hasattr(out, "images") else out[0]
+        t = torch.as_tensor(np.asarray(arr), dtype=torch.float32)
+        if t.dim() == 3:
+            t = t.unsqueeze(-1)
+        images.append(t.permute(0, 3, 1, 2).clamp(0, 1)[:n])
+        conds.extend(cond)
+    return torch.cat(images)[:num_samples], conds[:num_samples]
+
+
+def trainable_component(pipe: Any, component: str | None = None) -> tuple[str, nn.Module]:
+    """Name and module of the denoiser to fine-tune (``unet`` or ``transformer`` unless given)."""
+    names = [component] if component else ["unet", "transformer"]
+    for name in names:
+        mod = getattr(pipe, name, None)
+        if isinstance(mod, nn.Module):
+            return name, mod
+    raise ValueError(
+        f"{type(pipe).__name__} has no component {' or '.join(repr(n) for n in names)} to fine-tune"
+    )
+
+
+def denoising_loss(scheduler: Any, *, class_conditional: bool = False) -> Callable[[nn.Module, Any], dict]:
+    """loss_fn(model, batch) of DDPM training: noise x0 at a random t and regress the scheduler's target."""
+    num_t = int(scheduler.config.num_train_timesteps)
+    pred_type = getattr(scheduler.config, "prediction_type", "epsilon")
+    if pred_type not in ("epsilon", "v_prediction", "sample"):
+        raise ValueError(f"unsupported prediction_type '{pred_type}'")
+
+    def loss_fn(model: nn.Module, batch: Any) -> dict[str, Tensor]:
+        x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, num_t, (x0.shape[0],), device=x0.device)
+        # forward process q(x_t | x_0): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
+        x_t = scheduler.add_noise(x0, noise, t)
+        kwargs = {}
+        if class_conditional:
+            kwargs["class_labels"] = batch[1]
+        pred = model(x_t, t, **kwargs).sample
+        if pred_type == "epsilon":
+            target = noise
+        elif pred_type == "v_prediction":
+            target = scheduler.get_velocity(x0, noise, t)
+        else:
+            target = x0
+        return {"loss": nn.functional.mse_loss(pred.float(), target.float())}
+
+    return loss_fn
+
+
+class _Repeated(torch.utils.data.Dataset):
+    """``dataset`` cycled to ``length`` items (the engine's sampler shuffles the indices)."""
+
+    def __init__(self, dataset: Any, length: int):
+        self.dataset, self.length = dataset, max(int(length), len(dataset))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[i % len(self.dataset)]
+
+
+def self_train(
+    model: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    num_samples: int = 1000,
+    steps: int = 1000,
+    save_every: int = 0,
+    batch_size: int = 32,
+    sample_batch_size: int = 64,
+    lr: float = 1e-4,
+    num_inference_steps: int | None = None,
+    prompts: Sequence[str] | None = None,
+    class_labels: Sequence[int] | None = None,
+    guidance_scale: float | None = None,
+    seed: int = 0,
+    component: str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    samples: Tensor | None = None,
+) -> dict[str, Any]:
+    """Sample ``num_samples`` images from pipeline ``model``, fine-tune its denoiser on them for ``steps`` steps.
+
+    Writes ``out_dir/samples.png`` (a grid), ``out_dir/train/`` (engine logs and checkpoints every
+    ``save_every`` steps), and ``out_dir/pipeline/`` (the self-trained pipeline, ready for ``neon merge``).
+    """
+    from torch.utils.data import TensorDataset
+
+    from vision.device import pick_device
+    from vision.engine import TrainConfig, Trainer
+    from vision.viz import image_grid, save_image
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = pick_device(device)
+    pipe = load_pipeline(model, dev)
+    name, denoiser = trainable_component(pipe, component)
+    if getattr(pipe, "vae", None) is not None or getattr(pipe, "vqvae", None) is not None:
+        raise NotImplementedError(
+            "self-training latent pipelines (VAE/VQ-VAE) is not supported yet; pixel-space UNet2DModel "
+            "pipelines (DDPM/DDIM) are"
+        )
+    from diffusers import UNet2DModel
+
+    if not isinstance(denoiser, UNet2DModel):
+        raise NotImplementedError(
+            f"self-training a {type(denoiser).__name__} is not supported yet (only UNet2DModel); "
+            "sample and fine-tune with your own script, then use `negvision neon merge`"
+        )
+    class_cond = getattr(denoiser.config, "num_class_embeds", None) is not None
+
+    if samples is None:
+        samples, conds = sample_images(
+            pipe, num_samples, batch_size=sample_batch_size, num_inference_steps=num_inference_steps,
+            seed=seed, prompts=prompts, class_labels=class_labels, guidance_scale=guidance_scale,
+            progress=progress,
+        )
+    else:
+        conds = list(class_labels or [None] * len(samples))
+    save_image(image_grid(list(samples[:64])), out / "samples.png")
+    x0 = samples.to(torch.float32) * 2.0 - 1.0  # pipelines output [0, 1]; the model is trained on [-1, 1]
+    if class_cond:
+        if any(c is None for c in conds):
+            raise ValueError("a class-conditional UNet2DModel needs class_labels")
+        data = TensorDataset(x0, torch.as_tensor(conds, dtype=torch.long))
+    else:
+        data = TensorDataset(x0)
+    # one engine "epoch" spans all steps, so checkpoints land every save_every steps and at the end only
+    data = _Repeated(data, int(steps) * int(batch_size))
+
+    from diffusers import DDPMScheduler
+
+    train_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    cfg = TrainConfig(
+        out_dir=str(out / "train"),
+        max_steps=int(steps),
+        optimizer="adamw",
+        lr=lr,
+        weight_decay=0.0,
+        scheduler="constant",
+        checkpoint_every=int(save_every),
+        keep_last=10**6 if save_every else 1,  # keep every saved step as checkpoints/step-XXXXXXX
+        seed=seed,
+        cpu=dev.type == "cpu",
+        progress=progress,
+        log_every=max(1, min(50, steps // 10)),
+        eval_every=0,
+    )
+    denoiser.train()
+    trainer = Trainer(
+        denoiser, data, cfg, loss_fn=denoising_loss(train_sched, class_conditional=class_cond),
+        batch_size=batch_size, extra_config={"neon": {"model": str(model), "num_samples": len(x0)}},
+    )
+    summary = trainer.fit()
+    tuned = trainer.unwrapped_model
+    tuned.eval()
+    setattr(pipe, name, tuned)
+    pipe.register_modules(**{name: tuned})
+    pipe.to("cpu")
+    pipe.save_pretrained(str(out / "pipeline"), safe_serialization=True)
+    info = {
+        "base": str(model),
+        "pipeline": str(out / "pipeline"),
+        "component": name,
+        "num_samples": len(x0),
+        "steps": summary["steps"],
+        "last_loss": summary.get("last_loss"),
+        "checkpoints": sorted(str(p) for p in (out / "train" / "checkpoints").glob("step-*")),
+    }
+    (out / "selftrain.json").write_text(json.dumps(info, indent=2))
+    return info

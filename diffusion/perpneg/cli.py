@@ -1,0 +1,207 @@
+"""`negvision generate`: image, views, 3d with Perp-Neg. torch/diffusers are imported inside the commands only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+generate_app = typer.Typer(
+    help="Perp-Neg guided generation: text-to-image with negative prompts, view-conditioned images, text-to-3D.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+MODEL_HELP = "Stable Diffusion 1.x/2.x checkpoint: hub id (in the local HF cache) or a local pipeline folder."
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+def load_pipeline(model: str, device: str | None = None):
+    """Load PerpNegStableDiffusionPipeline from a local folder or a cached hub id; one clear error when missing."""
+    import os
+
+    import torch
+
+    from vision.device import pick_device
+
+    from .pipeline import PerpNegStableDiffusionPipeline
+
+    path = Path(model)
+    if path.exists() and not (path / "model_index.json").is_file():
+        _fail(f"'{model}' is a folder without model_index.json; pass a diffusers pipeline folder "
+              "(e.g. one saved with save_pretrained or downloaded with `huggingface-cli download ID --local-dir DIR`)")
+    dev = torch.device(device) if device else pick_device()
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    try:
+        pipe = PerpNegStableDiffusionPipeline.from_pretrained(
+            str(path) if path.exists() else model, dtype=dtype, safety_checker=None,
+            requires_safety_checker=False, local_files_only=offline or path.exists(),
+        )
+    except (OSError, ValueError, EnvironmentError) as e:  # noqa: UP024
+        _fail(f"could not load the model '{model}' ({type(e).__name__}). Offline, pass --model a local folder holding a "
+              f"diffusers Stable Diffusion pipeline (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
+              f"scheduler/), e.g. `huggingface-cli download {model} --local-dir weights/{Path(model).name}` on a "
+              "machine with network, then --model weights/... (see weights/README.md)")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(dev)
+
+
+def _grid(images: list, cols: int | None = None):
+    from PIL import Image
+
+    cols = cols or len(images)
+    rows = (len(images) + cols - 1) // cols
+    w, h = images[0].size
+    canvas = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        canvas.paste(im, ((i % cols) * w, (i // cols) * h))
+    return canvas
+
+
+def _save(out: Path, images: list, settings: dict, names: list[str] | None = None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(images):
+        im.save(out / f"{names[i] if names else f'image_{i:03d}'}.png")
+    _grid(images).save(out / "grid.png")
+    (out / "settings.json").write_text(json.dumps(settings, indent=2))
+
+
+def _weights(names: list[str], weights: list[float] | None, what: str) -> list[float]:
+    weights = list(weights or [])
+    if len(weights) == 0:
+        return [1.0] * len(names)
+    if len(weights) == 1 and len(names) > 1:
+        return weights * len(names)
+    if len(weights) != len(names):
+        _fail(f"{len(weights)} --{what}-weight values for {len(names)} --{what} prompts")
+    return weights
+
+
+@generate_app.command("image")
+def image_cmd(
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    prompt: str = typer.Option(..., "--prompt", help="Main (positive) prompt."),
+    negative: list[str] = typer.Option([], "--negative", help="Negative prompt removed with Perp-Neg (repeatable)."),
+    negative_weight: list[float] = typer.Option([], "--negative-weight", help="Weight per --negative (>= 0, default 1)."),
+    positive: list[str] = typer.Option([], "--positive", help="Extra positive prompt (perpendicular part added)."),
+    positive_weight: list[float] = typer.Option([], "--positive-weight", help="Weight per --positive (default 1)."),
+    uncond: str = typer.Option("", "--uncond", help="Unconditional text (diffusers' negative_prompt)."),
+    steps: int = typer.Option(30, "--steps"),
+    guidance: float = typer.Option(7.5, "--guidance", help="Guidance scale s."),
+    guidance_rescale: float = typer.Option(0.0, "--guidance-rescale"),
+    num_images: int = typer.Option(1, "--num-images"),
+    height: int = typer.Option(None, "--height"),
+    width: int = typer.Option(None, "--width"),
+    seed: int = typer.Option(0, "--seed"),
+    unet_batch_size: int = typer.Option(None, "--unet-batch-size", help="Chunk the batched UNet call (memory)."),
+    device: str = typer.Option(None, "--device"),
+    out: Path = typer.Option(..., "--out", help="Output folder: image_*.png, grid.png, settings.json."),
+) -> None:
+    """Text-to-image with Perp-Neg negative prompts; PNGs + grid + a JSON of every setting (seeded)."""
+    import torch
+
+    neg_w = _weights(negative, negative_weight, "negative")
+    pos_w = _weights(positive, positive_weight, "positive")
+    if any(w < 0 for w in neg_w):
+        _fail("--negative-weight must be >= 0")
+    pipe = load_pipeline(model, device)
+    gen = torch.Generator("cpu").manual_seed(seed)
+    images = pipe(
+        prompt, negative_prompt=uncond, negative_prompts=negative or None, negative_weights=neg_w or None,
+        positive_prompts=positive or None, positive_weights=pos_w or None, num_inference_steps=steps,
+        guidance_scale=guidance, guidance_rescale=guidance_rescale, num_images_per_prompt=num_images,
+        height=height, width=width, generator=gen, unet_batch_size=unet_batch_size,
+    ).images
+    settings = {"command": "image", "model": model, "prompt": prompt, "negative": negative, "negative_weight": neg_w,
+                "positive": positive, "positive_weight": pos_w, "uncond": uncond, "steps": steps, "guidance": guidance,
+                "guidance_rescale": guidance_rescale, "num_images": num_images, "height": height, "width": width,
+                "seed": seed, "scheduler": type(pipe.scheduler).__name__}
+    _save(out, images, settings)
+    typer.echo(f"wrote {len(images)} image(s) to {out}")
+
+
+@generate_app.command("views")
+def views_cmd(
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    prompt: str = typer.Option(..., "--prompt"),
+    views: str = typer.Option("front,side,back", "--views", help="Comma list of front, side, back or azimuths in degrees."),
+    schedule: str = typer.Option("threestudio", "--schedule", help="threestudio | dreamfusion"),
+    elevation: float = typer.Option(0.0, "--elevation"),
+    steps: int = typer.Option(30, "--steps"),
+    guidance: float = typer.Option(7.5, "--guidance"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option(None, "--device"),
+    out: Path = typer.Option(Path("runs/perpneg_views"), "--out"),
+) -> None:
+    """One image per view from the view-interpolated prompt, with the other views as Perp-Neg negatives."""
+    import torch
+
+    from .views import VIEW_AZIMUTH, encode_view_prompts, view_conditioned_embeddings
+
+    names = [v.strip() for v in views.split(",") if v.strip()]
+    try:
+        azimuths = [VIEW_AZIMUTH[v] if v in VIEW_AZIMUTH else float(v) for v in names]
+    except ValueError:
+        _fail(f"bad --views '{views}' (use front, side, back or azimuths in degrees)")
+    if schedule not in ("threestudio", "dreamfusion"):
+        _fail(f"unknown --schedule '{schedule}' (threestudio | dreamfusion)")
+    pipe = load_pipeline(model, device)
+    emb = encode_view_prompts(pipe, prompt)
+    images, weights = [], {}
+    for name, az in zip(names, azimuths, strict=True):
+        pos, negs, w = view_conditioned_embeddings(emb, [elevation], [az], schedule)
+        gen = torch.Generator("cpu").manual_seed(seed)  # same noise for every view
+        images += pipe(
+            prompt_embeds=pos, negative_prompt_embeds=emb["uncond"], negative_prompts_embeds=list(negs),
+            negative_weights=w, num_inference_steps=steps, guidance_scale=guidance, generator=gen,
+        ).images
+        weights[name] = [round(float(x), 6) for x in w[:, 0]]
+    settings = {"command": "views", "model": model, "prompt": prompt, "views": names, "azimuths": azimuths,
+                "elevation": elevation, "schedule": schedule, "negative_weights": weights, "steps": steps,
+                "guidance": guidance, "seed": seed}
+    _save(out, images, settings, names=[f"view_{n}" for n in names])
+    typer.echo(f"wrote {len(images)} view(s) to {out}")
+
+
+@generate_app.command("3d")
+def threed_cmd(
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    prompt: str = typer.Option(..., "--prompt"),
+    iters: int = typer.Option(1000, "--iters"),
+    out: Path = typer.Option(Path("runs/perpneg_3d"), "--out"),
+    schedule: str = typer.Option("threestudio", "--schedule", help="threestudio | dreamfusion"),
+    guidance: float = typer.Option(100.0, "--guidance"),
+    grid_res: int = typer.Option(64, "--grid-res", help="Voxel grid resolution."),
+    render_res: int = typer.Option(64, "--render-res"),
+    samples: int = typer.Option(64, "--samples", help="Samples per ray."),
+    batch: int = typer.Option(1, "--batch", help="Cameras per iteration."),
+    lr: float = typer.Option(1e-2, "--lr"),
+    preview_every: int = typer.Option(100, "--preview-every"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option(None, "--device"),
+) -> None:
+    """Text-to-3D: a density/albedo voxel grid trained with Perp-Neg SDS; GIF, mesh (.obj/.ply), checkpoint."""
+    from .grid3d import DensityColorGrid, train_text_to_3d
+    from .sds import PerpNegSDS
+
+    if schedule not in ("threestudio", "dreamfusion"):
+        _fail(f"unknown --schedule '{schedule}' (threestudio | dreamfusion)")
+    pipe = load_pipeline(model, device)
+    pipe.vae.float()  # gradients through the VAE encoder in fp32
+    sds = PerpNegSDS.from_pipeline(pipe, prompt, guidance_scale=guidance, schedule=schedule)
+    grid = DensityColorGrid(resolution=grid_res).to(pipe.device)
+    res = train_text_to_3d(sds, grid, iters=iters, batch_size=batch, render_resolution=render_res, n_samples=samples,
+                           lr=lr, out_dir=out, preview_every=preview_every, seed=seed)
+    settings = {"command": "3d", "model": model, "prompt": prompt, "iters": iters, "schedule": schedule,
+                "guidance": guidance, "grid_res": grid_res, "render_res": render_res, "samples": samples,
+                "batch": batch, "lr": lr, "seed": seed}
+    (Path(out) / "settings.json").write_text(json.dumps(settings, indent=2))
+    typer.echo(f"wrote {res['gif']}, {res['mesh_obj']}, {res['mesh_ply']}, {res['checkpoint']}")

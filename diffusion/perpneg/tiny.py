@@ -1,0 +1,81 @@
+"""Tiny random Stable Diffusion components built offline (tests, benchmarks, CPU smoke runs). Never downloads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte -> printable unicode map (the tokenizer's alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
+
+
+def write_tiny_clip_tokenizer(folder: str | Path, model_max_length: int = 77) -> Path:
+    """Write vocab.json / merges.txt of a byte-level CLIP tokenizer (single bytes + a few merges) into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    vocab_list = chars + [c + "</w>" for c in chars]
+    merges = [("a", "n"), ("t", "h"), ("e", "r"), ("o", "n"), ("i", "n")]
+    vocab_list += [a + b for a, b in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(vocab_list)}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    return folder
+
+
+def make_tiny_components(tmp: str | Path, seed: int = 0, sample_size: int = 8, hidden: int = 32) -> dict:
+    """Tiny UNet2DConditionModel / AutoencoderKL / CLIPTextModel / CLIPTokenizer / DDIMScheduler (random weights)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tok_dir = write_tiny_clip_tokenizer(Path(tmp) / "tiny_tokenizer")
+    tokenizer = CLIPTokenizer(
+        str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77, pad_token="<|endoftext|>"
+    )
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=sample_size, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=hidden, norm_num_groups=8, attention_head_dim=4,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=sample_size * 2,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=37, num_attention_heads=4,
+            num_hidden_layers=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=hidden,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return {
+        "unet": unet.eval(), "vae": vae.eval(), "text_encoder": text_encoder.eval(), "tokenizer": tokenizer,
+        "scheduler": scheduler, "safety_checker": None, "feature_extractor": None, "requires_safety_checker": False,
+    }
+
+
+def make_tiny_pipeline(tmp: str | Path, seed: int = 0, cls=None, **kw):
+    """A tiny PerpNegStableDiffusionPipeline (or ``cls``) from random components."""
+    if cls is None:
+        from .pipeline import PerpNegStableDiffusionPipeline as cls
+    pipe = cls(**make_tiny_components(tmp, seed=seed, **kw))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
