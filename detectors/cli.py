@@ -7,25 +7,15 @@ from pathlib import Path
 
 import typer
 
+from vision.cli_common import fail, parse_pretrained
+
 detect_app = typer.Typer(help="ATSS object detectors on COCO / YOLO / VOC image folders.", no_args_is_help=True,
                          add_completion=False, pretty_exceptions_enable=False)
 demo_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-def _fail(msg: str) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(1)
-
-
-def _pretrained(value: str) -> bool | str:
-    v = value.lower()
-    if v in ("true", "yes", "1", "imagenet"):
-        return True
-    if v in ("false", "no", "0", "none"):
-        return False
-    if not Path(value).is_file():
-        _fail(f"--pretrained '{value}': not true/false and no such file")
-    return value
+_fail = fail
+_pretrained = parse_pretrained
 
 
 def _augment(hflip: float, scale: str, color_jitter: float) -> dict:

@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from vision.device import pick_device
+from vision.io import list_images, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 DETECTOR_JSON = "detector.json"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 # ----------------------------------------------------------------------------- model files
@@ -115,7 +115,6 @@ def evaluate_detector(model: nn.Module, dataset: Any, batch_size: int = 8, devic
 def save_eval_outputs(result: dict[str, Any], preds: list[dict[str, Any]], dataset: Any, out: Path,
                       max_images: int = 16, score_thresh: float = 0.3) -> dict[str, str]:
     """Write metrics.json, pr_curves.png and a grid of validation predictions; returns their paths."""
-    from vision.engine.checkpoint import write_json_atomic
     from vision.viz import draw_boxes, image_grid, plot_pr_curves, save_image
 
     out.mkdir(parents=True, exist_ok=True)
@@ -167,7 +166,6 @@ def train_detector(
     """Train a detector on a COCO / YOLO / VOC folder through the shared engine; writes the run folder ``out``."""
     from vision.data import build_detection_transforms, detection_collate, load_detection_dataset
     from vision.engine import TrainConfig, Trainer
-    from vision.engine.checkpoint import write_json_atomic
 
     out = Path(out)
     aug = dict(augment) if isinstance(augment, dict) else {}
@@ -223,26 +221,11 @@ def train_detector(
         res, preds = evaluate_detector(final_model, val_ds, batch_size=batch)
         summary["eval"] = {k: res[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "per_class", "images_per_s")}
         summary["files"] = save_eval_outputs(res, preds, val_ds, out)
-    from vision.engine.checkpoint import write_json_atomic as _w
-
-    _w(out / "train_summary.json", summary)
+    write_json_atomic(out / "train_summary.json", summary)
     return summary
 
 
 # ----------------------------------------------------------------------------- prediction
-def list_images(source: str | Path) -> list[Path]:
-    """Image files of a folder (recursive, sorted) or the single image given."""
-    src = Path(source)
-    if src.is_file():
-        return [src]
-    if not src.is_dir():
-        raise FileNotFoundError(f"source '{src}' is neither an image file nor a folder")
-    files = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under '{src}'")
-    return files
-
-
 @torch.no_grad()
 def predict_images(weights: str | Path, source: str | Path, out: str | Path, *, score_thresh: float = 0.3,
                    batch: int = 4, device: str | None = None, draw: bool = True) -> list[dict[str, Any]]:
@@ -250,7 +233,6 @@ def predict_images(weights: str | Path, source: str | Path, out: str | Path, *, 
     import numpy as np
     from PIL import Image
 
-    from vision.engine.checkpoint import write_json_atomic
     from vision.viz import draw_boxes, save_image
 
     model, spec = load_detector(weights, device)

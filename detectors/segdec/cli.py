@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from vision.cli_common import fail, parse_pretrained
+
 app = typer.Typer(
     help="Two-stage surface-defect network (SegDecNet): train, eval, predict on defect image folders.",
     no_args_is_help=True,
@@ -17,20 +19,8 @@ app = typer.Typer(
 KIND_HELP = "auto | ksdd | ksdd2 | dagm | severstal | folder"
 
 
-def _fail(msg: str) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(1)
-
-
-def _pretrained(value: str) -> bool | str:
-    v = value.lower()
-    if v in ("true", "yes", "1", "imagenet"):
-        return True
-    if v in ("false", "no", "0", "none"):
-        return False
-    if not Path(value).is_file():
-        _fail(f"--pretrained '{value}': not true/false and no such file")
-    return value
+_fail = fail
+_pretrained = parse_pretrained
 
 
 def _fmt(v: object) -> str:

@@ -12,7 +12,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from vision.device import pick_device
+from vision.io import list_images, write_bytes_atomic, write_json_atomic
 
 from .data import DatasetError, DefectDataset, load_defect_dataset, parse_img_size
 from .losses import loss_weights, segdec_loss
@@ -50,7 +50,6 @@ log = logging.getLogger(__name__)
 
 SPEC_FILE = "segdec.json"
 SAMPLER_FILE = "sampler.safetensors"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 # Official experiment settings (vicoslab/mixed-segdec-net-comind2021, EXPERIMENTS_COMIND.sh / config.py).
 # img_size is WIDTHxHEIGHT. Plain SGD (no momentum, no weight decay, constant lr) as the official code.
@@ -70,20 +69,6 @@ PRESETS: dict[str, dict[str, Any]] = {
                    dilate=1),
 }
 EVAL_EVERY = 5  # official VALIDATION_N_EPOCHS
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def resolve_settings(layout: str, **overrides: Any) -> dict[str, Any]:
@@ -313,7 +298,6 @@ def _interp_pr(precision: Sequence[float], recall: Sequence[float]) -> tuple[np.
 
 def save_eval_outputs(res: dict[str, Any], dataset: DefectDataset, out: str | Path, max_images: int = 16) -> dict[str, str]:
     """Write results.csv (per image), metrics.json, pr_curve.png, roc_curve.png and a grid of heatmaps."""
-    from vision.engine.checkpoint import write_json_atomic
     from vision.viz import image_grid, overlay_heatmap, plot_pr_curves, plot_roc_curve, save_image
 
     out = Path(out)
@@ -325,7 +309,7 @@ def save_eval_outputs(res: dict[str, Any], dataset: DefectDataset, out: str | Pa
     w.writeheader()
     for r in res["per_image"]:
         w.writerow({k: (f"{r[k]:.6f}" if k == "score" else r[k]) for k in fields})
-    _write_bytes_atomic(out / "results.csv", buf.getvalue().encode())
+    write_bytes_atomic(out / "results.csv", buf.getvalue().encode())
     files["results"] = str(out / "results.csv")
     metrics = {k: v for k, v in res.items() if k not in ("per_image", "_segs", "pr_curve", "roc_curve")}
     write_json_atomic(out / "metrics.json", metrics)
@@ -371,7 +355,7 @@ def _sampler_callback(sampler: FrequencySampler, resume: bool | str, out: Path):
 
         if event == "checkpoint" and trainer.is_main:
             state = {k: v.contiguous() for k, v in sampler.state_dict().items()}
-            _write_bytes_atomic(Path(info["path"]) / SAMPLER_FILE, save(state))
+            write_bytes_atomic(Path(info["path"]) / SAMPLER_FILE, save(state))
         elif event == "fit_start" and resume:
             ckpt = out / "checkpoints" / "last" if resume is True else Path(resume)
             f = ckpt / SAMPLER_FILE
@@ -435,7 +419,6 @@ def train_segdec(
     ``weighted``: distance-transform weights of positive pixels. Returns the engine's summary plus ``eval``.
     """
     from vision.engine import TrainConfig, Trainer
-    from vision.engine.checkpoint import write_json_atomic
 
     from .data import detect_layout
 
@@ -537,19 +520,6 @@ def train_segdec(
 # ----------------------------------------------------------------------------------------------- prediction
 
 
-def list_images(source: str | Path) -> list[Path]:
-    """Image files of a folder (recursive, sorted) or the single image given."""
-    src = Path(source)
-    if src.is_file():
-        return [src]
-    if not src.is_dir():
-        raise FileNotFoundError(f"source '{src}' is neither an image file nor a folder")
-    files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under '{src}'")
-    return files
-
-
 def _default_threshold(weights: Path) -> float:
     start = weights if weights.is_dir() else weights.parent
     for p in [start, *start.parents][:4]:
@@ -580,7 +550,6 @@ def predict_segdec(
     (default: the run's best-F1 threshold from its evaluation, else 0.5) decides "defective"."""
     from PIL import Image
 
-    from vision.engine.checkpoint import write_json_atomic
     from vision.viz import overlay_heatmap, save_image
 
     model, spec = load_segdec(weights, device)
@@ -626,7 +595,7 @@ def predict_segdec(
             mpath = out / "masks" / f"{stem}.png"
             buf_png = io.BytesIO()
             Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(buf_png, format="PNG")
-            _write_bytes_atomic(mpath, buf_png.getvalue())
+            write_bytes_atomic(mpath, buf_png.getvalue())
             rec = {"image": str(f), "probability": round(float(prob), 6), "defective": bool(prob >= thr),
                    "defect_pixels": int(mask.sum()), "width": int(orig.shape[1]), "height": int(orig.shape[0]),
                    "mask": str(mpath)}
@@ -640,7 +609,7 @@ def predict_segdec(
     wr.writerow(["image", "probability", "defective", "defect_pixels", "mask"])
     for r in results:
         wr.writerow([r["image"], f"{r['probability']:.6f}", int(r["defective"]), r["defect_pixels"], r["mask"]])
-    _write_bytes_atomic(out / "predictions.csv", buf.getvalue().encode())
+    write_bytes_atomic(out / "predictions.csv", buf.getvalue().encode())
     write_json_atomic(out / "predictions.json", {"threshold": thr, "seg_threshold": seg_threshold,
                                                  "skipped": skipped, "predictions": results})
     return results

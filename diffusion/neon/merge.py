@@ -446,17 +446,10 @@ def _merge_stream(
 
 
 def _torch_save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from vision.io import atomic_writer
+
+    with atomic_writer(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def merge_checkpoints(

@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +37,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+from vision.io import IMAGE_EXTENSIONS, write_bytes_atomic, write_text_atomic  # noqa: E402
+
 BOX_TOLERANCE = 1.0  # pixels a box may stick out of the image before it counts as bad (it is clipped)
 
 # (file_name, image, boxes xyxy float [N, 4] in pixels, labels int [N] 0-based)
@@ -726,22 +726,6 @@ def build_detection_transforms(
 # ---------------------------------------------------------------------------------------------- writers
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def _save_image(image: Image.Image, path: Path) -> None:
     import io
 
@@ -750,7 +734,7 @@ def _save_image(image: Image.Image, path: Path) -> None:
     image.convert("RGB").save(
         buf, format=fmt or path.suffix.lstrip(".").upper(), **({"quality": 95} if fmt else {})
     )
-    _atomic_write_bytes(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def _norm_sample(sample: DetectionSample) -> tuple[str, Image.Image, np.ndarray, np.ndarray]:
@@ -787,7 +771,7 @@ def write_coco(
             )
     cats = [{"id": k + 1, "name": str(c), "supercategory": "object"} for k, c in enumerate(classes)]
     data = {"images": images, "annotations": anns, "categories": cats}
-    _atomic_write_text(out / "annotations" / f"instances_{split}.json", json.dumps(data))
+    write_text_atomic(out / "annotations" / f"instances_{split}.json", json.dumps(data))
     return out
 
 
@@ -804,7 +788,7 @@ def write_yolo(
             f"{int(c)} {(b[0] + b[2]) / 2 / w:.6f} {(b[1] + b[3]) / 2 / h:.6f} {(b[2] - b[0]) / w:.6f} {(b[3] - b[1]) / h:.6f}"
             for b, c in zip(boxes.tolist(), labels.tolist(), strict=True)
         ]
-        _atomic_write_text(
+        write_text_atomic(
             out / "labels" / split / Path(name).with_suffix(".txt"), "".join(ln + "\n" for ln in lines)
         )
     cfg = {
@@ -814,7 +798,7 @@ def write_yolo(
         "nc": len(classes),
         "names": [str(c) for c in classes],
     }
-    _atomic_write_text(out / "data.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    write_text_atomic(out / "data.yaml", yaml.safe_dump(cfg, sort_keys=False))
     return out
 
 
@@ -847,7 +831,7 @@ def write_voc(
             f"  <size>\n    <width>{image.width}</width>\n    <height>{image.height}</height>\n    <depth>3</depth>\n  </size>\n"
             f"  <segmented>0</segmented>\n{''.join(objs)}</annotation>\n"
         )
-        _atomic_write_text(out / "Annotations" / f"{image_id}.xml", xml)
-    _atomic_write_text(out / "ImageSets" / "Main" / f"{split}.txt", "".join(i + "\n" for i in ids))
-    _atomic_write_text(out / "labels.txt", "".join(f"{c}\n" for c in classes))
+        write_text_atomic(out / "Annotations" / f"{image_id}.xml", xml)
+    write_text_atomic(out / "ImageSets" / "Main" / f"{split}.txt", "".join(i + "\n" for i in ids))
+    write_text_atomic(out / "labels.txt", "".join(f"{c}\n" for c in classes))
     return out
