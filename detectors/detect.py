@@ -113,7 +113,7 @@ def evaluate_detector(model: nn.Module, dataset: Any, batch_size: int = 8, devic
 
 
 def save_eval_outputs(result: dict[str, Any], preds: list[dict[str, Any]], dataset: Any, out: Path,
-                      max_images: int = 16, score_thresh: float = 0.3) -> dict[str, str]:
+                      max_images: int = 16, score_thresh: float = 0.25) -> dict[str, str]:
     """Write metrics.json, pr_curves.png and a grid of validation predictions; returns their paths."""
     from vision.viz import draw_boxes, image_grid, plot_pr_curves, save_image
 
