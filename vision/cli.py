@@ -17,13 +17,12 @@ GROUPS: dict[str, tuple[str, str]] = {
     "defect": ("detectors.segdec.cli:app", "Two-stage surface-defect network (SegDecNet): train, eval, predict."),
     "generate": ("diffusion.perpneg.cli:generate_app", "Perp-Neg guided generation: images, views, text-to-3D."),
     "neon": ("diffusion.neon.cli:neon_app", "Neon: self-train, merge weights in the negative direction, sweep w."),
+    "retrieval": ("clip_ood.dcar.cli:retrieval_app", "DCAR dual prompt learning for image-text retrieval."),
     "ood": ("clip_ood.cli:ood_app", "Zero-shot OOD scoring with CLIP and negative labels: mine, score, bench, serve."),
 }
 
 # groups whose capability has not landed yet: their help says so, and using them exits with a clear message
-PLANNED: dict[str, str] = {
-    "retrieval": "DCAR dual prompt learning for image-text retrieval - not in this release yet.",
-}
+PLANNED: dict[str, str] = {}
 
 
 def _planned_group(name: str, help_text: str) -> click.Command:

@@ -1,0 +1,134 @@
+"""``negvision retrieval``: train (dcar | coop), eval (R@K table), make-captions. Heavy imports inside commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+retrieval_app = typer.Typer(help="DCAR dual prompt learning for image-text retrieval (and the CoOp baseline).",
+                            no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+_MODEL_HELP = "open_clip model (ViT-B-16-quickgelu), local-dir:PATH or hf-hub:ORG/REPO."
+_PRETRAINED_HELP = "open_clip tag (openai), a weights file, or a weights name from weights/manifest.toml."
+_DATA_HELP = "FDRD JSON ({file_name, file_path, positive, negative}) or CSV/JSONL (image, caption, category, attributes)."
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(1)
+
+
+def _encoder(model: str, pretrained: str | None, device: str | None):
+    from clip_ood.encoders import load_encoder
+
+    try:
+        return load_encoder(model, pretrained=pretrained or None, device=device)
+    except (FileNotFoundError, RuntimeError, ValueError) as e:
+        _fail(f"cannot load model '{model}' (pretrained={pretrained}): {e}")
+
+
+def _pairs(path: Path, image_root: Path | None, skip_bad: bool, categories=None):
+    from clip_ood.dcar.data import PairDataError, load_pairs
+
+    try:
+        return load_pairs(path, image_root=image_root, categories=categories, skip_bad=skip_bad)
+    except (PairDataError, FileNotFoundError) as e:
+        _fail(str(e))
+
+
+@retrieval_app.command()
+def train(
+    model: str = typer.Option(..., "--model", help=_MODEL_HELP),
+    data: Path = typer.Option(..., "--data", help=_DATA_HELP),
+    method: str = typer.Option("dcar", "--method", help="dcar | coop"),
+    out: Path = typer.Option(..., "--out", help="Output folder (logs, checkpoints, prompts.safetensors/.json)."),
+    pretrained: str = typer.Option("", "--pretrained", help=_PRETRAINED_HELP),
+    val_data: Path | None = typer.Option(None, "--val-data", help="Held-out pairs evaluated after each epoch."),
+    image_root: Path | None = typer.Option(None, "--image-root", help="Folder image paths are relative to."),
+    epochs: int = typer.Option(10, "--epochs"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    lr: float = typer.Option(2e-3, "--lr"),
+    n_ctx: int = typer.Option(4, "--n-ctx", help="Text context vectors (ignored with --ctx-init)."),
+    ctx_init: str = typer.Option("", "--ctx-init", help='Initialise the context from words, e.g. "a photo of a".'),
+    class_specific: bool = typer.Option(False, "--class-specific", help="One context per category (CoOp CSC)."),
+    n_vis: int = typer.Option(4, "--n-vis", help="Visual prompt tokens (dcar)."),
+    vis_depth: int = typer.Option(0, "--vis-depth", help="Layers with visual prompts (1 = shallow; 0 = all, max 9)."),
+    alpha: float = typer.Option(1.0, "--alpha", help="Category-matching weight of negatives: w = 1 + alpha * m."),
+    k_neg: int = typer.Option(3, "--k-neg", help="Extra negative captions per image (FDRD / class-name swap)."),
+    lambda_attr: float = typer.Option(0.5, "--lambda-attr", help="Weight of the attribute loss."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str | None = typer.Option(None, "--device"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip malformed lines with a warning."),
+) -> None:
+    """Learn prompts (DCAR: text + visual + reweighting; CoOp: text context) on a frozen CLIP."""
+    if method not in ("dcar", "coop"):
+        _fail(f"--method must be dcar or coop, got '{method}'")
+    from clip_ood.dcar.data import categories_of
+    from clip_ood.dcar.train import DCARConfig, train_retrieval
+
+    tr = _pairs(data, image_root, skip_bad)
+    va = _pairs(val_data, image_root, skip_bad, categories_of(tr) if class_specific else None) if val_data else None
+    enc = _encoder(model, pretrained, device)
+    cfg = DCARConfig(method=method, n_ctx=n_ctx, ctx_init=ctx_init or None, class_specific=class_specific,
+                     n_vis=n_vis, vis_depth=vis_depth or None, alpha=alpha, k_neg=k_neg, lambda_attr=lambda_attr)
+    _, summary = train_retrieval(enc.model, enc.tokenizer, enc.preprocess, tr, out, cfg, va, epochs=epochs,
+                                 batch_size=batch_size, lr=lr, seed=seed, cpu=enc.device.type == "cpu",
+                                 extra_config={"model": model, "pretrained": pretrained or None})
+    typer.echo(json.dumps({k: summary.get(k) for k in ("steps", "last_loss", "best_metric", "last_metrics")}))
+    typer.echo(f"prompts written to {out / 'prompts.safetensors'}")
+
+
+@retrieval_app.command("eval")
+def eval_(
+    model: str = typer.Option(..., "--model", help=_MODEL_HELP),
+    data: Path = typer.Option(..., "--data", help=_DATA_HELP),
+    prompts: Path | None = typer.Option(None, "--prompts", help="Folder (or prompts.safetensors) from `train`; "
+                                        "without it the frozen (zero-shot) model is evaluated."),
+    pretrained: str = typer.Option("", "--pretrained", help=_PRETRAINED_HELP),
+    image_root: Path | None = typer.Option(None, "--image-root"),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    device: str | None = typer.Option(None, "--device"),
+    skip_bad: bool = typer.Option(False, "--skip-bad"),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the metrics as JSON here."),
+) -> None:
+    """Image->text and text->image R@1/5/10 and mean recall, as a table."""
+    from clip_ood.dcar.data import PairDataset
+    from clip_ood.dcar.evaluate import evaluate_retrieval, format_table
+    from clip_ood.dcar.prompts import DualPromptCLIP
+    from clip_ood.dcar.train import load_prompts
+
+    enc = _encoder(model, pretrained, device)
+    if prompts is not None:
+        try:
+            learner = load_prompts(prompts, enc.model, enc.tokenizer)
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            _fail(str(e))
+        name = json.loads(((prompts if prompts.is_dir() else prompts.parent) / "prompts.json")
+                          .read_text()).get("method", "prompts")
+    else:
+        learner = DualPromptCLIP(enc.model, enc.tokenizer, n_ctx=0)
+        name = "zero-shot"
+    cats = learner.categories if learner.class_specific else None
+    pairs = _pairs(data, image_root, skip_bad, cats)
+    learner.to(enc.device)
+    res = evaluate_retrieval(learner, PairDataset(pairs, enc.preprocess), batch_size=batch_size)
+    typer.echo(format_table({name: res}))
+    if json_out is not None:
+        json_out.write_text(json.dumps({name: res}, indent=2))
+
+
+@retrieval_app.command("make-captions")
+def make_captions(
+    out: Path = typer.Option(..., "--out", help="Folder for images/, train.csv, test.csv."),
+    n_train: int = typer.Option(400, "--n-train"),
+    n_test: int = typer.Option(200, "--n-test"),
+    size: int = typer.Option(32, "--size", help="Image side in pixels."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Generate the digits-on-textures caption set (digit, colour, background)."""
+    from clip_ood.dcar.synthetic import make_caption_set
+
+    paths = make_caption_set(out, n_train, n_test, seed, size)
+    typer.echo(f"wrote {paths['train']} ({n_train} pairs) and {paths['test']} ({n_test} pairs)")

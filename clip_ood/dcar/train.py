@@ -1,0 +1,257 @@
+"""DCAR / CoOp training through the shared engine (``vision.engine.Trainer``); only prompt parameters train.
+
+DCAR objective (per step, batch of B pairs):  L = L_cat + lambda_attr * L_attr, with L_cat the
+category-matching weighted contrastive loss of :mod:`.losses` (in-batch negatives + ``k_neg`` extra negative
+captions per image: FDRD ``negative`` captions first, then class-name swaps) and L_attr the MI-weighted
+attribute loss of :mod:`.attributes` (weights re-estimated at fit start and after every epoch).
+CoOp: text context only, plain symmetric InfoNCE (alpha = 0, no extra negatives, no attribute loss).
+Both mask in-batch captions identical to the positive (false negatives).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .attributes import attribute_labels, attribute_loss, ema_update, mi_weights
+from .data import Pair, PairDataset, attribute_vocab, categories_of, collate_pairs, sample_negatives
+from .losses import category_similarity, negative_weights, same_text_mask, weighted_contrastive_loss
+from .prompts import DualPromptCLIP
+
+METHODS = ("dcar", "coop")
+PROMPTS_WEIGHTS = "prompts.safetensors"
+PROMPTS_CONFIG = "prompts.json"
+
+
+@dataclass
+class DCARConfig:
+    """Method hyper-parameters (prompt shapes and loss weights)."""
+
+    method: str = "dcar"
+    n_ctx: int = 4
+    ctx_init: str | None = None  # e.g. "a photo of a" (then n_ctx = its token count)
+    class_specific: bool = False
+    n_vis: int = 4  # visual prompt tokens (dcar); coop uses 0
+    vis_depth: int | None = None  # layers with fresh visual prompts; None = all (max 9, as MaPLe)
+    alpha: float = 1.0  # category-matching weight: w = 1 + alpha * m
+    k_neg: int = 3  # extra negative captions per image
+    lambda_attr: float = 0.5
+    attr_tau: float = 0.25  # softmax temperature of the NMI -> weight map
+    attr_eta: float = 0.5  # EMA step of the attribute weights
+    attr_bins: int = 8
+    attr_max_pairs: int = 512
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got '{self.method}'")
+
+
+def build_learner(clip: torch.nn.Module, tokenizer, cfg: DCARConfig, categories: Sequence[str]) -> DualPromptCLIP:
+    """The prompt learner for ``cfg.method`` around a frozen open_clip model."""
+    n_vis = cfg.n_vis if cfg.method == "dcar" else 0
+    depth = cfg.vis_depth
+    if n_vis and depth is None:
+        depth = min(9, len(clip.visual.transformer.resblocks))
+    return DualPromptCLIP(clip, tokenizer, n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init,
+                          class_specific=cfg.class_specific, categories=categories, n_vis=n_vis,
+                          vis_depth=depth or 1)
+
+
+@torch.no_grad()
+def category_text_features(model: DualPromptCLIP, categories: Sequence[str]) -> Tensor:
+    """Frozen-CLIP features of "a photo of a {c}" (for the category-matching similarity m)."""
+    with model.disabled():
+        return model.encode_text([f"a photo of a {c}" for c in categories], normalize=True).float()
+
+
+class RetrievalLoss:
+    """``loss_fn(model, batch)`` for the engine: DCAR (weighted negatives + attributes) or CoOp (InfoNCE)."""
+
+    def __init__(self, cfg: DCARConfig, categories: Sequence[str], cat_sim: Tensor | None, seed: int = 0):
+        self.cfg = cfg
+        self.categories = list(categories)
+        self.cat_index = {c: i for i, c in enumerate(self.categories)}
+        self.cat_sim = cat_sim
+        self.rng = random.Random(seed)
+
+    def _ids(self, cats: Sequence[str | None], device) -> Tensor:
+        return torch.tensor([self.cat_index.get(c, -1) if c is not None else -1 for c in cats], device=device)
+
+    def __call__(self, model, batch: dict) -> dict[str, Tensor]:
+        cfg = self.cfg
+        inner = model.module if hasattr(model, "module") else model
+        caps, cats = batch["captions"], batch["categories"]
+        B = len(caps)
+        dcar = cfg.method == "dcar"
+        texts, tcats = list(caps), list(cats)
+        negs: list[list[tuple[str, str | None]]] = []
+        if dcar and cfg.k_neg > 0:
+            for cap, cat, given in zip(caps, cats, batch["negatives"], strict=True):
+                negs.append(sample_negatives(cap, cat, given, self.categories, cfg.k_neg, self.rng))
+            K = min(len(n) for n in negs)  # equal K per image keeps the tensors rectangular
+            negs = [n[:K] for n in negs]
+            for n in negs:
+                texts += [t for t, _ in n]
+                tcats += [c for _, c in n]
+        else:
+            K = 0
+        vocab = inner.attr_vocab if dcar and cfg.lambda_attr > 0 else []
+        texts += list(vocab)
+        tcats += [None] * len(vocab)
+        img, txt = model(batch["images"], texts, tcats if inner.class_specific else None)
+        cap_f = txt[:B]
+        neg_f = txt[B : B + B * K].view(B, K, -1) if K else None
+        scale = inner.logit_scale.exp()
+        # false negatives: in-batch captions identical to the positive get weight 0
+        same = same_text_mask(caps).to(img.device)
+        if dcar and self.cat_sim is not None:
+            ids = self._ids(cats, img.device)
+            w_batch = negative_weights(self.cat_sim.to(img.device), ids, ids, cfg.alpha)
+            w_neg = None
+            if K:
+                nid = self._ids([c for n in negs for _, c in n], img.device).view(B, K)
+                w_neg = torch.stack([negative_weights(self.cat_sim.to(img.device), ids[i : i + 1], nid[i],
+                                                      cfg.alpha)[0] for i in range(B)])
+        else:
+            w_batch = torch.ones(B, B, device=img.device)
+            w_neg = None
+        w_batch = w_batch.masked_fill(same, 0.0)
+        out = weighted_contrastive_loss(img, cap_f, scale, w_batch=w_batch, neg_txt=neg_f, w_neg=w_neg)
+        if vocab:
+            attr_f = txt[B + B * K :]
+            labels = attribute_labels(batch["attributes"], vocab).to(img.device)
+            l_attr = attribute_loss(img, attr_f, labels, inner.attr_weights, scale)
+            out["loss_cat"] = out["loss"]
+            out["loss_attr"] = l_attr
+            out["loss"] = out["loss"] + cfg.lambda_attr * l_attr
+        return out
+
+
+class AttributeReweighting:
+    """Engine callback: re-estimate the attribute weights from text-image MI at fit start and each epoch end."""
+
+    def __init__(self, dataset: PairDataset, cfg: DCARConfig, seed: int = 0):
+        self.dataset = dataset
+        self.cfg = cfg
+        n = len(dataset)
+        idx = list(range(n))
+        random.Random(seed).shuffle(idx)
+        self.idx = sorted(idx[: cfg.attr_max_pairs])
+        self.history: list[dict[str, Any]] = []
+
+    @torch.no_grad()
+    def update(self, model: DualPromptCLIP) -> Tensor:
+        """One EMA step of the weights from the NMI on the sampled training pairs; returns the NMI."""
+        vocab = model.attr_vocab
+        was = model.training
+        model.eval()
+        try:
+            dev = model.ctx.device
+            feats = []
+            for i in range(0, len(self.idx), 64):
+                b = collate_pairs([self.dataset[j] for j in self.idx[i : i + 64]])
+                feats.append(model.encode_image(b["images"].to(dev), normalize=True).float().cpu())
+            img = torch.cat(feats)
+            att = model.encode_text(vocab, [None] * len(vocab) if model.class_specific else None,
+                                    normalize=True).float().cpu()
+        finally:
+            model.train(was)
+        labels = attribute_labels([self.dataset.pairs[j].attributes for j in self.idx], vocab)
+        nmi, w_new = mi_weights(img, att, labels, tau=self.cfg.attr_tau, n_bins=self.cfg.attr_bins)
+        model.attr_weights = ema_update(model.attr_weights.cpu(), w_new, self.cfg.attr_eta).to(dev)
+        self.history.append({"nmi": nmi.tolist(), "weights": model.attr_weights.cpu().tolist()})
+        return nmi
+
+    def __call__(self, trainer, event: str, info: dict) -> None:
+        if event in ("fit_start", "epoch_end") and trainer.is_main:
+            self.update(trainer.unwrapped_model)
+
+
+def save_prompts(model: DualPromptCLIP, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """Write prompts.safetensors + prompts.json atomically into ``out_dir``; returns the weights path."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = out / f".{PROMPTS_WEIGHTS}.{os.getpid()}.tmp"
+    save_file(sd, str(tmp))
+    os.replace(tmp, out / PROMPTS_WEIGHTS)
+    cfg = {**model.prompt_config(), **(extra or {})}
+    tmpj = out / f".{PROMPTS_CONFIG}.{os.getpid()}.tmp"
+    tmpj.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    os.replace(tmpj, out / PROMPTS_CONFIG)
+    return out / PROMPTS_WEIGHTS
+
+
+def load_prompts(path: str | Path, clip: torch.nn.Module, tokenizer) -> DualPromptCLIP:
+    """Rebuild a learner from a folder (or its prompts.safetensors) written by :func:`save_prompts`."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    wfile, cfile = folder / PROMPTS_WEIGHTS, folder / PROMPTS_CONFIG
+    for f in (wfile, cfile):
+        if not f.is_file():
+            raise FileNotFoundError(f"prompt file '{f}' not found (written by `negvision retrieval train`)")
+    cfg = json.loads(cfile.read_text(encoding="utf-8"))
+    sd = load_file(str(wfile))
+    model = DualPromptCLIP(clip, tokenizer, n_ctx=int(sd["ctx"].shape[1]), ctx_init=None,
+                           class_specific=cfg["class_specific"], categories=cfg["categories"],
+                           n_vis=cfg["n_vis"], vis_depth=cfg["vis_depth"] or 1)
+    model.ctx_init = cfg.get("ctx_init")
+    model.set_attributes(cfg.get("attr_vocab", []), sd.get("attr_weights"))
+    missing = model.load_state_dict(sd, strict=False)
+    if missing.missing_keys:
+        raise ValueError(f"{wfile}: missing prompt tensors {missing.missing_keys}")
+    return model
+
+
+def train_retrieval(clip: torch.nn.Module, tokenizer, preprocess, train_pairs: Sequence[Pair], out_dir: str | Path,
+                    cfg: DCARConfig | None = None, val_pairs: Sequence[Pair] | None = None, *,
+                    epochs: int = 10, batch_size: int = 32, lr: float = 2e-3, optimizer: str = "adamw",
+                    weight_decay: float = 0.0, seed: int = 0, cpu: bool = False, progress: bool = True,
+                    max_steps: int | None = None, extra_config: dict | None = None
+                    ) -> tuple[DualPromptCLIP, dict]:
+    """Train the prompts with ``vision.engine.Trainer``; writes the engine's logs and prompts.* to ``out_dir``."""
+    from vision.engine import TrainConfig, Trainer
+
+    from .evaluate import evaluate_retrieval
+
+    cfg = cfg or DCARConfig()
+    torch.manual_seed(seed)
+    categories = categories_of(train_pairs)
+    model = build_learner(clip, tokenizer, cfg, categories)
+    dataset = PairDataset(train_pairs, preprocess)
+    callbacks = []
+    if cfg.method == "dcar":
+        vocab = attribute_vocab(train_pairs)
+        model.set_attributes(vocab)
+        if vocab and cfg.lambda_attr > 0:
+            callbacks.append(AttributeReweighting(dataset, cfg, seed))
+    cat_sim = category_similarity(category_text_features(model, categories)) if categories else None
+    loss_fn = RetrievalLoss(cfg, categories, cat_sim, seed)
+    val_ds = PairDataset(val_pairs, preprocess) if val_pairs else None
+    eval_fn = (lambda m: evaluate_retrieval(m, val_ds)) if val_ds is not None else None
+    tcfg = TrainConfig(out_dir=str(out_dir), epochs=epochs, max_steps=max_steps, optimizer=optimizer, lr=lr,
+                       weight_decay=weight_decay, scheduler="cosine", seed=seed, cpu=cpu, progress=progress,
+                       log_every=5, eval_every=1 if val_ds is not None else 0)
+    extra = {"dcar": asdict(cfg), **(extra_config or {})}
+    trainer = Trainer(model, dataset, tcfg, loss_fn=loss_fn, eval_fn=eval_fn,
+                      metric="mean_recall" if eval_fn else None, batch_size=batch_size, collate_fn=collate_pairs,
+                      batch_size_fn=lambda b: len(b["captions"]), extra_config=extra, callbacks=callbacks)
+    summary = trainer.fit()
+    model = trainer.unwrapped_model
+    hist = callbacks[0].history if callbacks else []
+    save_prompts(model, out_dir, {"method": cfg.method, **(extra_config or {}),
+                                  "attr_history": hist[-1:] if hist else []})
+    summary["attr_history"] = hist
+    return model, summary
