@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
-__all__ = ["atss_assign", "atss_assign_loop"]
+__all__ = ["atss_assign", "atss_assign_dense", "atss_assign_loop"]
 
 
 def _nearest_k(dist: Tensor, k: int) -> Tensor:
@@ -184,3 +184,41 @@ def atss_assign_loop(
                 best[a] = v
                 assigned[a] = gi
     return assigned
+
+
+def atss_assign_dense(
+    anchors: Tensor, num_anchors_per_level: Sequence[int], gt_boxes: Tensor, topk: int = 9, num_anchors_per_location: int = 1
+) -> Tensor:
+    """Transcription of the official ``prepare_targets`` (full A x G IoU and distance matrices, ``torch.topk``).
+
+    The memory profile of the official / mmdetection assigners; kept as a reference for tests and benchmarks.
+    Equal centre distances are left to ``torch.topk`` (unspecified order), as in the official code.
+    """
+    A, G = anchors.shape[0], gt_boxes.shape[0]
+    if G == 0:
+        return torch.full((A,), -1, dtype=torch.long, device=anchors.device)
+    ious = box_iou(anchors, gt_boxes)  # [A, G]
+    gt_points = torch.stack(((gt_boxes[:, 0] + gt_boxes[:, 2]) / 2, (gt_boxes[:, 1] + gt_boxes[:, 3]) / 2), 1)
+    acx = (anchors[:, 0] + anchors[:, 2]) / 2
+    acy = (anchors[:, 1] + anchors[:, 3]) / 2
+    distances = (torch.stack((acx, acy), 1)[:, None, :] - gt_points[None, :, :]).pow(2).sum(-1).sqrt()  # [A, G]
+    cand, start = [], 0
+    for n in num_anchors_per_level:
+        k = min(topk * num_anchors_per_location, n)
+        _, idx = distances[start:start + n].topk(k, dim=0, largest=False)
+        cand.append(idx + start)
+        start += n
+    cand = torch.cat(cand, 0)  # [K, G]
+    cols = torch.arange(G, device=anchors.device)
+    cand_ious = ious[cand, cols]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        thresh = cand_ious.mean(0) + cand_ious.std(0)
+    cx, cy = acx[cand], acy[cand]
+    inside = torch.stack((cx - gt_boxes[:, 0], cy - gt_boxes[:, 1], gt_boxes[:, 2] - cx, gt_boxes[:, 3] - cy)).min(0).values > 0.01
+    is_pos = (cand_ious >= thresh[None, :]) & inside
+    ious_inf = torch.full_like(ious, float("-inf"))
+    ious_inf[cand[is_pos], cols.expand_as(cand)[is_pos]] = cand_ious[is_pos]
+    val, idx = ious_inf.max(1)  # ties: the first (lowest) gt index
+    idx[val == float("-inf")] = -1
+    return idx

@@ -8,7 +8,7 @@ import torch
 from torchvision.ops import box_iou
 
 from detectors.atss import atss_assign
-from detectors.atss.assigner import atss_assign_loop
+from detectors.atss.assigner import atss_assign_dense, atss_assign_loop
 
 
 def line_anchors(xs, half=1.0):
@@ -178,6 +178,7 @@ def test_matches_official_transcription_and_loop(seed, G):
     ours = atss_assign(anchors, levels, gt, topk=9)
     assert torch.equal(ours, official_atss(anchors, levels, gt, topk=9))
     assert torch.equal(ours, atss_assign_loop(anchors, levels, gt, topk=9))
+    assert torch.equal(ours, atss_assign_dense(anchors, levels, gt, topk=9))
     # chunking over gts changes nothing
     assert torch.equal(ours, atss_assign(anchors, levels, gt, topk=9, max_elements=len(anchors)))
 
