@@ -112,3 +112,13 @@ def test_demo_tiny(tmp_path):
     assert r.exit_code == 0, r.output
     s = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
     assert s["AP"] is not None and (tmp_path / "demo" / "predictions").is_dir()
+
+
+def test_demo_defaults_match_the_documented_configuration():
+    import inspect
+
+    from detectors import cli, demo
+
+    params = inspect.signature(cli.demo).parameters
+    assert params["epochs"].default.default == demo.DEMO_EPOCHS
+    assert inspect.signature(demo.run_demo).parameters["epochs"].default == demo.DEMO_EPOCHS
