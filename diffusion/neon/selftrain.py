@@ -128,7 +128,8 @@ def trainable_component(pipe: Any, component: str | None = None) -> tuple[str, n
     )
 
 
-def denoising_loss(scheduler: Any, *, class_conditional: bool = False) -> Callable[[nn.Module, Any], dict]:
+def denoising_loss(scheduler: Any, *, class_conditional: bool = False,
+                   text_conditional: bool = False) -> Callable[[nn.Module, Any], dict]:
     """loss_fn(model, batch) of DDPM training: noise x0 at a random t and regress the scheduler's target."""
     num_t = int(scheduler.config.num_train_timesteps)
     pred_type = getattr(scheduler.config, "prediction_type", "epsilon")
@@ -144,6 +145,8 @@ def denoising_loss(scheduler: Any, *, class_conditional: bool = False) -> Callab
         kwargs = {}
         if class_conditional:
             kwargs["class_labels"] = batch[1]
+        if text_conditional:  # batch = (latents, text embeddings of each sample's prompt)
+            kwargs["encoder_hidden_states"] = batch[1]
         pred = model(x_t, t, **kwargs).sample
         if pred_type == "epsilon":
             target = noise
@@ -154,6 +157,40 @@ def denoising_loss(scheduler: Any, *, class_conditional: bool = False) -> Callab
         return {"loss": nn.functional.mse_loss(pred.float(), target.float())}
 
     return loss_fn
+
+
+@torch.no_grad()
+def _encode_text_to_image_data(pipe: Any, x0: Tensor, prompts: Sequence[Any], batch_size: int = 16
+                               ) -> tuple[Tensor, Tensor, Tensor]:
+    """VAE latents of the samples, text embeddings of the distinct prompts, and each sample's prompt index."""
+    if any(p is None for p in prompts):
+        raise ValueError("every sample of a text-to-image pipeline needs its prompt")
+    dev = next(pipe.vae.parameters()).device
+    scale = float(getattr(pipe.vae.config, "scaling_factor", 0.18215))
+    lat = []
+    for i in range(0, len(x0), batch_size):
+        # z_0 = scaling_factor * E(x), as Stable Diffusion training does
+        lat.append(pipe.vae.encode(x0[i:i + batch_size].to(dev)).latent_dist.sample().cpu() * scale)
+    uniq = sorted(set(str(p) for p in prompts))
+    tok = pipe.tokenizer(uniq, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt")
+    emb = pipe.text_encoder(tok.input_ids.to(next(pipe.text_encoder.parameters()).device))[0].cpu()
+    where = {p: i for i, p in enumerate(uniq)}
+    idx = torch.tensor([where[str(p)] for p in prompts], dtype=torch.long)
+    return torch.cat(lat), emb, idx
+
+
+class _TextCondData(torch.utils.data.Dataset):
+    """(latent, text embedding of its prompt) pairs; embeddings stored once per distinct prompt."""
+
+    def __init__(self, latents: Tensor, emb: Tensor, idx: Tensor):
+        self.latents, self.emb, self.idx = latents, emb, idx
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.latents[i], self.emb[self.idx[i]]
 
 
 class _Repeated(torch.utils.data.Dataset):
@@ -207,18 +244,27 @@ def self_train(
     dev = pick_device(device)
     pipe = load_pipeline(model, dev)
     name, denoiser = trainable_component(pipe, component)
-    if getattr(pipe, "vae", None) is not None or getattr(pipe, "vqvae", None) is not None:
-        raise NotImplementedError(
-            "self-training latent pipelines (VAE/VQ-VAE) is not supported yet; pixel-space UNet2DModel "
-            "pipelines (DDPM/DDIM) are"
-        )
-    from diffusers import UNet2DModel
+    from diffusers import UNet2DConditionModel, UNet2DModel
 
-    if not isinstance(denoiser, UNet2DModel):
-        raise NotImplementedError(
-            f"self-training a {type(denoiser).__name__} is not supported yet (only UNet2DModel); "
-            "sample and fine-tune with your own script, then use `negvision neon merge`"
-        )
+    text_cond = isinstance(denoiser, UNet2DConditionModel)
+    if text_cond:
+        # Stable-Diffusion-style text-to-image: latent space (VAE) + text encoder conditioning
+        for need in ("vae", "text_encoder", "tokenizer"):
+            if getattr(pipe, need, None) is None:
+                raise NotImplementedError(f"self-training a UNet2DConditionModel needs a pipeline with '{need}'")
+        if not prompts:
+            raise ValueError("a text-to-image pipeline needs a prompt list (--prompts FILE, one prompt a line)")
+    else:
+        if getattr(pipe, "vae", None) is not None or getattr(pipe, "vqvae", None) is not None:
+            raise NotImplementedError(
+                "self-training latent pipelines without text conditioning is not supported yet; pixel-space "
+                "UNet2DModel pipelines (DDPM/DDIM) and Stable-Diffusion-style text-to-image pipelines are"
+            )
+        if not isinstance(denoiser, UNet2DModel):
+            raise NotImplementedError(
+                f"self-training a {type(denoiser).__name__} is not supported yet (UNet2DModel, "
+                "UNet2DConditionModel); sample and fine-tune with your own script, then use `negvision neon merge`"
+            )
     class_cond = getattr(denoiser.config, "num_class_embeds", None) is not None
 
     if samples is None:
@@ -228,10 +274,16 @@ def self_train(
             progress=progress,
         )
     else:
-        conds = list(class_labels or [None] * len(samples))
+        if prompts:
+            conds = [prompts[i % len(prompts)] for i in range(len(samples))]
+        else:
+            conds = list(class_labels or [None] * len(samples))
     save_image(image_grid(list(samples[:64])), out / "samples.png")
     x0 = samples.to(torch.float32) * 2.0 - 1.0  # pipelines output [0, 1]; the model is trained on [-1, 1]
-    if class_cond:
+    if text_cond:
+        x0, emb, idx = _encode_text_to_image_data(pipe, x0, conds, batch_size=sample_batch_size)
+        data = _TextCondData(x0, emb, idx)
+    elif class_cond:
         if any(c is None for c in conds):
             raise ValueError("a class-conditional UNet2DModel needs class_labels")
         data = TensorDataset(x0, torch.as_tensor(conds, dtype=torch.long))
@@ -260,7 +312,8 @@ def self_train(
     )
     denoiser.train()
     trainer = Trainer(
-        denoiser, data, cfg, loss_fn=denoising_loss(train_sched, class_conditional=class_cond),
+        denoiser, data, cfg,
+        loss_fn=denoising_loss(train_sched, class_conditional=class_cond, text_conditional=text_cond),
         batch_size=batch_size, extra_config={"neon": {"model": str(model), "num_samples": len(x0)}},
     )
     summary = trainer.fit()
