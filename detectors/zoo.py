@@ -26,13 +26,19 @@ class BackboneWithFPN(nn.Module):
         return OrderedDict((str(i), f) for i, f in enumerate(self.fpn(self.body(x))))
 
 
-def _backbone(name: str | Backbone, pretrained: bool | str, freeze_bn: bool | None) -> Backbone:
-    bb = name if isinstance(name, Backbone) else create_backbone(name, pretrained=pretrained, out_strides=(8, 16, 32))
-    if freeze_bn if freeze_bn is not None else bool(pretrained):
-        from timm.layers import freeze_batch_norm_2d
-
-        bb.body = freeze_batch_norm_2d(bb.body)
-    return bb
+def _torchvision_detector(cls: type, num_classes: int, backbone: str | Backbone, pretrained_backbone: bool | str,
+                          fpn_channels: int, min_size: int, max_size: int, freeze_bn: bool | None,
+                          **kwargs: Any) -> nn.Module:
+    """``cls`` (torchvision FCOS / RetinaNet) on our backbone + FPN, normalised with the backbone's mean / std."""
+    bb = backbone if isinstance(backbone, Backbone) else create_backbone(backbone, pretrained=pretrained_backbone,
+                                                                         out_strides=(8, 16, 32))
+    if freeze_bn if freeze_bn is not None else bool(pretrained_backbone):
+        bb.freeze_batch_norm()
+    model = cls(BackboneWithFPN(bb, fpn_channels), num_classes, min_size=min_size, max_size=max_size,
+                image_mean=list(bb.mean), image_std=list(bb.std), **kwargs)
+    model.config = {"num_classes": num_classes, "backbone": bb.name, "fpn_channels": fpn_channels,
+                    "min_size": min_size, "max_size": max_size}
+    return model
 
 
 @DETECTORS.register("atss")
@@ -50,12 +56,8 @@ def fcos(num_classes: int, backbone: str | Backbone = "efficientnet_lite0.offlin
     """torchvision FCOS with this toolkit's backbone + FPN (P3-P7)."""
     from torchvision.models.detection import FCOS
 
-    bb = _backbone(backbone, pretrained_backbone, freeze_bn)
-    model = FCOS(BackboneWithFPN(bb, fpn_channels), num_classes, min_size=min_size, max_size=max_size,
-                 image_mean=list(bb.mean), image_std=list(bb.std), **kwargs)
-    model.config = {"num_classes": num_classes, "backbone": bb.name, "fpn_channels": fpn_channels,
-                    "min_size": min_size, "max_size": max_size}
-    return model
+    return _torchvision_detector(FCOS, num_classes, backbone, pretrained_backbone, fpn_channels, min_size, max_size,
+                                 freeze_bn, **kwargs)
 
 
 @DETECTORS.register("retinanet")
@@ -65,12 +67,8 @@ def retinanet(num_classes: int, backbone: str | Backbone = "efficientnet_lite0.o
     """torchvision RetinaNet (9 anchors per location, focal loss, smooth-L1 / L1 boxes) on the same backbone + FPN."""
     from torchvision.models.detection import RetinaNet
 
-    bb = _backbone(backbone, pretrained_backbone, freeze_bn)
-    model = RetinaNet(BackboneWithFPN(bb, fpn_channels), num_classes, min_size=min_size, max_size=max_size,
-                      image_mean=list(bb.mean), image_std=list(bb.std), **kwargs)
-    model.config = {"num_classes": num_classes, "backbone": bb.name, "fpn_channels": fpn_channels,
-                    "min_size": min_size, "max_size": max_size}
-    return model
+    return _torchvision_detector(RetinaNet, num_classes, backbone, pretrained_backbone, fpn_channels, min_size,
+                                 max_size, freeze_bn, **kwargs)
 
 
 def create_detector(name: str, num_classes: int, **kwargs: Any) -> nn.Module:

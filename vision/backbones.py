@@ -47,6 +47,13 @@ class Backbone(nn.Module):
         feats = self.body(x)
         return [feats[i] for i in self._select]
 
+    def freeze_batch_norm(self) -> Backbone:
+        """Replace every BatchNorm2d of the body by a FrozenBatchNorm2d (timm); returns self."""
+        from timm.layers import freeze_batch_norm_2d
+
+        self.body = freeze_batch_norm_2d(self.body)
+        return self
+
 
 def register_backbone(name: str | None = None, *, override: bool = False) -> Callable:
     """Decorator registering ``fn(pretrained=False, out_indices=None, **kw) -> Backbone`` under ``name``."""

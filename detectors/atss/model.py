@@ -103,9 +103,7 @@ class ATSS(nn.Module):
         if freeze_bn is None:
             freeze_bn = bool(pretrained_backbone)
         if freeze_bn:
-            from timm.layers import freeze_batch_norm_2d
-
-            self.backbone.body = freeze_batch_norm_2d(self.backbone.body)
+            self.backbone.freeze_batch_norm()
         self.fpn = build_fpn(self.backbone, fpn_channels, extra="p6p7", p6p7_from="p5")
         self.head = ATSSHead(fpn_channels, num_classes, 1, num_convs, len(STRIDES), prior_prob, norm_groups)
         min_sizes = (min_size,) if isinstance(min_size, int) else tuple(min_size)

