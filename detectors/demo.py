@@ -41,15 +41,8 @@ def run_demo(out: Path = Path("runs/demo"), n_train: int = 400, n_val: int = 100
     print(f"        AP {ev.get('AP', float('nan')):.4f}  AP50 {ev.get('AP50', float('nan')):.4f}  "
           f"AP75 {ev.get('AP75', float('nan')):.4f}")
     pred_dir = out / "predictions"
-    val_images = data / "images" / "val"
-    sample = sorted(val_images.iterdir())[:8]
-    src = out / "predict_input"
-    src.mkdir(parents=True, exist_ok=True)
-    for p in sample:
-        dst = src / p.name
-        if not dst.exists():
-            dst.write_bytes(p.read_bytes())
-    predict_images(run, src, pred_dir, score_thresh=0.3)
+    sample = sorted((data / "images" / "val").iterdir())[:8]
+    predict_images(run, sample, pred_dir, score_thresh=0.3)
     print(f"[demo] 4/4 predictions (JSON + pictures) for {len(sample)} images -> {pred_dir}")
     report = {
         "AP": ev.get("AP"), "AP50": ev.get("AP50"), "AP75": ev.get("AP75"),

@@ -197,9 +197,15 @@ def train_detector(
         losses = m(list(images), [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
         return {"loss": sum(losses.values()), **losses}
 
+    # eval results by step, kept for the best step so far and the newest: the final report reuses the best one
+    evals: dict[int, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+
     def eval_fn(m: nn.Module) -> dict[str, float]:
         assert val_ds is not None
-        res, _ = evaluate_detector(m, val_ds, batch_size=batch, device=next(m.parameters()).device)
+        res, preds = evaluate_detector(m, val_ds, batch_size=batch, device=next(m.parameters()).device)
+        for step in [k for k in evals if k != trainer.best_step]:
+            del evals[step]
+        evals[trainer.global_step] = (res, preds)
         return {k: float(res[k]) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
 
     cfg = TrainConfig(out_dir=str(out), epochs=epochs, max_steps=max_steps, optimizer=optimizer, lr=lr,
@@ -216,9 +222,12 @@ def train_detector(
     if not trainer.accelerator.is_main_process:
         return summary
     if val_ds is not None:
-        best = out / "checkpoints" / "best" / "model.safetensors"
-        final_model, _ = load_detector(best if best.is_file() else out)
-        res, preds = evaluate_detector(final_model, val_ds, batch_size=batch)
+        if summary.get("best_step") in evals:  # the best checkpoint was evaluated in this process
+            res, preds = evals[summary["best_step"]]
+        else:  # e.g. its evaluation happened before a resume
+            best = out / "checkpoints" / "best" / "model.safetensors"
+            final_model, _ = load_detector(best if best.is_file() else out)
+            res, preds = evaluate_detector(final_model, val_ds, batch_size=batch)
         summary["eval"] = {k: res[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "per_class", "images_per_s")}
         summary["files"] = save_eval_outputs(res, preds, val_ds, out)
     write_json_atomic(out / "train_summary.json", summary)
@@ -227,7 +236,7 @@ def train_detector(
 
 # ----------------------------------------------------------------------------- prediction
 @torch.no_grad()
-def predict_images(weights: str | Path, source: str | Path, out: str | Path, *, score_thresh: float = 0.3,
+def predict_images(weights: str | Path, source: str | Path | list[Path], out: str | Path, *, score_thresh: float = 0.3,
                    batch: int = 4, device: str | None = None, draw: bool = True) -> list[dict[str, Any]]:
     """Run a trained detector on images; writes one JSON per image and (optionally) images with boxes drawn."""
     import numpy as np
@@ -240,7 +249,7 @@ def predict_images(weights: str | Path, source: str | Path, out: str | Path, *, 
     classes = spec["classes"]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    files = list_images(source)
+    files = [Path(f) for f in source] if isinstance(source, (list, tuple)) else list_images(source)
     results = []
     for i in range(0, len(files), batch):
         chunk = files[i:i + batch]

@@ -63,6 +63,10 @@ def test_eval_prints_table_and_json(trained, digits):
     assert r.exit_code == 0
     res = json.loads(r.output.strip().splitlines()[-1])
     assert 0.0 <= res["AP"] <= 1.0 and "per_class" in res
+    # the report written at the end of training is the best checkpoint's evaluation
+    summary = json.loads((trained / "train_summary.json").read_text())
+    assert summary["eval"]["AP"] == pytest.approx(res["AP"], abs=1e-6)
+    assert summary["eval"]["AP50"] == pytest.approx(res["AP50"], abs=1e-6)
 
 
 def test_predict_writes_json_and_pictures(trained, digits, tmp_path):
