@@ -58,6 +58,9 @@ def train(
     alpha: float = typer.Option(1.0, "--alpha", help="Category-matching weight of negatives: w = 1 + alpha * m."),
     k_neg: int = typer.Option(3, "--k-neg", help="Extra negative captions per image (FDRD / class-name swap)."),
     lambda_attr: float = typer.Option(0.5, "--lambda-attr", help="Weight of the attribute loss."),
+    attr_text_grad: bool = typer.Option(False, "--attr-text-grad",
+                                        help="Let the attribute loss train the text context too (default: visual "
+                                             "prompts only)."),
     seed: int = typer.Option(0, "--seed"),
     device: str | None = typer.Option(None, "--device"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip malformed lines with a warning."),
@@ -72,7 +75,8 @@ def train(
     va = _pairs(val_data, image_root, skip_bad, categories_of(tr) if class_specific else None) if val_data else None
     enc = _encoder(model, pretrained, device)
     cfg = DCARConfig(method=method, n_ctx=n_ctx, ctx_init=ctx_init or None, class_specific=class_specific,
-                     n_vis=n_vis, vis_depth=vis_depth or None, alpha=alpha, k_neg=k_neg, lambda_attr=lambda_attr)
+                     n_vis=n_vis, vis_depth=vis_depth or None, alpha=alpha, k_neg=k_neg, lambda_attr=lambda_attr,
+                     attr_text_grad=attr_text_grad)
     _, summary = train_retrieval(enc.model, enc.tokenizer, enc.preprocess, tr, out, cfg, va, epochs=epochs,
                                  batch_size=batch_size, lr=lr, seed=seed, cpu=enc.device.type == "cpu",
                                  extra_config={"model": model, "pretrained": pretrained or None})

@@ -48,6 +48,7 @@ class DCARConfig:
     attr_eta: float = 0.5  # EMA step of the attribute weights
     attr_bins: int = 8
     attr_max_pairs: int = 512
+    attr_text_grad: bool = False  # True: the attribute loss also trains the text context (hurt t2i R@1 here)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -127,6 +128,8 @@ class RetrievalLoss:
         out = weighted_contrastive_loss(img, cap_f, scale, w_batch=w_batch, neg_txt=neg_f, w_neg=w_neg)
         if vocab:
             attr_f = txt[B + B * K :]
+            if not cfg.attr_text_grad:
+                attr_f = attr_f.detach()
             labels = attribute_labels(batch["attributes"], vocab).to(img.device)
             l_attr = attribute_loss(img, attr_f, labels, inner.attr_weights, scale)
             out["loss_cat"] = out["loss"]
