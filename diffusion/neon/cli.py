@@ -77,7 +77,7 @@ def selftrain_cmd(
     lr: float = typer.Option(1e-4, "--lr"),
     num_inference_steps: int = typer.Option(None, "--num-inference-steps", help="Sampler steps (pipeline default if unset)."),
     prompts: Path = typer.Option(None, "--prompts", help="Text file, one prompt a line (text-to-image pipelines)."),
-    class_labels: str = typer.Option(None, "--class-labels", help="Comma-separated class ids (class-conditional)."),
+    class_labels: str = typer.Option(None, "--class-labels", help="Comma-separated class ids (class-conditional; default: every class in turn)."),
     guidance_scale: float = typer.Option(None, "--guidance-scale"),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: best available)."),

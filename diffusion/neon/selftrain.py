@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["denoising_loss", "load_pipeline", "sample_images", "self_train", "trainable_component"]
+__all__ = ["denoising_loss", "is_dit", "load_pipeline", "num_classes", "sample_images", "self_train",
+           "trainable_component"]
 
 logger = logging.getLogger("negvision.neon")
 
@@ -45,6 +46,29 @@ def load_pipeline(path: str | os.PathLike, device: torch.device | str | None = N
 def _accepts(fn: Callable, name: str) -> bool:
     params = inspect.signature(fn).parameters
     return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
+def _requires(fn: Callable, name: str) -> bool:
+    p = inspect.signature(fn).parameters.get(name)
+    return p is not None and p.default is inspect.Parameter.empty
+
+
+def num_classes(pipe: Any) -> int:
+    """Number of classes of a class-conditional pipeline's denoiser (DiT: ``num_embeds_ada_norm``; UNet2DModel:
+    ``num_class_embeds``)."""
+    _, den = trainable_component(pipe)
+    n = getattr(den.config, "num_embeds_ada_norm", None) or getattr(den.config, "num_class_embeds", None)
+    if not n:
+        raise ValueError(f"{type(pipe).__name__}: cannot tell the number of classes; give class_labels")
+    return int(n)
+
+
+def is_dit(module: nn.Module) -> bool:
+    """A DiT-style class-conditional latent transformer (adaLN-Zero with a class-label embedding)."""
+    cfg = getattr(module, "config", None)
+    return (type(module).__name__ in ("DiTTransformer2DModel", "Transformer2DModel")
+            and getattr(cfg, "norm_type", "ada_norm_zero") == "ada_norm_zero"
+            and getattr(cfg, "num_embeds_ada_norm", None) is not None)
 
 
 @torch.no_grad()
@@ -86,10 +110,11 @@ def sample_images(
                 raise ValueError(f"{type(pipe).__name__} takes no prompt; drop --prompts")
             cond = [prompts[i % len(prompts)] for i in idx]
             kwargs["prompt"] = cond
-        elif class_labels:
+        elif class_labels or _requires(call, "class_labels"):
             if not _accepts(call, "class_labels"):
                 raise ValueError(f"{type(pipe).__name__} takes no class_labels")
-            cond = [int(class_labels[i % len(class_labels)]) for i in idx]
+            labels = class_labels or list(range(num_classes(pipe)))  # default: every class in turn
+            cond = [int(labels[i % len(labels)]) for i in idx]
             kwargs["class_labels"] = cond
         else:
             if _accepts(call, "prompt") and not _accepts(call, "batch_size"):
@@ -148,6 +173,10 @@ def denoising_loss(scheduler: Any, *, class_conditional: bool = False,
         if text_conditional:  # batch = (latents, text embeddings of each sample's prompt)
             kwargs["encoder_hidden_states"] = batch[1]
         pred = model(x_t, t, **kwargs).sample
+        if pred.shape[1] == 2 * x0.shape[1]:
+            # learned variance (DiT, improved DDPM): the first half is the mean prediction; the variance half gets
+            # no loss here (no VLB term), and diffusers' samplers discard it
+            pred = pred[:, : x0.shape[1]]
         if pred_type == "epsilon":
             target = noise
         elif pred_type == "v_prediction":
@@ -165,19 +194,25 @@ def _encode_text_to_image_data(pipe: Any, x0: Tensor, prompts: Sequence[Any], ba
     """VAE latents of the samples, text embeddings of the distinct prompts, and each sample's prompt index."""
     if any(p is None for p in prompts):
         raise ValueError("every sample of a text-to-image pipeline needs its prompt")
-    dev = next(pipe.vae.parameters()).device
-    scale = float(getattr(pipe.vae.config, "scaling_factor", 0.18215))
-    lat = []
-    for i in range(0, len(x0), batch_size):
-        # z_0 = scaling_factor * E(x), as Stable Diffusion training does
-        lat.append(pipe.vae.encode(x0[i:i + batch_size].to(dev)).latent_dist.sample().cpu() * scale)
+    lat = _vae_latents(pipe, x0, batch_size)
     uniq = sorted(set(str(p) for p in prompts))
     tok = pipe.tokenizer(uniq, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt")
     emb = pipe.text_encoder(tok.input_ids.to(next(pipe.text_encoder.parameters()).device))[0].cpu()
     where = {p: i for i, p in enumerate(uniq)}
     idx = torch.tensor([where[str(p)] for p in prompts], dtype=torch.long)
-    return torch.cat(lat), emb, idx
+    return lat, emb, idx
+
+
+@torch.no_grad()
+def _vae_latents(pipe: Any, x0: Tensor, batch_size: int = 16) -> Tensor:
+    """z_0 = scaling_factor * E(x) for images x0 in [-1, 1], as Stable Diffusion and DiT training do."""
+    dev = next(pipe.vae.parameters()).device
+    scale = float(getattr(pipe.vae.config, "scaling_factor", 0.18215))
+    lat = []
+    for i in range(0, len(x0), batch_size):
+        lat.append(pipe.vae.encode(x0[i:i + batch_size].to(dev)).latent_dist.sample().cpu() * scale)
+    return torch.cat(lat)
 
 
 class _TextCondData(torch.utils.data.Dataset):
@@ -247,7 +282,14 @@ def self_train(
     from diffusers import UNet2DConditionModel, UNet2DModel
 
     text_cond = isinstance(denoiser, UNet2DConditionModel)
-    if text_cond:
+    dit = is_dit(denoiser)
+    if dit:
+        # DiT: class-conditional transformer in a VAE latent space
+        if getattr(pipe, "vae", None) is None:
+            raise NotImplementedError("self-training a DiT transformer needs a pipeline with a 'vae'")
+        if prompts:
+            raise ValueError(f"{type(pipe).__name__} is class-conditional: give class labels, not prompts")
+    elif text_cond:
         # Stable-Diffusion-style text-to-image: latent space (VAE) + text encoder conditioning
         for need in ("vae", "text_encoder", "tokenizer"):
             if getattr(pipe, need, None) is None:
@@ -263,9 +305,9 @@ def self_train(
         if not isinstance(denoiser, UNet2DModel):
             raise NotImplementedError(
                 f"self-training a {type(denoiser).__name__} is not supported yet (UNet2DModel, "
-                "UNet2DConditionModel); sample and fine-tune with your own script, then use `negvision neon merge`"
+                "UNet2DConditionModel, DiT); sample and fine-tune with your own script, then use `negvision neon merge`"
             )
-    class_cond = getattr(denoiser.config, "num_class_embeds", None) is not None
+    class_cond = dit or getattr(denoiser.config, "num_class_embeds", None) is not None
 
     if samples is None:
         samples, conds = sample_images(
@@ -276,8 +318,11 @@ def self_train(
     else:
         if prompts:
             conds = [prompts[i % len(prompts)] for i in range(len(samples))]
+        elif class_cond:
+            labels = class_labels or list(range(num_classes(pipe)))
+            conds = [int(labels[i % len(labels)]) for i in range(len(samples))]
         else:
-            conds = list(class_labels or [None] * len(samples))
+            conds = [None] * len(samples)
     save_image(image_grid(list(samples[:64])), out / "samples.png")
     x0 = samples.to(torch.float32) * 2.0 - 1.0  # pipelines output [0, 1]; the model is trained on [-1, 1]
     if text_cond:
@@ -285,7 +330,9 @@ def self_train(
         data = _TextCondData(x0, emb, idx)
     elif class_cond:
         if any(c is None for c in conds):
-            raise ValueError("a class-conditional UNet2DModel needs class_labels")
+            raise ValueError(f"a class-conditional {type(denoiser).__name__} needs class_labels")
+        if dit:
+            x0 = _vae_latents(pipe, x0, batch_size=sample_batch_size)
         data = TensorDataset(x0, torch.as_tensor(conds, dtype=torch.long))
     else:
         data = TensorDataset(x0)
