@@ -163,6 +163,9 @@ class TransformersDescriber:
             else:
                 cls = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
             self._model = cls.from_pretrained(self.model_name, dtype=self.dtype).to(dev).eval()
+            tok = getattr(self._processor, "tokenizer", None)
+            if self.kind != "blip" and tok is not None:
+                tok.padding_side = "left"  # decoder-only generation of a batch of different-length prompts
         except OSError as e:
             raise FileNotFoundError(
                 f"describer model '{self.model_name}' not found locally and could not be downloaded ({e}). "
