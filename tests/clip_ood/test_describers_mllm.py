@@ -99,3 +99,52 @@ def test_qwen2vl_batched_generation_equals_one_by_one(qwen_dir):
     assert batched == td.describe([small]) + td.describe([tall])
     names = td.similar_labels("cat", k=3)
     assert isinstance(names, list) and len(names) <= 3 and all(n.lower() != "cat" for n in names)
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        CLIPImageProcessor,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    d = tmp_path_factory.mktemp("tiny_llava")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([DESCRIBE_PROMPT, "USER: ASSISTANT: a red cat"] * 5,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<image>",
+                                                                                "<pad>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+    template = ("{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}"
+                "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    proc = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 28},
+                                                             crop_size={"height": 28, "width": 28}),
+                          tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+                          chat_template=template, image_token="<image>", num_additional_image_tokens=1)
+    cfg = LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=28, patch_size=14, projection_dim=16),
+        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1)
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(cfg).save_pretrained(str(d))
+    proc.save_pretrained(str(d))
+    return d
+
+
+def test_llava_describer_from_a_local_folder(llava_dir):
+    td = TransformersDescriber(kind="llava", model=str(llava_dir), device="cpu", max_new_tokens=5, dtype="float32")
+    a, b = Image.new("RGB", (28, 28), "green"), Image.new("RGB", (30, 60), "blue")
+    assert td.describe([a, b]) == td.describe([a]) + td.describe([b])
+    names = td.similar_labels("cat", k=3)
+    assert isinstance(names, list) and len(names) <= 3
