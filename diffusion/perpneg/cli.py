@@ -15,7 +15,8 @@ generate_app = typer.Typer(
     rich_markup_mode=None,
 )
 
-MODEL_HELP = "Stable Diffusion 1.x/2.x checkpoint: hub id (in the local HF cache) or a local pipeline folder."
+MODEL_HELP = ("Stable Diffusion 1.x/2.x checkpoint (SDXL too for `image`): hub id (in the local HF cache) or a local "
+              "pipeline folder.")
 
 
 def _fail(msg: str) -> None:
@@ -23,8 +24,21 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
-def load_pipeline(model: str, device: str | None = None):
-    """Load PerpNegStableDiffusionPipeline from a local folder or a cached hub id; one clear error when missing."""
+def _pipeline_class(path: Path, model: str, offline: bool) -> str:
+    """The ``_class_name`` of a pipeline folder or hub id ('' when it cannot be read)."""
+    try:
+        if path.exists():
+            return str(json.loads((path / "model_index.json").read_text()).get("_class_name", ""))
+        from diffusers import DiffusionPipeline
+
+        return str(DiffusionPipeline.load_config(model, local_files_only=offline).get("_class_name", ""))
+    except Exception:  # noqa: BLE001 - unreadable: loading below gives the clear error
+        return ""
+
+
+def load_pipeline(model: str, device: str | None = None, allow_xl: bool = False):
+    """Load PerpNegStableDiffusionPipeline (or the SDXL variant where ``allow_xl``) from a local folder or a cached
+    hub id; one clear error when missing."""
     import os
 
     import torch
@@ -40,11 +54,21 @@ def load_pipeline(model: str, device: str | None = None):
     dev = torch.device(device) if device else pick_device()
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    xl = "XL" in _pipeline_class(path, model, offline)
+    if xl and not allow_xl:
+        _fail(f"'{model}' is an SDXL pipeline; this command needs Stable Diffusion 1.x / 2.x "
+              "(SDXL works with `negvision generate image`)")
     try:
-        pipe = PerpNegStableDiffusionPipeline.from_pretrained(
-            str(path) if path.exists() else model, dtype=dtype, safety_checker=None,
-            requires_safety_checker=False, local_files_only=offline or path.exists(),
-        )
+        if xl:
+            from .pipeline_xl import PerpNegStableDiffusionXLPipeline
+
+            pipe = PerpNegStableDiffusionXLPipeline.from_pretrained(
+                str(path) if path.exists() else model, dtype=dtype, local_files_only=offline or path.exists())
+        else:
+            pipe = PerpNegStableDiffusionPipeline.from_pretrained(
+                str(path) if path.exists() else model, dtype=dtype, safety_checker=None,
+                requires_safety_checker=False, local_files_only=offline or path.exists(),
+            )
     except (OSError, ValueError, EnvironmentError) as e:  # noqa: UP024
         _fail(f"could not load the model '{model}' ({type(e).__name__}). Offline, pass --model a local folder holding a "
               f"diffusers Stable Diffusion pipeline (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
@@ -112,7 +136,7 @@ def image_cmd(
     pos_w = _weights(positive, positive_weight, "positive")
     if any(w < 0 for w in neg_w):
         _fail("--negative-weight must be >= 0")
-    pipe = load_pipeline(model, device)
+    pipe = load_pipeline(model, device, allow_xl=True)
     gen = torch.Generator("cpu").manual_seed(seed)
     images = pipe(
         prompt, negative_prompt=uncond, negative_prompts=negative or None, negative_weights=neg_w or None,
