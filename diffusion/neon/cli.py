@@ -22,6 +22,28 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
+_USER_ERRORS = (ValueError, FileNotFoundError, NotImplementedError, ImportError)
+
+
+def _call(fn, *args, show_warnings: bool = False, **kwargs):
+    """``fn(*args, **kwargs)``; a user error (bad input, missing file, unsupported model) exits with its message.
+    With ``show_warnings`` every warning of the call is printed once as ``warning: ...``."""
+    import warnings
+
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=show_warnings) as rec:
+            if show_warnings:
+                warnings.simplefilter("always")
+            out = fn(*args, **kwargs)
+            caught = rec or []
+    except _USER_ERRORS as e:
+        _fail(str(e))
+    for c in caught:
+        typer.echo(f"warning: {c.message}", err=True)
+    return out
+
+
 def _lines(path: Path | None) -> list[str] | None:
     if path is None:
         return None
@@ -50,18 +72,10 @@ def merge_cmd(
     ema: str = typer.Option("ema", "--ema", help="With EMA weights present, merge 'ema' (default), 'model' or 'both'."),
 ) -> None:
     """Merge two checkpoints tensor by tensor: theta_neon = (1 + w) * base - w * selftrained."""
-    import warnings
 
     from .merge import merge_checkpoints
 
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            info = merge_checkpoints(base, selftrained, out, w, component=component, ema=ema)
-        for c in caught:
-            typer.echo(f"warning: {c.message}", err=True)
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
-        _fail(str(e))
+    info = _call(merge_checkpoints, base, selftrained, out, w, component=component, ema=ema, show_warnings=True)
     typer.echo(json.dumps(info))
 
 
@@ -85,15 +99,12 @@ def selftrain_cmd(
     """Sample N images from the base model and fine-tune it on them with the denoising loss."""
     from .selftrain import self_train
 
-    try:
-        info = self_train(
-            model, out, num_samples=num_samples, steps=steps, save_every=save_every, batch_size=batch_size,
-            sample_batch_size=sample_batch_size, lr=lr, num_inference_steps=num_inference_steps,
-            prompts=_lines(prompts), class_labels=_ints(class_labels), guidance_scale=guidance_scale,
-            seed=seed, device=device,
-        )
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
-        _fail(str(e))
+    info = _call(
+        self_train, model, out, num_samples=num_samples, steps=steps, save_every=save_every, batch_size=batch_size,
+        sample_batch_size=sample_batch_size, lr=lr, num_inference_steps=num_inference_steps,
+        prompts=_lines(prompts), class_labels=_ints(class_labels), guidance_scale=guidance_scale,
+        seed=seed, device=device,
+    )
     typer.echo(json.dumps(info))
 
 
@@ -122,17 +133,14 @@ def sweep_cmd(
     """For each w: merge, sample, score (FID, precision, recall); write a CSV and a plot; print the best w."""
     from .sweep import neon_sweep, parse_floats
 
-    try:
-        ws = parse_floats(w, "w")
-        gss = parse_floats(guidance_scale, "guidance scale") if guidance_scale else None
-        info = neon_sweep(
-            base, selftrained, ws, out, reference=reference, features=features, num_samples=num_samples,
-            batch_size=batch_size, num_inference_steps=num_inference_steps, guidance_scales=gss,
-            prompts=_lines(prompts), class_labels=_ints(class_labels), seed=seed, k=k,
-            max_reference=max_reference, device=device,
-        )
-    except (ValueError, FileNotFoundError, NotImplementedError, ImportError) as e:
-        _fail(str(e))
+    ws = _call(parse_floats, w, "w")
+    gss = _call(parse_floats, guidance_scale, "guidance scale") if guidance_scale else None
+    info = _call(
+        neon_sweep, base, selftrained, ws, out, reference=reference, features=features, num_samples=num_samples,
+        batch_size=batch_size, num_inference_steps=num_inference_steps, guidance_scales=gss,
+        prompts=_lines(prompts), class_labels=_ints(class_labels), seed=seed, k=k,
+        max_reference=max_reference, device=device,
+    )
     for r in info["rows"]:
         gs = f" gs={r['guidance_scale']}" if r["guidance_scale"] != "" else ""
         typer.echo(f"w={r['w']:g}{gs}  FID={r['fid']:.4g}  precision={r['precision']:.3f}  recall={r['recall']:.3f}", err=True)

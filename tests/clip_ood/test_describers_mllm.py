@@ -15,6 +15,19 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
+def _byte_level_bpe(text: str, specials: list[str]):
+    """A tiny byte-level BPE (GPT-2 style) trained on the describer prompt and ``text``, with ``specials``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([DESCRIBE_PROMPT, text] * 5,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return bpe
+
+
 @pytest.fixture(scope="module")
 def blip_dir(tmp_path_factory):
     from transformers import (
@@ -45,7 +58,6 @@ def blip_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qwen_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (
         Qwen2TokenizerFast,
         Qwen2VLConfig,
@@ -56,12 +68,7 @@ def qwen_dir(tmp_path_factory):
     )
 
     d = tmp_path_factory.mktemp("tiny_qwen2vl")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator([DESCRIBE_PROMPT, "a red cat, a dog, names of object classes"] * 5,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS,
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe = _byte_level_bpe("a red cat, a dog, names of object classes", SPECIALS)
     tok = Qwen2TokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                              unk_token=None, bos_token=None)
     pix = dict(min_pixels=28 * 28, max_pixels=56 * 56, patch_size=14, merge_size=2, temporal_patch_size=2)
@@ -103,7 +110,6 @@ def test_qwen2vl_batched_generation_equals_one_by_one(qwen_dir):
 
 @pytest.fixture(scope="module")
 def llava_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (
         CLIPImageProcessor,
         LlavaConfig,
@@ -113,13 +119,7 @@ def llava_dir(tmp_path_factory):
     )
 
     d = tmp_path_factory.mktemp("tiny_llava")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator([DESCRIBE_PROMPT, "USER: ASSISTANT: a red cat"] * 5,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<image>",
-                                                                                "<pad>"],
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe = _byte_level_bpe("USER: ASSISTANT: a red cat", ["<unk>", "<s>", "</s>", "<image>", "<pad>"])
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
     template = ("{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
