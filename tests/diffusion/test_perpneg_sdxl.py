@@ -116,3 +116,15 @@ def test_cli_image_on_sdxl_and_clear_error_for_views(pipe, tmp_path):
     res = run.invoke(generate_app, ["views", "--model", str(tmp_path / "sdxl"), "--prompt", "a cat", "--out",
                                     str(tmp_path / "v")])
     assert res.exit_code == 2 and "SDXL" in res.output
+
+
+def test_batch_of_prompts_with_images_per_prompt(pipe):
+    kw = dict(prompt=["a red cat", "a green tree"], num_images_per_prompt=2, num_inference_steps=2, guidance_scale=4.0,
+              output_type="latent", height=16, width=16)
+    plain = pipe(generator=torch.Generator("cpu").manual_seed(0), **kw).images
+    # per-prompt negatives (a list of one per prompt), weights [K, B]: zero weight for the first prompt only
+    out = pipe(generator=torch.Generator("cpu").manual_seed(0), negative_prompts=[["a dog", "a car"]],
+               negative_weights=[[0.0, 2.0]], **kw).images
+    assert out.shape == plain.shape == (4, 4, 8, 8)
+    torch.testing.assert_close(out[:2], plain[:2], atol=1e-4, rtol=1e-3)  # images of prompt 1: plain CFG
+    assert not torch.allclose(out[2:], plain[2:], atol=1e-3)
