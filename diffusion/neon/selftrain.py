@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,12 @@ def num_classes(pipe: Any) -> int:
     if not n:
         raise ValueError(f"{type(pipe).__name__}: cannot tell the number of classes; give class_labels")
     return int(n)
+
+
+def _class_conds(pipe: Any, class_labels: Sequence[int] | None, indices: Iterable[int]) -> list[int]:
+    """The class label of each sample index: ``class_labels`` cycled, by default every class in turn."""
+    labels = list(class_labels) if class_labels else list(range(num_classes(pipe)))
+    return [int(labels[i % len(labels)]) for i in indices]
 
 
 def is_dit(module: nn.Module) -> bool:
@@ -113,8 +119,7 @@ def sample_images(
         elif class_labels or _requires(call, "class_labels"):
             if not _accepts(call, "class_labels"):
                 raise ValueError(f"{type(pipe).__name__} takes no class_labels")
-            labels = class_labels or list(range(num_classes(pipe)))  # default: every class in turn
-            cond = [int(labels[i % len(labels)]) for i in idx]
+            cond = _class_conds(pipe, class_labels, idx)
             kwargs["class_labels"] = cond
         else:
             if _accepts(call, "prompt") and not _accepts(call, "batch_size"):
@@ -319,8 +324,7 @@ def self_train(
         if prompts:
             conds = [prompts[i % len(prompts)] for i in range(len(samples))]
         elif class_cond:
-            labels = class_labels or list(range(num_classes(pipe)))
-            conds = [int(labels[i % len(labels)]) for i in range(len(samples))]
+            conds = _class_conds(pipe, class_labels, range(len(samples)))
         else:
             conds = [None] * len(samples)
     save_image(image_grid(list(samples[:64])), out / "samples.png")

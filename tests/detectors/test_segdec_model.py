@@ -9,14 +9,7 @@ from torch import nn
 from detectors.segdec import FeatureNorm, SegDecNet, gradient_multiply
 from detectors.segdec.model import _Conv2d
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded on a shared 2-core machine (OpenMP threads contend)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/detectors/conftest.py
 
 
 def _convs(seq: nn.Module) -> list[tuple[int, int, int]]:

@@ -17,14 +17,7 @@ from detectors.segdec.cli import app
 from detectors.segdec.train import _dice_iou
 from vision.data.defects import make_defects
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded on a shared 2-core machine (OpenMP threads contend)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/detectors/conftest.py
 
 
 FAST = ["--width", "0.25", "--workers", "0", "--cpu", "--batch", "4"]

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -19,22 +18,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 
-def _tiny_pipeline(path: Path, seed: int = 0) -> None:
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-
-    torch.manual_seed(seed)
-    unet = UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4, add_attention=False,
-    )
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=20)).save_pretrained(path)
-
-
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, tiny_ddpm):
     root = tmp_path_factory.mktemp("neon")
-    _tiny_pipeline(root / "base")
+    tiny_ddpm(root / "base", num_train_timesteps=20)
     ref = root / "ref"
     ref.mkdir()
     rng = np.random.default_rng(0)

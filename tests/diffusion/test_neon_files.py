@@ -140,26 +140,11 @@ def test_missing_files_and_bad_inputs(tmp_path):
 # ------------------------------------------------------------------------------------------ diffusers folders
 
 
-def _tiny_pipeline(path: Path, seed: int, ema: bool = False):
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-
-    torch.manual_seed(seed)
-    unet = UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4, add_attention=False,
-    )
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=10)).save_pretrained(path)
-    if ema:
-        unet.save_pretrained(path / "unet_ema")
-    return unet
-
-
-def test_diffusers_pipeline_folder(tmp_path):
+def test_diffusers_pipeline_folder(tmp_path, tiny_ddpm):
     from diffusers import UNet2DModel
 
-    b = _tiny_pipeline(tmp_path / "base", 0, ema=True)
-    s = _tiny_pipeline(tmp_path / "st", 1, ema=True)
+    b = tiny_ddpm(tmp_path / "base", 0, ema=True)
+    s = tiny_ddpm(tmp_path / "st", 1, ema=True)
     info = merge_checkpoints(tmp_path / "base", tmp_path / "st", tmp_path / "out", 2.0)
     assert [m["folder"] for m in info["merged_folders"]] == ["unet", "unet_ema"]
     merged = UNet2DModel.from_pretrained(tmp_path / "out" / "unet").state_dict()
@@ -172,9 +157,9 @@ def test_diffusers_pipeline_folder(tmp_path):
     assert json.loads((tmp_path / "out" / "neon.json").read_text())["w"] == 2.0
 
 
-def test_diffusers_selftrained_as_single_file_and_model_folder(tmp_path):
-    b = _tiny_pipeline(tmp_path / "base", 0)
-    s = _tiny_pipeline(tmp_path / "st", 1)
+def test_diffusers_selftrained_as_single_file_and_model_folder(tmp_path, tiny_ddpm):
+    b = tiny_ddpm(tmp_path / "base", 0)
+    s = tiny_ddpm(tmp_path / "st", 1)
     weights = tmp_path / "st" / "unet" / "diffusion_pytorch_model.safetensors"
     merge_checkpoints(tmp_path / "base", weights, tmp_path / "o1", 1.0)
     merge_checkpoints(tmp_path / "base" / "unet", tmp_path / "st" / "unet", tmp_path / "o2", 1.0)
@@ -185,9 +170,9 @@ def test_diffusers_selftrained_as_single_file_and_model_folder(tmp_path):
             assert torch.equal(got[k], expected[k]), k
 
 
-def test_diffusers_missing_component(tmp_path):
-    _tiny_pipeline(tmp_path / "base", 0)
-    _tiny_pipeline(tmp_path / "st", 1)
+def test_diffusers_missing_component(tmp_path, tiny_ddpm):
+    tiny_ddpm(tmp_path / "base", 0)
+    tiny_ddpm(tmp_path / "st", 1)
     with pytest.raises(MissingComponentError, match="transformer"):
         merge_checkpoints(tmp_path / "base", tmp_path / "st", tmp_path / "o", 1.0, component="transformer")
     empty = tmp_path / "empty"
@@ -196,9 +181,9 @@ def test_diffusers_missing_component(tmp_path):
         merge_checkpoints(empty, tmp_path / "st", tmp_path / "o", 1.0)
 
 
-def test_diffusers_ema_required_on_both_sides(tmp_path):
-    _tiny_pipeline(tmp_path / "base", 0, ema=True)
-    _tiny_pipeline(tmp_path / "st", 1, ema=False)
+def test_diffusers_ema_required_on_both_sides(tmp_path, tiny_ddpm):
+    tiny_ddpm(tmp_path / "base", 0, ema=True)
+    tiny_ddpm(tmp_path / "st", 1, ema=False)
     with pytest.raises(MissingComponentError, match="unet_ema"):
         merge_checkpoints(tmp_path / "base", tmp_path / "st", tmp_path / "o", 1.0)
     info = merge_checkpoints(tmp_path / "base", tmp_path / "st", tmp_path / "o", 1.0, ema="model")
