@@ -47,8 +47,13 @@ def train(
     clip_grad: float | None = typer.Option(None, "--clip-grad", help="Max gradient norm."),
     workers: int = typer.Option(2, "--workers", help="DataLoader worker processes."),
     amp: str = typer.Option("auto", "--amp", help="auto (bf16/fp16 on GPU, off on CPU) | no | fp16 | bf16"),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoints/last."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad images/labels (counted in a summary)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoints/last (verified; falls back "
+                                "to the previous checkpoint if it is damaged)."),
+    exist_ok: bool = typer.Option(False, "--exist-ok", help="Reuse OUT, removing its earlier logs and checkpoints "
+                                  "(default: a used OUT makes OUT2, OUT3, ...)."),
+    keep_last: int = typer.Option(2, "--keep-last", help="Checkpoints kept (the newest and N-1 older ones)."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad images/labels (counted, listed in "
+                                  "OUT/skipped.txt); default: list the problems and stop."),
     no_augment: bool = typer.Option(False, "--no-augment", help="Disable flip / scale jitter / colour jitter."),
     hflip: float = typer.Option(0.5, "--hflip", help="Horizontal flip probability."),
     scale: str = typer.Option("0.5,1.5", "--scale", help="Scale jitter range LO,HI (then crop/pad to img-size); 'none'."),
@@ -68,7 +73,8 @@ def train(
                                  img_size=img_size, epochs=epochs, batch=batch, lr=lr, optimizer=optimizer,
                                  scheduler=scheduler, warmup_steps=warmup, clip_grad_norm=clip_grad, workers=workers,
                                  skip_bad=skip_bad, augment=False if no_augment else _augment(hflip, scale, color_jitter), resume=resume, max_steps=max_steps,
-                                 mixed_precision=amp, seed=seed, cpu=cpu, model_kwargs={"fpn_channels": fpn_channels})
+                                 mixed_precision=amp, seed=seed, cpu=cpu, model_kwargs={"fpn_channels": fpn_channels},
+                                 exist_ok=exist_ok, keep_last=keep_last)
     except TrainingInterrupted as e:
         typer.echo(f"{e} (negvision detect train ... --resume)", err=True)
         raise typer.Exit(130) from None
@@ -77,7 +83,10 @@ def train(
     ev = summary.get("eval")
     if ev:
         typer.echo(f"AP {ev['AP']:.4f}  AP50 {ev['AP50']:.4f}  AP75 {ev['AP75']:.4f}")
-    typer.echo(f"run folder: {out}")
+    n_skipped = sum(summary.get("skipped", {}).values())
+    if n_skipped:
+        typer.echo(f"skipped {n_skipped} bad items: listed in {Path(summary['out']) / 'skipped.txt'}")
+    typer.echo(f"run folder: {summary['out']}")
 
 
 @detect_app.command("eval")
@@ -94,12 +103,13 @@ def evaluate(
     """COCO AP / AP50 / AP75 / AP small-medium-large and a per-class AP table (pycocotools)."""
     from detectors.detect import evaluate_detector, load_detector, save_eval_outputs
     from vision.data import DatasetError, load_detection_dataset
+    from vision.engine import WeightsMismatchError
     from vision.metrics import format_ap_table
 
     try:
         model, spec = load_detector(weights, device)
         ds = load_detection_dataset(data, split, skip_bad=skip_bad)
-    except (DatasetError, FileNotFoundError, ValueError) as e:
+    except (DatasetError, FileNotFoundError, ValueError, WeightsMismatchError) as e:
         _fail(str(e))
     if list(ds.classes) != list(spec["classes"]):
         _fail(f"classes of {data} {ds.classes} differ from the model's {spec['classes']}")
@@ -121,13 +131,17 @@ def predict(
     batch: int = typer.Option(4, "--batch"),
     device: str | None = typer.Option(None, "--device"),
     no_draw: bool = typer.Option(False, "--no-draw", help="Only write the JSON files."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (listed in OUT/skipped.txt)."),
 ) -> None:
-    """One JSON per image (boxes, scores, labels, class names) and the image with boxes drawn."""
+    """One JSON per image (boxes, scores, labels, class names) and the image with boxes drawn; outputs mirror the
+    source's sub-folders and never overwrite each other."""
     from detectors.detect import predict_images
+    from vision.engine import WeightsMismatchError
 
     try:
-        res = predict_images(weights, source, out, score_thresh=conf, batch=batch, device=device, draw=not no_draw)
-    except (FileNotFoundError, ValueError) as e:
+        res = predict_images(weights, source, out, score_thresh=conf, batch=batch, device=device, draw=not no_draw,
+                             skip_bad=skip_bad)
+    except (FileNotFoundError, ValueError, WeightsMismatchError) as e:
         _fail(str(e))
     n = sum(len(r["detections"]) for r in res)
     typer.echo(f"{len(res)} images, {n} detections -> {out}")

@@ -32,7 +32,7 @@ def run_demo(out: Path = Path("runs/demo"), n_train: int = 400, n_val: int = 100
     print(f"[demo] 2/4 training ATSS (efficientnet_lite0.offline, ImageNet weights) on {device}: "
           f"{epochs} epochs x {steps_per_epoch} steps, batch {batch}, {img_size}px")
     run = out / "run"
-    summary = train_detector(data, run, model="atss", backbone="efficientnet_lite0.offline", pretrained=True,
+    summary = train_detector(data, run, exist_ok=True, model="atss", backbone="efficientnet_lite0.offline", pretrained=True,
                              img_size=img_size, epochs=epochs, batch=batch, lr=0.01, warmup_steps=min(100, steps_per_epoch),
                              workers=workers, seed=0, eval_every=max(1, epochs // 3), clip_grad_norm=10.0,
                              model_kwargs=dict(DEMO_MODEL))

@@ -162,24 +162,41 @@ def train_detector(
     progress: bool = True,
     cpu: bool = False,
     model_kwargs: dict[str, Any] | None = None,
+    exist_ok: bool = False,
+    keep_last: int = 2,
 ) -> dict[str, Any]:
-    """Train a detector on a COCO / YOLO / VOC folder through the shared engine; writes the run folder ``out``."""
-    from vision.data import build_detection_transforms, detection_collate, load_detection_dataset
-    from vision.engine import TrainConfig, Trainer
+    """Train a detector on a COCO / YOLO / VOC / LabelMe folder through the shared engine; writes the run folder.
 
-    out = Path(out)
+    Both splits go through the same validation pass: a bad item in either stops with an error listing the
+    problems (or is skipped with ``skip_bad`` and listed in ``skipped.txt``); only an absent val split trains
+    without validation. A new run into a used ``out`` goes to ``out2``, ``out3``... unless ``resume`` or
+    ``exist_ok`` (reuse, clearing the old logs); ``summary["out"]`` is the folder used.
+    """
+    from vision.data import (
+        SplitNotFoundError,
+        build_detection_transforms,
+        detection_collate,
+        load_detection_dataset,
+    )
+    from vision.engine import TrainConfig, Trainer
+    from vision.engine.run import prepare_run_dir, write_skipped
+
     aug = dict(augment) if isinstance(augment, dict) else {}
     tf = build_detection_transforms(True, img_size=img_size, **aug) if augment else None
-    train_ds = load_detection_dataset(data, "train", transforms=tf, skip_bad=skip_bad)
+    train_ds = load_detection_dataset(data, "train", transforms=tf, skip_bad=skip_bad, progress=progress)
     try:
-        val_ds = load_detection_dataset(data, val_split, skip_bad=skip_bad)
-    except Exception as e:  # no validation split: train without periodic evaluation
-        log.warning("no '%s' split in %s (%s); training without validation", val_split, data, e)
+        val_ds = load_detection_dataset(data, val_split, skip_bad=skip_bad, progress=progress)
+    except SplitNotFoundError as e:  # only an absent split trains without periodic evaluation
+        log.warning("%s; training without validation", e)
         val_ds = None
-    if train_ds.bad:
-        log.warning("skipped bad training items:\n%s", train_ds.summary())
     if val_ds is not None and list(val_ds.classes) != list(train_ds.classes):
-        raise ValueError(f"class lists differ between train {train_ds.classes} and {val_split} {val_ds.classes} in {data}")
+        raise ValueError(f"class lists differ between train {train_ds.classes} and {val_split} {val_ds.classes} in "
+                         f"{data} (COCO: the two annotation files declare different categories)")
+    out = prepare_run_dir(out, resume=resume, exist_ok=exist_ok)
+    skipped = write_skipped(out, {"train": train_ds.bad, **({val_split: val_ds.bad} if val_ds is not None else {})})
+    if skipped is not None:
+        log.warning("skipped %d bad items (listed in %s): %s", len(train_ds.bad) + len(val_ds.bad if val_ds else []),
+                    skipped, train_ds.summary())
     classes = list(train_ds.classes)
     spec = model_spec(model, len(classes), classes, backbone, pretrained, img_size, **(model_kwargs or {}))
     resuming = bool(resume)
@@ -212,13 +229,14 @@ def train_detector(
                       weight_decay=weight_decay, scheduler=scheduler, warmup_steps=warmup_steps,
                       clip_grad_norm=clip_grad_norm, mixed_precision=mixed_precision, seed=seed,
                       eval_every=eval_every if val_ds is not None else 0, checkpoint_every=checkpoint_every,
-                      progress=progress, cpu=cpu)
+                      progress=progress, cpu=cpu, keep_last=keep_last)
     trainer = Trainer(net, train_ds, cfg, loss_fn=loss_fn, eval_fn=eval_fn if val_ds is not None else None,
                       metric="AP" if val_ds is not None else None, mode="max", batch_size=batch, num_workers=workers,
                       collate_fn=detection_collate, batch_size_fn=lambda b: len(b[0]),
                       extra_config={"task": "detect", "data": str(data), "detector": spec})
     summary = trainer.fit(resume=resume)
     summary["out"] = str(out)
+    summary["skipped"] = {"train": len(train_ds.bad), val_split: len(val_ds.bad) if val_ds is not None else 0}
     if not trainer.accelerator.is_main_process:
         return summary
     if val_ds is not None:
@@ -237,11 +255,16 @@ def train_detector(
 # ----------------------------------------------------------------------------- prediction
 @torch.no_grad()
 def predict_images(weights: str | Path, source: str | Path | list[Path], out: str | Path, *, score_thresh: float = 0.3,
-                   batch: int = 4, device: str | None = None, draw: bool = True) -> list[dict[str, Any]]:
-    """Run a trained detector on images; writes one JSON per image and (optionally) images with boxes drawn."""
+                   batch: int = 4, device: str | None = None, draw: bool = True,
+                   skip_bad: bool = False) -> list[dict[str, Any]]:
+    """Run a trained detector on images (EXIF orientation applied); writes one JSON per image and (optionally) the
+    image with boxes drawn. Outputs mirror the source's sub-folders and never overwrite each other (``a.jpg`` and
+    ``a.png`` give ``a.jpg.json`` and ``a.png.json``). An unreadable image is an error naming it, or with
+    ``skip_bad`` is skipped and listed in ``OUT/skipped.txt``."""
     import numpy as np
-    from PIL import Image
 
+    from vision.engine.run import write_skipped
+    from vision.io import ImageReadError, open_image, output_names
     from vision.viz import draw_boxes, save_image
 
     model, spec = load_detector(weights, device)
@@ -250,27 +273,37 @@ def predict_images(weights: str | Path, source: str | Path | list[Path], out: st
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = [Path(f) for f in source] if isinstance(source, (list, tuple)) else list_images(source)
-    results = []
+    names = output_names(files, None if isinstance(source, (list, tuple)) else source)
+    results, skipped = [], []
     for i in range(0, len(files), batch):
-        chunk = files[i:i + batch]
-        imgs = []
-        for f in chunk:
+        chunk, stems, imgs = [], [], []
+        for f, stem in zip(files[i:i + batch], names[i:i + batch], strict=True):
             try:
-                with Image.open(f) as im:
-                    arr = np.asarray(im.convert("RGB"))
-            except Exception as e:
-                raise ValueError(f"{f}: cannot read image ({e})") from e
+                arr = np.asarray(open_image(f, "RGB"))
+            except ImageReadError as e:
+                if not skip_bad:
+                    raise ValueError(str(e)) from None
+                log.warning("skipping %s", e)
+                skipped.append(str(e))
+                continue
+            chunk.append(f)
+            stems.append(stem)
             imgs.append(torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255))
+        if not chunk:
+            continue
         dets = model([im.to(dev) for im in imgs])
-        for f, im, d in zip(chunk, imgs, dets, strict=True):
+        for f, stem, im, d in zip(chunk, stems, imgs, dets, strict=True):
             keep = d["scores"] >= score_thresh
             boxes, scores, labels = d["boxes"][keep].cpu(), d["scores"][keep].cpu(), d["labels"][keep].cpu()
             rec = {"image": str(f), "width": int(im.shape[-1]), "height": int(im.shape[-2]),
                    "detections": [{"box": [round(float(v), 2) for v in b], "score": round(float(s), 4),
                                    "label": int(lab), "class_name": classes[int(lab)]}
                                   for b, s, lab in zip(boxes, scores, labels, strict=True)]}
-            write_json_atomic(out / f"{f.stem}.json", rec)
+            rec["json"] = str(out / f"{stem}.json")
+            write_json_atomic(out / f"{stem}.json", rec)
             if draw:
-                save_image(draw_boxes(im, boxes, labels, scores, class_names=classes), out / f"{f.stem}.jpg")
+                rec["picture"] = str(out / f"{stem}.jpg")
+                save_image(draw_boxes(im, boxes, labels, scores, class_names=classes), out / f"{stem}.jpg")
             results.append(rec)
+    write_skipped(out, {"predict": skipped})
     return results

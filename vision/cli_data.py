@@ -52,20 +52,49 @@ def make_defects_cmd(
 
 @app.command("check")
 def check_cmd(
-    data: Path = typer.Option(..., "--data"),
-    split: str = typer.Option("train", "--split"),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Report every bad item instead of stopping at the first."),
+    data: Path = typer.Option(..., "--data", help="COCO json/folder, YOLO data.yaml/folder, VOC or LabelMe folder."),
+    split: list[str] = typer.Option([], "--split", help="Check only this split (repeatable); default: every split."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Report every bad item (and what training with "
+                                  "--skip-bad would keep) instead of the first 20."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Decode every image again, ignoring the index cache."),
 ) -> None:
-    """Load a detection folder (auto-detected format) and report classes, images, boxes and bad items."""
-    from vision.data import DatasetError, load_detection_dataset
+    """Validate a detection data set the way training will: every split, every image fully decoded (cached)."""
+    import time
+
+    from vision.data import DETECTION_SPLITS, DatasetError, SplitNotFoundError, load_detection_dataset
+    from vision.data.formats import detect_format
 
     try:
-        ds = load_detection_dataset(data, split, skip_bad=skip_bad)
+        fmt = detect_format(data, "detection")
     except DatasetError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
-    n_boxes = sum(len(ds.annotations(i)[1]) for i in range(len(ds)))
-    typer.echo(f"format {ds.format}, split {split}: {len(ds)} images, {n_boxes} boxes, {len(ds.classes)} classes")
-    typer.echo(ds.summary())
-    if ds.bad:
+    splits = list(split) or list(DETECTION_SPLITS)
+    found, n_bad, failed = 0, 0, False
+    t0 = time.perf_counter()
+    for s in splits:
+        try:
+            ds = load_detection_dataset(data, s, skip_bad=skip_bad, format=fmt.name, cache=not no_cache)
+        except SplitNotFoundError as e:
+            if split:  # asked for by name
+                typer.echo(f"error: {e}", err=True)
+                failed = True
+            continue
+        except DatasetError as e:
+            found += 1
+            failed = True
+            typer.echo(f"split {s}: error: {e}", err=True)
+            continue
+        found += 1
+        n_boxes = sum(len(ds.annotations(i)[1]) for i in range(len(ds)))
+        typer.echo(f"format {ds.format}, split {s}: {len(ds)} images, {n_boxes} boxes, {len(ds.classes)} classes")
+        typer.echo(ds.summary())
+        for msg in ds.bad:
+            typer.echo(f"  bad: {msg}")
+        n_bad += len(ds.bad)
+    if found == 0 and not failed:
+        typer.echo(f"error: {data}: no split of {', '.join(splits)} found ({fmt.name} format)", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"checked in {time.perf_counter() - t0:.1f} s" + (f"; {n_bad} bad items" if n_bad else ""))
+    if failed or n_bad:
         raise typer.Exit(1)

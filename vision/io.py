@@ -1,4 +1,5 @@
-"""Files: atomic writes (temp file + fsync + rename), image listing. Shared by every package."""
+"""Files: atomic writes (temp file + fsync + rename, umask honoured), images read in their displayed orientation
+(EXIF), image listing and collision-free output names. Shared by every package."""
 
 from __future__ import annotations
 
@@ -6,11 +7,40 @@ import contextlib
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+EXIF_ORIENTATION = 0x0112  # EXIF tag: 1 upright; 5-8 swap width and height when displayed
+
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask (read without changing it for more than an instant)."""
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | os.PathLike, directory: bool | None = None) -> None:
+    """Give ``path`` the mode a plain ``open()`` / ``mkdir()`` would (0666 / 0777 less the umask).
+
+    ``tempfile.mkstemp`` / ``mkdtemp`` create 0600 / 0700 entries; a renamed temp file would otherwise keep that
+    mode and nobody else on a shared machine could read a run.
+    """
+    is_dir = os.path.isdir(path) if directory is None else directory
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~current_umask())
+
+
+def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """``tempfile.mkdtemp`` in ``parent`` with the umask's mode (for directories renamed into place)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    apply_umask(tmp, directory=True)
+    return tmp
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -34,6 +64,7 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -83,3 +114,79 @@ def list_images(source: str | os.PathLike, extensions: tuple[str, ...] = IMAGE_E
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(extensions)}) under '{src}'")
     return files
+
+
+class ImageReadError(ValueError):
+    """An image file that cannot be decoded; the message names the file."""
+
+
+def exif_orientation(im: Any) -> int:
+    """The EXIF orientation tag of an open PIL image (1 when absent or unreadable)."""
+    try:
+        value = int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
+    except Exception:  # broken EXIF blocks are common in phone exports: treat as upright
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def displayed_size(width: int, height: int, orientation: int) -> tuple[int, int]:
+    """(width, height) as shown: EXIF orientations 5-8 rotate by 90 degrees."""
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def open_image(path: str | os.PathLike, mode: str | None = "RGB") -> Any:
+    """Fully decode ``path`` as a PIL image in its displayed orientation (EXIF applied), converted to ``mode``.
+
+    Raises :class:`ImageReadError` naming the file for missing, non-image, zero-byte or truncated files.
+    """
+    from PIL import Image, ImageOps
+
+    p = Path(path)
+    try:
+        with Image.open(p) as im:
+            im.load()
+            out = ImageOps.exif_transpose(im)  # returns a copy (or the image itself when upright)
+            if mode is not None and out.mode != mode:
+                out = out.convert(mode)
+            elif out is im:
+                out = im.copy()
+    except FileNotFoundError:
+        raise ImageReadError(f"{p}: image file not found") from None
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError (truncated), SyntaxError, ValueError...
+        if p.is_file() and p.stat().st_size == 0:
+            raise ImageReadError(f"{p}: empty file (0 bytes), not an image") from None
+        raise ImageReadError(f"{p}: cannot decode image ({type(e).__name__}: {e})") from None
+    return out
+
+
+def output_names(files: list[Path], source: str | os.PathLike | None = None) -> list[Path]:
+    """Relative output stems for ``files`` that never collide: sub-folders of ``source`` are mirrored, and
+    files sharing a stem in one folder keep their extension (``a.jpg`` / ``a.png`` -> ``a.jpg`` / ``a.png``
+    stems, so outputs become ``a.jpg.json`` / ``a.png.json``; a lone ``a.jpg`` gives ``a``)."""
+    root = Path(source) if source is not None and Path(source).is_dir() else None
+    rels: list[Path] = []
+    for f in files:
+        rel: Path | None = None
+        if root is not None:
+            with contextlib.suppress(ValueError):
+                rel = Path(f).resolve().relative_to(root.resolve())
+        rels.append(rel if rel is not None else Path(Path(f).name))
+    if root is None:  # a list of files from anywhere: the same name in two folders keeps its folder's name
+        count: dict[str, int] = {}
+        for r in rels:
+            count[r.name] = count.get(r.name, 0) + 1
+        rels = [Path(Path(f).parent.name or "_") / r.name if count[r.name] > 1 else r
+                for f, r in zip(files, rels, strict=True)]
+    stems: dict[Path, int] = {}
+    for r in rels:
+        key = r.with_suffix("")
+        stems[key] = stems.get(key, 0) + 1
+    out = [r if stems[r.with_suffix("")] > 1 else r.with_suffix("") for r in rels]
+    # last resort (e.g. the same file given twice): number the repeats
+    taken: dict[Path, int] = {}
+    final = []
+    for o in out:
+        n = taken.get(o, 0)
+        taken[o] = n + 1
+        final.append(o if n == 0 else o.with_name(f"{o.name}_{n + 1}"))
+    return final

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from vision.io import apply_umask
+
 # Fixed, distinct palette (tab10 followed by the darker half of tab20), RGB 0..255.
 PALETTE: tuple[tuple[int, int, int], ...] = (
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
@@ -201,6 +203,7 @@ def _atomic_target(path: str | os.PathLike) -> tuple[Path, str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".png", dir=path.parent)
     os.close(fd)
+    apply_umask(tmp, directory=False)  # mkstemp makes 0600; a picture should be as readable as any file
     return path, tmp
 
 

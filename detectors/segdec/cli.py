@@ -66,12 +66,17 @@ def train(
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
     workers: int = typer.Option(2, "--workers", help="DataLoader worker processes."),
     amp: str = typer.Option("auto", "--amp", help="auto (bf16/fp16 on GPU, off on CPU) | no | fp16 | bf16"),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoints/last."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoints/last (verified; falls back "
+                                "to the previous checkpoint if it is damaged)."),
+    exist_ok: bool = typer.Option(False, "--exist-ok", help="Reuse OUT, removing its earlier logs and checkpoints "
+                                  "(default: a used OUT makes OUT2, OUT3, ...)."),
+    keep_last: int = typer.Option(2, "--keep-last", help="Checkpoints kept (the newest and N-1 older ones)."),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
     eval_every: int | None = typer.Option(None, "--eval-every", help="Evaluate on the test split every N epochs "
                                              "(default 5, as the official code; 0 = never)."),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Also checkpoint every N steps."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images / bad masks (counted)."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images / bad masks (counted, listed in "
+                                  "OUT/skipped.txt); default: list the problems and stop."),
     cache: bool = typer.Option(False, "--cache", help="Keep decoded images in memory (small data sets)."),
     dagm_class: int | None = typer.Option(None, "--dagm-class", help="DAGM: train on ClassN only."),
     fold: int = typer.Option(0, "--fold", help="KolektorSDD: which third of the kos folders is the test set."),
@@ -90,7 +95,7 @@ def train(
             num_segmented=num_segmented, backbone=backbone, pretrained=_pretrained(pretrained), width=width,
             optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, workers=workers, resume=resume,
             max_steps=max_steps, seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every,
-            skip_bad=skip_bad, cache=cache, mixed_precision=amp, cpu=cpu, dagm_class=dagm_class, fold=fold,
+            skip_bad=skip_bad, cache=cache, exist_ok=exist_ok, keep_last=keep_last, mixed_precision=amp, cpu=cpu, dagm_class=dagm_class, fold=fold,
         )
     except (DatasetError, ValueError, FileNotFoundError) as e:
         _fail(str(e))

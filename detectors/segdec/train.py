@@ -11,7 +11,6 @@ import csv
 import io
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,9 +23,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from vision.device import pick_device
-from vision.io import list_images, write_bytes_atomic, write_json_atomic
+from vision.io import (
+    ImageReadError,
+    list_images,
+    open_image,
+    output_names,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 
-from .data import DatasetError, DefectDataset, load_defect_dataset, parse_img_size
+from .data import DefectDataset, load_defect_dataset, parse_img_size
 from .losses import loss_weights, segdec_loss
 from .model import SegDecNet
 from .sampler import FrequencySampler
@@ -410,6 +416,8 @@ def train_segdec(
     fold: int = 0,
     final_eval: bool = True,
     max_images: int = 16,
+    exist_ok: bool = False,
+    keep_last: int = 2,
 ) -> dict[str, Any]:
     """Train SegDecNet end-to-end on a defect data set through the shared engine; writes the run folder ``out``.
 
@@ -419,10 +427,10 @@ def train_segdec(
     ``weighted``: distance-transform weights of positive pixels. Returns the engine's summary plus ``eval``.
     """
     from vision.engine import TrainConfig, Trainer
+    from vision.engine.run import prepare_run_dir, write_skipped
 
-    from .data import detect_layout
+    from .data import SplitNotFoundError, detect_layout
 
-    out = Path(out)
     layout = detect_layout(data) if dataset_kind == "auto" else dataset_kind
     st = resolve_settings(layout, img_size=img_size, channels=channels, epochs=epochs, batch=batch, lr=lr,
                           delta=delta, p=p, w_pos=w_pos, dilate=dilate)
@@ -430,16 +438,20 @@ def train_segdec(
     data_kw = dict(dilate=int(st["dilate"]), weighted=weighted, p=float(st["p"]), w_pos=float(st["w_pos"]),
                    skip_bad=skip_bad, dagm_class=dagm_class, fold=fold, cache=cache, seed=seed)
     train_ds = load_defect_dataset(data, "train", layout, img_size=st["img_size"], channels=st["channels"],
-                                   num_segmented=num_segmented, **data_kw)
+                                   num_segmented=num_segmented, progress=progress, **data_kw)
     log.info("%s", train_ds.summary())
     if sum(train_ds.labels) == 0:
         raise ValueError(f"{data}: the training split has no defective images; SegDecNet needs some to learn from")
     try:
         eval_ds: DefectDataset | None = load_defect_dataset(
-            data, "test", layout, img_size=train_ds.img_size, channels=train_ds.channels, **data_kw)
-    except DatasetError as e:
-        log.warning("no test split in %s (%s); training without evaluation", data, e)
+            data, "test", layout, img_size=train_ds.img_size, channels=train_ds.channels, progress=progress, **data_kw)
+    except SplitNotFoundError as e:  # only an absent split trains without evaluation; a broken one is an error
+        log.warning("%s; training without evaluation", e)
         eval_ds = None
+    out = prepare_run_dir(out, resume=resume, exist_ok=exist_ok)
+    skipped_file = write_skipped(out, {"train": train_ds.bad, **({"test": eval_ds.bad} if eval_ds is not None else {})})
+    if skipped_file is not None:
+        log.warning("skipped bad samples (listed in %s)", skipped_file)
 
     model_cfg = {"in_channels": train_ds.channels, "grad_multiplier": float(gm), "backbone": backbone,
                  "width": float(width)}
@@ -493,7 +505,7 @@ def train_segdec(
                       lr=float(st["lr"]), momentum=momentum, weight_decay=weight_decay, scheduler=scheduler,
                       mixed_precision=mixed_precision, seed=seed, eval_every=every if eval_ds is not None else 0,
                       checkpoint_every=checkpoint_every, progress=progress, cpu=cpu,
-                      log_every=max(1, min(10, len(loader))))
+                      log_every=max(1, min(10, len(loader))), keep_last=keep_last)
     trainer = Trainer(net, loader, cfg, loss_fn=loss_fn, eval_fn=eval_fn if eval_ds is not None else None,
                       metric="AP" if eval_ds is not None else None, mode="max",
                       batch_size_fn=lambda b: int(b["image"].shape[0]),
@@ -506,6 +518,7 @@ def train_segdec(
     summary = trainer.fit(resume=resume)
     summary["out"] = str(out)
     summary["train_data"] = train_ds.summary()
+    summary["skipped"] = {"train": len(train_ds.bad), "test": len(eval_ds.bad) if eval_ds is not None else 0}
     if not trainer.is_main:
         return summary
     if final_eval and eval_ds is not None:
@@ -562,22 +575,21 @@ def predict_segdec(
     if heatmaps:
         (out / "heatmaps").mkdir(parents=True, exist_ok=True)
     files = list_images(source)
+    names = dict(zip(files, output_names(files, source), strict=True))
     results: list[dict[str, Any]] = []
     skipped: list[str] = []
     for i in range(0, len(files), batch):
         chunk, originals, tensors = [], [], []
         for f in files[i:i + batch]:
             try:
-                with Image.open(f) as im:
-                    im = im.convert("L" if grey else "RGB")
-                    orig = np.asarray(im)
-                    small = np.asarray(im.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
-            except Exception as e:
-                msg = f"{f}: cannot read image ({type(e).__name__}: {e})"
+                im = open_image(f, "L" if grey else "RGB")  # displayed orientation (EXIF applied)
+                orig = np.asarray(im)
+                small = np.asarray(im.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+            except ImageReadError as e:
                 if not skip_bad:
-                    raise ValueError(msg) from None
-                log.warning("skipping %s", msg)
-                skipped.append(msg)
+                    raise ValueError(str(e)) from None
+                log.warning("skipping %s", e)
+                skipped.append(str(e))
                 continue
             chunk.append(f)
             originals.append(orig)
@@ -590,8 +602,7 @@ def predict_segdec(
         for f, orig, prob, sp in zip(chunk, originals, probs, seg_p, strict=True):
             full = _upsample(sp, orig.shape[:2])
             mask = full >= seg_threshold
-            rel = f.relative_to(source) if Path(source).is_dir() else Path(f.name)
-            stem = str(rel.with_suffix("")).replace(os.sep, "__")
+            stem = names[f].as_posix()
             mpath = out / "masks" / f"{stem}.png"
             buf_png = io.BytesIO()
             Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(buf_png, format="PNG")

@@ -189,7 +189,7 @@ def test_bad_inputs_name_the_file_and_skip_bad_counts(tmp_path):
     _img(root / "masks" / "b.png", _mask(8, 16, (1, 3, 1, 3)))
     ds = load_defect_dataset(root, "train", skip_bad=True)
     assert [s.name for s in ds.samples] == ["a", "e"] and len(ds.bad) == 3
-    assert any("d.png: cannot read image" in b for b in ds.bad)
+    assert any("d.png: not an image file" in b for b in ds.bad)
     assert "skipped 3 bad" in ds.summary()
     # labels.csv: a malformed line is reported with file and line
     (root / "labels.csv").write_text("image,label\na.png,1\ne.png,maybe\n")

@@ -97,8 +97,9 @@ def test_direct_file_paths(digits: dict[str, Path]) -> None:
 
 def test_unknown_layout(tmp_path: Path) -> None:
     (tmp_path / "stuff.txt").write_text("hello")
-    with pytest.raises(DatasetError, match=r"COCO.*YOLO.*VOC"):
+    with pytest.raises(DatasetError, match=r"no detection data set found") as info:
         load_detection_dataset(tmp_path)
+    assert all(name in str(info.value) for name in ("COCO", "YOLO", "VOC", "LabelMe"))
     with pytest.raises(DatasetError, match="no such file"):
         load_detection_dataset(tmp_path / "nope")
 
@@ -142,7 +143,6 @@ def _edit_voc(root: Path, **values: str) -> tuple[str, str]:
 LABEL_CASES = [
     ("yolo", "malformed", lambda r: _edit_yolo(r, "1 0.5 0.5 0.2")),
     ("yolo", "malformed", lambda r: _edit_yolo(r, "1 0.5 abc 0.2 0.2")),
-    ("yolo", "outside", lambda r: _edit_yolo(r, "1 1.2 0.5 0.2 0.2")),
     ("yolo", "degenerate", lambda r: _edit_yolo(r, "1 0.5 0.5 0.0 0.2")),
     ("yolo", "unknown_class", lambda r: _edit_yolo(r, "7 0.5 0.5 0.2 0.2")),
     ("coco", "malformed", lambda r: _edit_coco(r, bbox=[1, 2, 3])),
@@ -179,6 +179,17 @@ def test_bad_labels(tmp_path: Path, fmt: str, kind: str, edit) -> None:
     _check_bad(root, kind, pattern)
 
 
+def test_yolo_box_outside_drops_the_line_with_skip_bad(tmp_path: Path) -> None:
+    root = _tiny(tmp_path, "yolo")
+    _, pattern = _edit_yolo(root, "1 1.2 0.5 0.2 0.2")  # x from 1.1 to 1.3: beyond the image
+    with pytest.raises(DatasetError, match=pattern) as info:
+        load_detection_dataset(root, "train")
+    assert info.value.kind == "outside"
+    ds = load_detection_dataset(root, "train", skip_bad=True)
+    assert len(ds) == 3 and len(ds.bad) == 1 and re.search(pattern, ds.bad[0])
+    assert len(ds.annotations(1)[1]) == 2  # the image keeps its two good boxes, the third line is dropped
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_corrupt_image(tmp_path: Path, fmt: str) -> None:
     root = _tiny(tmp_path, fmt)
@@ -197,11 +208,19 @@ def test_missing_image(tmp_path: Path, fmt: str) -> None:
     _check_bad(root, "missing_image", "img_001")
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_truncated_image_caught_by_the_validation_pass(tmp_path: Path, fmt: str) -> None:
+    root = _tiny(tmp_path, fmt)
+    img = _image_of(root, fmt)
+    img.write_bytes(img.read_bytes()[:-400])  # header intact, pixel data cut: only a full decode sees it
+    _check_bad(root, "bad_image", re.escape(str(img)) + ".*(truncated|cannot decode)")
+
+
 def test_truncated_image_fails_in_getitem_with_file_name(tmp_path: Path) -> None:
     root = _tiny(tmp_path, "coco")
     img = _image_of(root, "coco")
-    img.write_bytes(img.read_bytes()[:-400])  # header intact, pixel data cut
     ds = load_detection_dataset(root)
+    img.write_bytes(img.read_bytes()[:-400])  # damaged after the check (e.g. a copy still running)
     with pytest.raises(DatasetError, match=re.escape(str(img))):
         ds[1]
 
@@ -219,7 +238,7 @@ def test_coco_unknown_image_id_names_annotation(tmp_path: Path) -> None:
     data = json.loads(path.read_text())
     data["annotations"][4]["image_id"] = 1234
     path.write_text(json.dumps(data))
-    with pytest.raises(DatasetError, match=r"annotation #4: unknown image_id 1234"):
+    with pytest.raises(DatasetError, match=r"annotation #4 \(id 5\): unknown image_id 1234"):
         load_detection_dataset(root)
     assert len(load_detection_dataset(root, skip_bad=True)) == 3
 

@@ -1,13 +1,17 @@
-"""Detection data: COCO / YOLO / VOC loaders with auto-detection, writers, transforms and the digits sample set."""
+"""Detection data: COCO / YOLO / VOC / LabelMe loaders (the formats registry), the validation pass, writers,
+transforms and the digits sample set."""
 
 from .detection import (
+    DETECTION_SPLITS,
     DatasetError,
     DetectionDataset,
     DetectionSample,
+    SplitNotFoundError,
     build_detection_transforms,
     detection_collate,
     load_detection_dataset,
     write_coco,
+    write_labelme,
     write_voc,
     write_yolo,
 )
@@ -21,11 +25,13 @@ from .digits import (
 )
 
 __all__ = [
+    "DETECTION_SPLITS",
     "DIGIT_CLASSES",
     "DatasetError",
     "DetectionDataset",
     "DetectionSample",
     "DigitSample",
+    "SplitNotFoundError",
     "build_detection_transforms",
     "detection_collate",
     "load_backgrounds",
@@ -34,6 +40,7 @@ __all__ = [
     "make_digits",
     "render_sample",
     "write_coco",
+    "write_labelme",
     "write_voc",
     "write_yolo",
 ]

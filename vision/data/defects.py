@@ -19,13 +19,14 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from vision.io import write_bytes_atomic, write_text_atomic
 
 __all__ = ["DEFECT_TYPES", "TEXTURES", "make_defects", "render_defect_sample"]
 
@@ -198,25 +199,11 @@ def render_defect_sample(
 def _write_png(arr: np.ndarray, path: Path) -> None:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, text)
 
 
 def make_defects(

@@ -1,6 +1,7 @@
 """Training engine: one Accelerate-based loop (AMP, grad accumulation, DDP, exact resume) for every task."""
 
 from .checkpoint import (
+    CheckpointCorruptError,
     CheckpointNotFoundError,
     WeightsMismatchError,
     load_model_weights,
@@ -8,6 +9,7 @@ from .checkpoint import (
     resolve_checkpoint,
     save_checkpoint_atomic,
     save_model_weights,
+    verify_checkpoint,
 )
 from .schedule import build_scheduler, lr_multiplier
 from .trainer import (
@@ -21,6 +23,7 @@ from .trainer import (
 )
 
 __all__ = [
+    "CheckpointCorruptError",
     "CheckpointNotFoundError",
     "NonFiniteLossError",
     "SeededSampler",
@@ -37,4 +40,5 @@ __all__ = [
     "resolve_checkpoint",
     "save_checkpoint_atomic",
     "save_model_weights",
+    "verify_checkpoint",
 ]

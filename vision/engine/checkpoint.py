@@ -1,12 +1,21 @@
-"""Atomic checkpoint directories (safetensors weights + training state) and strict weight loading."""
+"""Atomic checkpoint directories (safetensors weights + training state), damage checks and strict weight loading.
+
+``meta.json`` (written last) lists the size and sha256 of every file of the directory; :func:`verify_checkpoint`
+checks them (or, for directories written before that, the structure of the files), and every loader turns a
+damaged file into a one-line :class:`CheckpointCorruptError` naming it.
+"""
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
-import tempfile
+import struct
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,7 +25,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vision.io import _json_default, fsync_dir, write_json_atomic  # noqa: F401  (re-exported)
+from vision.io import (  # noqa: F401  (write_json_atomic re-exported)
+    _json_default,
+    apply_umask,
+    fsync_dir,
+    make_temp_dir,
+    write_json_atomic,
+)
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "training_state.pt"
@@ -31,6 +46,21 @@ class CheckpointNotFoundError(FileNotFoundError):
     """No checkpoint where one was expected."""
 
 
+class CheckpointCorruptError(ValueError):
+    """A checkpoint file is truncated, altered or unreadable: ``"{path}: damaged checkpoint file ({reason})"``.
+
+    ``path`` is the damaged file, ``reason`` says what is wrong. ``message`` replaces the default text (used to
+    list every checkpoint a resume tried); its first line still names the damaged file.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str, *, message: str | None = None):
+        self.path = Path(path)
+        self.reason = " ".join(str(reason).split())  # one line
+        super().__init__(
+            message if message is not None else f"{self.path}: damaged checkpoint file ({self.reason})"
+        )
+
+
 # ----------------------------------------------------------------------------------------------- fs helpers
 
 
@@ -40,6 +70,199 @@ def _fsync_file(path: Path) -> None:
 
 
 _fsync_dir = fsync_dir
+
+_HASH_CHUNK = 1 << 20
+_SAFETENSORS_MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    """``"Type: first line of the message"`` (at most ``limit`` characters of it)."""
+    text = str(err).strip()
+    line = text.splitlines()[0].strip() if text else ""
+    if len(line) > limit:
+        line = line[: limit - 3].rstrip() + "..."
+    return f"{type(err).__name__}: {line}" if line else type(err).__name__
+
+
+def _access_error(err: BaseException) -> bool:
+    """An error about reaching the file (permissions, gone, I/O), not about its contents."""
+    return isinstance(err, OSError) and err.errno in (
+        errno.EACCES, errno.EPERM, errno.ENOENT, errno.EISDIR, errno.EIO, errno.ENOTDIR,
+    )  # fmt: skip
+
+
+def file_record(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"size": bytes, "sha256": hex}`` of a file (as stored in meta.json's ``"files"``)."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def _check_record(path: Path, record: Any) -> None:
+    """Raise :class:`CheckpointCorruptError` unless ``path`` has the size and sha256 of ``record``."""
+    if not isinstance(record, Mapping) or not isinstance(record.get("size"), int):
+        raise CheckpointCorruptError(path.parent / META_FILE, f'bad "files" entry for {path.name}')
+    if not path.is_file():
+        raise CheckpointCorruptError(path, "missing, meta.json lists it")
+    size = path.stat().st_size
+    if size != record["size"]:
+        raise CheckpointCorruptError(path, f"size {size} bytes, meta.json says {record['size']}")
+    want = record.get("sha256")
+    if want is not None and file_record(path)["sha256"] != str(want).lower():
+        raise CheckpointCorruptError(path, "sha256 differs from meta.json")
+
+
+def _read_meta(directory: Path) -> dict[str, Any]:
+    """Parse ``directory/meta.json``; damage raises :class:`CheckpointCorruptError`."""
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise CheckpointCorruptError(meta_path, "missing: the checkpoint was not completely written")
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointCorruptError(meta_path, f"not valid JSON: {_first_line(e)}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointCorruptError(meta_path, "not a JSON object")
+    files = meta.get("files")
+    if files is not None and not isinstance(files, dict):
+        raise CheckpointCorruptError(meta_path, '"files" is not a JSON object')
+    return meta
+
+
+def _record_beside(path: Path) -> Any | None:
+    """The meta.json ``"files"`` entry for ``path`` in its directory, or None if there is none to check."""
+    meta_path = path.parent / META_FILE
+    if not meta_path.is_file():
+        return None
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None  # an unrelated or broken meta.json beside a plain weights file: nothing to compare with
+    files = meta.get("files") if isinstance(meta, dict) else None
+    return files.get(path.name) if isinstance(files, dict) else None
+
+
+def check_safetensors_structure(path: str | os.PathLike) -> None:
+    """Cheap structural check of a .safetensors file (header length, JSON header, data size).
+
+    Raises :class:`CheckpointCorruptError` on a truncated / overlong file or one that is not safetensors.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointCorruptError(path, f"not a safetensors file ({size} bytes)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > _SAFETENSORS_MAX_HEADER:
+            raise CheckpointCorruptError(path, "not a safetensors file")
+        if 8 + header_len > size:
+            raise CheckpointCorruptError(
+                path, f"truncated safetensors: header says {header_len} bytes of header, file has {size - 8}"
+            )
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointCorruptError(path, "not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointCorruptError(path, "not a safetensors file (its header is not a JSON object)")
+    data_end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise CheckpointCorruptError(path, f"not a safetensors file (bad entry for tensor '{name}')")
+        shape, itemsize = info.get("shape"), _DTYPE_BYTES.get(str(info.get("dtype")))
+        if isinstance(shape, list) and all(isinstance(d, int) for d in shape) and itemsize is not None:
+            n = itemsize
+            for d in shape:
+                n *= d
+            if n != offsets[1] - offsets[0]:
+                raise CheckpointCorruptError(
+                    path, f"damaged safetensors header: tensor '{name}' of shape {shape} spans {offsets}"
+                )
+        data_end = max(data_end, offsets[1])
+    have = size - 8 - header_len
+    if have < data_end:
+        raise CheckpointCorruptError(
+            path, f"truncated safetensors: header says {data_end} bytes of data, file has {have}"
+        )
+    if have > data_end:
+        raise CheckpointCorruptError(
+            path, f"safetensors file has {have - data_end} bytes more data than its header says"
+        )
+
+
+def _check_torch_zip(path: Path) -> None:
+    """Structural check of a ``torch.save`` file: a zip archive whose members pass their CRC."""
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointCorruptError(path, "empty file")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointCorruptError(path, f"not a torch zip archive ({size} bytes; truncated?)")
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise CheckpointCorruptError(path, f"broken zip archive: {_first_line(e)}") from None
+    if bad is not None:
+        raise CheckpointCorruptError(path, f"zip member '{bad}' fails its CRC check")
+
+
+def _torch_load(path: Path, what: str) -> Any:
+    """``torch.load(weights_only=True)`` with damage reported as one-line :class:`CheckpointCorruptError`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch reports a truncated archive as OSError(EINVAL), among others
+        if _access_error(e):
+            raise
+        err = e
+    if path.stat().st_size == 0:
+        raise CheckpointCorruptError(path, f"cannot unpickle {what} (empty file)")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointCorruptError(
+            path,
+            f"cannot unpickle {what} (not a torch zip archive, nor a legacy torch pickle: {_first_line(err)})",
+        )
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise CheckpointCorruptError(
+            path, f"cannot unpickle {what} (broken zip archive: {_first_line(e)})"
+        ) from None
+    if bad is not None:
+        raise CheckpointCorruptError(path, f"cannot unpickle {what} (zip member '{bad}' fails its CRC check)")
+    if isinstance(err, pickle.UnpicklingError) and "weights only load failed" in str(err).lower():
+        # an intact archive holding objects weights_only refuses (e.g. a whole pickled model): not damage
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        detail = next(
+            (ln for ln in lines if "WeightsUnpickler error" in ln or "Unsupported" in ln), lines[-1]
+        )
+        raise ValueError(
+            f"{path}: cannot load {what} with weights_only=True: it holds Python objects other than tensors and "
+            f"plain containers ({detail[:200]}); save a state_dict instead"
+        ) from None
+    raise CheckpointCorruptError(path, f"cannot unpickle {what} ({_first_line(err)})")
 
 
 # ----------------------------------------------------------------------------------------------- weights
@@ -70,7 +293,7 @@ def save_model_weights(
     save_file(state_dict_for_saving(model), str(path), metadata=metadata or {"format": "pt"})
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+def _read_weights(path: Path, verify: bool = True) -> dict[str, torch.Tensor]:
     if path.is_dir():
         cand = path / MODEL_FILE
         if not cand.exists():
@@ -78,9 +301,19 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         path = cand
     if not path.exists():
         raise FileNotFoundError(f"weights file '{path}' does not exist")
+    if verify:
+        record = _record_beside(path)
+        if record is not None:
+            _check_record(path, record)
     if path.suffix == ".safetensors":
-        return load_file(str(path), device="cpu")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+        check_safetensors_structure(path)
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # SafetensorError and friends: the file's contents are broken
+            if _access_error(e):
+                raise
+            raise CheckpointCorruptError(path, f"cannot read safetensors ({_first_line(e)})") from None
+    obj = _torch_load(path, "weights")
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
@@ -96,15 +329,17 @@ def _fmt_keys(keys: list[str], limit: int = 20) -> str:
 
 
 def load_model_weights(
-    model: nn.Module, path: str | os.PathLike, strict: bool = True
+    model: nn.Module, path: str | os.PathLike, strict: bool = True, *, verify: bool = True
 ) -> tuple[list[str], list[str]]:
     """Load weights from a .safetensors / .pt / .pth file (or checkpoint dir) into ``model``.
 
     With ``strict`` a mismatch raises :class:`WeightsMismatchError` listing missing/unexpected keys and
-    shape conflicts. Returns ``(missing_keys, unexpected_keys)``.
+    shape conflicts. A damaged file raises :class:`CheckpointCorruptError`; with ``verify`` (default) a file
+    listed in a ``meta.json`` beside it is first checked against the size and sha256 recorded there.
+    Returns ``(missing_keys, unexpected_keys)``.
     """
     path = Path(path)
-    sd = _read_weights(path)
+    sd = _read_weights(path, verify=verify)
     own = model.state_dict()
     # checkpoints saved from a DDP / compiled wrapper carry a prefix
     for prefix in ("module.", "_orig_mod."):
@@ -195,31 +430,42 @@ def save_checkpoint_atomic(
     """Write a checkpoint directory atomically: ``model.safetensors``, ``training_state.pt``, ``meta.json``.
 
     Everything goes into ``<dir>.tmp-XXXX`` first (fsynced); then the old directory is moved aside
-    (to ``previous_to`` if given, else deleted) and the new one renamed into place.
+    (to ``previous_to`` if given, else deleted) and the new one renamed into place. ``meta.json`` gets a
+    ``"files"`` entry ``{name: {"size", "sha256"}}`` for every other file written. Modes follow the umask.
     """
     directory = Path(directory)
     parent = directory.parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{directory.name}.tmp-", dir=parent))
+    tmp = make_temp_dir(parent, prefix=f"{directory.name}.tmp-")
+    files: dict[str, dict[str, Any]] = {}
     try:
         if model is not None:
             save_model_weights(model, tmp / MODEL_FILE)
+            apply_umask(tmp / MODEL_FILE, directory=False)
             _fsync_file(tmp / MODEL_FILE)
+            files[MODEL_FILE] = file_record(tmp / MODEL_FILE)
         if state is not None:
             with open(tmp / STATE_FILE, "wb") as f:
                 torch.save(dict(state), f)
                 f.flush()
                 os.fsync(f.fileno())
+            apply_umask(tmp / STATE_FILE, directory=False)
+            files[STATE_FILE] = file_record(tmp / STATE_FILE)
         for name, obj in (json_files or {}).items():
             with open(tmp / name, "w") as f:
                 json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
                 f.flush()
                 os.fsync(f.fileno())
-        # meta.json is written last: its presence marks a complete directory
+            apply_umask(tmp / name, directory=False)
+            files[name] = file_record(tmp / name)
+        # meta.json is written last: its presence marks a complete directory; it lists what the others hold
         with open(tmp / META_FILE, "w") as f:
-            json.dump(dict(meta or {}), f, indent=2, sort_keys=True, default=_json_default)
+            json.dump(
+                {**dict(meta or {}), "files": files}, f, indent=2, sort_keys=True, default=_json_default
+            )
             f.flush()
             os.fsync(f.fileno())
+        apply_umask(tmp / META_FILE, directory=False)
         _fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -265,11 +511,48 @@ def resolve_checkpoint(directory: str | os.PathLike) -> Path:
     )
 
 
-def load_training_state(directory: str | os.PathLike) -> dict[str, Any]:
-    """Load ``training_state.pt`` from a checkpoint directory (``weights_only=True``)."""
+def load_training_state(directory: str | os.PathLike, *, verify: bool = True) -> dict[str, Any]:
+    """Load ``training_state.pt`` from a checkpoint directory (``weights_only=True``).
+
+    A damaged file raises :class:`CheckpointCorruptError`; with ``verify`` it is first checked against the
+    size and sha256 that meta.json records (when it does).
+    """
     path = Path(directory) / STATE_FILE
     if not path.exists():
         raise CheckpointNotFoundError(
             f"checkpoint '{directory}' has no {STATE_FILE}; it cannot be resumed from"
         )
-    return torch.load(path, map_location="cpu", weights_only=True)
+    if verify:
+        record = _record_beside(path)
+        if record is not None:
+            _check_record(path, record)
+    state = _torch_load(path, "training state")
+    if not isinstance(state, dict):
+        raise CheckpointCorruptError(path, f"training state is a {type(state).__name__}, not a dict")
+    return state
+
+
+def verify_checkpoint(directory: str | os.PathLike) -> Path:
+    """Check a checkpoint directory for damage; return it, or raise :class:`CheckpointCorruptError`.
+
+    meta.json must parse; every file its ``"files"`` entry lists must exist with that size and sha256. A
+    directory from before ``"files"`` existed gets structural checks instead: each ``*.safetensors`` (header
+    length, JSON header, data size) and ``training_state.pt`` (a zip archive whose members pass their CRC).
+    The error names the first bad file.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointNotFoundError(f"no checkpoint directory at '{directory}'")
+    meta = _read_meta(directory)
+    files = meta.get("files")
+    if files is not None:
+        for name in sorted(files, key=lambda n: (n != MODEL_FILE, n != STATE_FILE, n)):
+            if Path(name).name != name:
+                raise CheckpointCorruptError(directory / META_FILE, f'bad file name in "files": {name!r}')
+            _check_record(directory / name, files[name])
+        return directory
+    for path in sorted(directory.glob("*.safetensors")):
+        check_safetensors_structure(path)
+    if (directory / STATE_FILE).exists():
+        _check_torch_zip(directory / STATE_FILE)
+    return directory

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import threading
@@ -32,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..device import best_mixed_precision, pick_device
 from .checkpoint import (
     META_FILE,
+    CheckpointCorruptError,
     CheckpointNotFoundError,
     get_rng_state,
     load_model_weights,
@@ -39,6 +42,7 @@ from .checkpoint import (
     resolve_checkpoint,
     save_checkpoint_atomic,
     set_rng_state,
+    verify_checkpoint,
     write_json_atomic,
 )
 from .schedule import SCHEDULERS, build_scheduler
@@ -87,7 +91,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0 = only at end of each epoch and at the end
     eval_every: int = 1  # epochs; 0 = never
     max_bad_steps: int = 5  # consecutive non-finite losses before stopping
-    keep_last: int = 1  # >1 also keeps older "last" checkpoints as checkpoints/step-XXXXXXX
+    keep_last: int = 2  # checkpoints kept: "last" plus keep_last-1 older ones as checkpoints/step-XXXXXXX
     cpu: bool = False
     progress: bool = True
     ddp_find_unused_parameters: bool = False
@@ -282,6 +286,29 @@ def param_groups_no_decay(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+def _step_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the ``checkpoints/step-XXXXXXX`` directories, oldest first."""
+    out = []
+    for p in ckpt_dir.glob("step-*"):
+        m = _STEP_DIR.fullmatch(p.name)
+        if m and p.is_dir():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def _meta_step(directory: Path) -> int | None:
+    """The ``step`` recorded in ``directory/meta.json`` (None if unreadable)."""
+    try:
+        with open(directory / META_FILE, encoding="utf-8") as f:
+            step = json.load(f).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) and step >= 0 else None
+
+
 class Trainer:
     """Generic loop: ``loss_fn(model, batch)`` -> loss (or dict with "loss"); optional ``eval_fn(model)`` -> metrics."""
 
@@ -384,6 +411,7 @@ class Trainer:
         self.elapsed_before = 0.0
         self._stop_signal: int | None = None
         self._last_saved: tuple[int, int, int] | None = None
+        self._last_is_damaged = False  # resumed from an older checkpoint because checkpoints/last is damaged
         self._last_eval_step: int | None = None
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -459,9 +487,14 @@ class Trainer:
             rng_states = [rng]
         path = self.ckpt_dir / "last"
         if self.is_main:
+            keep_older = max(self.config.keep_last, 1) - 1
             previous_to = None
-            if self.config.keep_last > 1 and (path / META_FILE).exists() and self._last_saved is not None:
-                previous_to = self.ckpt_dir / f"step-{self._last_saved[0]:07d}"
+            if keep_older > 0 and (path / META_FILE).exists() and not self._last_is_damaged:
+                # keep the checkpoint now in "last" as step-N (N read from its meta.json: after a resume
+                # or in a re-used out_dir it need not be one this trainer wrote), unless it is not older
+                prev = _meta_step(path)
+                if prev is not None and prev < self.global_step:
+                    previous_to = self.ckpt_dir / f"step-{prev:07d}"
             meta = {
                 "step": self.global_step,
                 "epoch": self.epoch,
@@ -481,34 +514,118 @@ class Trainer:
                 meta=meta,
                 previous_to=previous_to,
             )
+            self._last_is_damaged = False
             for stale in [*self.ckpt_dir.glob("*.tmp-*"), *self.ckpt_dir.glob("*.trash-*")]:
                 shutil.rmtree(stale, ignore_errors=True)  # left by a run killed while saving
-            if previous_to is not None:
-                olds = sorted(self.ckpt_dir.glob("step-*"))
-                for old in olds[: max(len(olds) - (self.config.keep_last - 1), 0)]:
-                    shutil.rmtree(old, ignore_errors=True)
+            # older copies: the newest keep_last-1 below this step; step-N >= this step belong to an abandoned
+            # timeline (a run resumed from further back, or an earlier run in this out_dir)
+            olds = _step_dirs(self.ckpt_dir)
+            current = [p for n, p in olds if n < self.global_step or p == previous_to]
+            drop = [p for n, p in olds if n >= self.global_step and p != previous_to]
+            drop += current[: max(len(current) - keep_older, 0)]
+            for old in drop:
+                shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         self._last_saved = self._position()
         self._emit("checkpoint", {"path": str(path), "step": self.global_step})
         return path
 
     def _load_checkpoint(self, resume: bool | str) -> Path:
+        """Restore from ``checkpoints/last`` (``resume=True``) or the directory ``resume``; returns the one used.
+
+        Damage is looked for first (:func:`verify_checkpoint`, on the main process). With ``resume=True`` a
+        damaged ``last`` makes it fall back to the newest ``step-*`` that verifies and loads, with a warning;
+        an explicit directory must itself be intact.
+        """
+        acc = self.accelerator
+        multi = acc.num_processes > 1
         path = self.ckpt_dir / "last" if resume is True else Path(resume)
         error: str | None = None
+        candidates: list[str] = []
         if self.is_main:  # only the main process may repair an interrupted rename
             try:
-                path = resolve_checkpoint(path)
+                candidates.append(str(resolve_checkpoint(path)))
             except CheckpointNotFoundError as e:
                 error = str(e)
-        if self.accelerator.num_processes > 1:
+            else:
+                if resume is True:  # older copies, newest first
+                    candidates += [str(p) for _, p in reversed(_step_dirs(self.ckpt_dir))]
+        if multi:
             from accelerate.utils import broadcast_object_list
 
-            error = broadcast_object_list([error])[0]
+            error, candidates = broadcast_object_list([error, candidates])
         if error is not None:
             raise CheckpointNotFoundError(error)
-        path = resolve_checkpoint(path)
-        load_model_weights(self.unwrapped_model, path)
-        st = load_training_state(path)
+
+        failures: list[tuple[str, CheckpointCorruptError]] = []
+        for i, cand in enumerate(candidates):
+            err = self._verify_everywhere(Path(cand))
+            if err is None:
+                err = self._load_everywhere(Path(cand))
+            if err is None:
+                if i > 0:
+                    self._last_is_damaged = True  # the next save replaces "last" instead of keeping it
+                self._last_saved = self._position()
+                return Path(cand)
+            failures.append((cand, err))
+            if self.is_main and i + 1 < len(candidates):
+                logger.warning("%s; falling back to %s", err, candidates[i + 1])
+        first = failures[0][1]
+        if resume is not True:
+            raise first
+        tried = "\n".join(f"  {c}: {e}" for c, e in failures)
+        raise CheckpointCorruptError(
+            first.path,
+            first.reason,
+            message=(
+                f"{first}; no checkpoint in {self.ckpt_dir} can be resumed from "
+                f"(tried {len(failures)}, newest first):\n{tried}"
+            ),
+        )
+
+    def _agree_on_error(
+        self, err: CheckpointCorruptError | None, main_only: bool
+    ) -> CheckpointCorruptError | None:
+        """The first error of any process (or of the main one), the same on every process."""
+        if self.accelerator.num_processes <= 1:
+            return err
+        import torch.distributed as dist
+
+        mine = None if err is None else (str(err.path), err.reason, str(err))
+        if main_only:
+            from accelerate.utils import broadcast_object_list
+
+            found = [broadcast_object_list([mine])[0]]
+        elif dist.is_initialized():
+            found = [None] * self.accelerator.num_processes
+            dist.all_gather_object(found, mine)
+        else:
+            found = [mine]
+        first = next((f for f in found if f is not None), None)
+        return None if first is None else CheckpointCorruptError(first[0], first[1], message=first[2])
+
+    def _verify_everywhere(self, directory: Path) -> CheckpointCorruptError | None:
+        err = None
+        if self.is_main:
+            try:
+                verify_checkpoint(directory)
+            except CheckpointCorruptError as e:
+                err = e
+        return self._agree_on_error(err, main_only=True)
+
+    def _load_everywhere(self, directory: Path) -> CheckpointCorruptError | None:
+        """Load a (verified) checkpoint on every process; a damaged file anywhere -> its error everywhere."""
+        err = None
+        try:
+            self._apply_checkpoint(directory)
+        except CheckpointCorruptError as e:
+            err = e
+        return self._agree_on_error(err, main_only=False)
+
+    def _apply_checkpoint(self, path: Path) -> None:
+        # read everything before changing anything, so a damaged file leaves the trainer as it was
+        st = load_training_state(path, verify=False)  # verify_checkpoint has hashed the files already
+        load_model_weights(self.unwrapped_model, path, verify=False)
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
         if st.get("scaler") is not None and self.accelerator.scaler is not None:
@@ -537,8 +654,6 @@ class Trainer:
         if rngs:
             idx = self.accelerator.process_index
             set_rng_state(rngs[idx] if idx < len(rngs) else rngs[0])
-        self._last_saved = self._position()
-        return path
 
     # ------------------------------------------------------------------------------------------ eval
 

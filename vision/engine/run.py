@@ -1,0 +1,102 @@
+"""Run-folder rules shared by every training task: which folder a new run goes to, what a reused folder loses,
+and the list of skipped inputs.
+
+- ``--resume``: the folder is used as it is (the engine continues its logs).
+- a new run into a folder that already holds files: the next free ``NAME2``, ``NAME3``, ... (ultralytics habit),
+  said in a log line;
+- ``--exist-ok``: the folder is reused after its logs, summaries and checkpoints of the earlier run are removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from vision.io import write_text_atomic
+
+log = logging.getLogger("negvision.engine")
+
+# what a reused run folder (--exist-ok) loses: the earlier run's logs, reports and checkpoints
+RUN_OUTPUTS = ("log.csv", "metrics.csv", "tb", "summary.json", "train_summary.json", "config.json", "metrics.json",
+               "skipped.txt", "checkpoints", "eval", "pr_curves.png", "val_predictions.jpg", "training_curves.png")
+SKIPPED_FILE = "skipped.txt"
+
+
+def _is_used(path: Path) -> bool:
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+def next_free_path(path: str | os.PathLike) -> Path:
+    """``path`` if it is free (absent or an empty folder), else ``path2``, ``path3``, ... (first free one)."""
+    p = Path(path)
+    if not _is_used(p):
+        return p
+    n = 2
+    while _is_used(p.with_name(f"{p.name}{n}")):
+        n += 1
+    return p.with_name(f"{p.name}{n}")
+
+
+def clear_run_outputs(path: str | os.PathLike) -> list[str]:
+    """Remove an earlier run's logs, reports and checkpoints from ``path``; returns what was removed."""
+    p = Path(path)
+    removed = []
+    for name in RUN_OUTPUTS:
+        q = p / name
+        if q.is_dir() and not q.is_symlink():
+            shutil.rmtree(q)
+        elif q.exists() or q.is_symlink():
+            q.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
+def _decide(out: Path, resume: bool | str, exist_ok: bool) -> Path:
+    if resume:
+        return out
+    if not _is_used(out):
+        return out
+    if exist_ok:
+        removed = clear_run_outputs(out)
+        log.warning("--exist-ok: reusing %s (removed the earlier run's %s)", out, ", ".join(removed) or "nothing")
+        return out
+    new = next_free_path(out)
+    log.warning("%s already holds a run; this run goes to %s (--resume continues it, --exist-ok reuses it)", out, new)
+    return new
+
+
+def prepare_run_dir(out: str | os.PathLike, *, resume: bool | str = False, exist_ok: bool = False) -> Path:
+    """The folder a training run writes to, created. In a multi-process launch the main process decides and
+    the others follow (so every rank writes to the same ``NAME2``)."""
+    out = Path(out)
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        from accelerate import PartialState
+        from accelerate.utils import broadcast_object_list
+
+        state = PartialState()
+        chosen = [str(_decide(out, resume, exist_ok)) if state.is_main_process else None]
+        chosen = broadcast_object_list(chosen)
+        result = Path(chosen[0])
+        if state.is_main_process:
+            result.mkdir(parents=True, exist_ok=True)
+        state.wait_for_everyone()
+        return result
+    result = _decide(out, resume, exist_ok)
+    result.mkdir(parents=True, exist_ok=True)
+    return result
+
+
+def write_skipped(out: str | os.PathLike, skipped: Mapping[str, Sequence[str]]) -> Path | None:
+    """Write ``skipped.txt`` (one ``[split] file[:line]: problem`` per line) when anything was skipped."""
+    lines = [f"[{split}] {msg}".replace("\n", " ") for split, msgs in skipped.items() for msg in msgs]
+    path = Path(out) / SKIPPED_FILE
+    if not lines:
+        return None
+    write_text_atomic(path, "".join(ln + "\n" for ln in lines))
+    return path
