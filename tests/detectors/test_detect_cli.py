@@ -126,3 +126,97 @@ def test_demo_defaults_match_the_documented_configuration():
     params = inspect.signature(cli.demo).parameters
     assert params["epochs"].default.default == demo.DEMO_EPOCHS
     assert inspect.signature(demo.run_demo).parameters["epochs"].default == demo.DEMO_EPOCHS
+
+
+# ------------------------------------------------------------------------------- messy folders, run folders
+
+
+def _copy(digits, dst):
+    import shutil
+
+    shutil.copytree(digits, dst)
+    (dst / ".negvision-cache.json").unlink(missing_ok=True)
+    return dst
+
+
+def test_a_broken_val_split_stops_training_and_data_check(digits, tmp_path):
+    bad = _copy(digits, tmp_path / "bad")
+    img = sorted((bad / "images" / "val").glob("*.jpg"))[1]
+    img.write_bytes(img.read_bytes()[:-500])  # a copy cut short: only a full decode notices
+    r = runner.invoke(app, ["data", "check", "--data", str(bad)])
+    assert r.exit_code == 1 and "split train: error" not in r.output and f"split val: error: {img}" in r.output
+    assert "format yolo, split train: 8 images" in r.output
+    r = runner.invoke(app, ["detect", "train", "--data", str(bad), "--out", str(tmp_path / "run"), *TINY])
+    assert r.exit_code == 1 and str(img) in r.output and not (tmp_path / "run").exists()
+    r = runner.invoke(app, ["detect", "train", "--data", str(bad), "--out", str(tmp_path / "run"), "--max-steps", "1",
+                            "--skip-bad", *TINY])
+    assert r.exit_code == 0, r.output
+    skipped = (tmp_path / "run" / "skipped.txt").read_text()
+    assert skipped.startswith(f"[val] {img}") and "skipped 1 bad items" in r.output
+    assert (tmp_path / "run" / "checkpoints" / "best").is_dir()  # validation ran on the 3 good images
+
+
+def test_an_absent_val_split_trains_without_validation(digits, tmp_path):
+    data = _copy(digits, tmp_path / "noval")
+    (data / "data.yaml").write_text("path: .\ntrain: images/train\nnames: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]\n")
+    r = runner.invoke(app, ["detect", "train", "--data", str(data), "--out", str(tmp_path / "run"), "--max-steps", "1",
+                            *TINY])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "run" / "checkpoints" / "last").is_dir() and not (tmp_path / "run" / "checkpoints" / "best").exists()
+
+
+def test_a_used_run_folder_is_never_overwritten(digits, trained, tmp_path):
+    import shutil
+
+    run = tmp_path / "exp"
+    shutil.copytree(trained, run)
+    before = (run / "log.csv").read_text()
+    r = runner.invoke(app, ["detect", "train", "--data", str(digits), "--out", str(run), "--max-steps", "1", *TINY])
+    assert r.exit_code == 0, r.output
+    assert f"run folder: {tmp_path / 'exp2'}" in r.output and (run / "log.csv").read_text() == before
+    assert (tmp_path / "exp2" / "checkpoints" / "last").is_dir()
+    r = runner.invoke(app, ["detect", "train", "--data", str(digits), "--out", str(run), "--max-steps", "1",
+                            "--exist-ok", *TINY])
+    assert r.exit_code == 0, r.output
+    assert f"run folder: {run}" in r.output
+    rows = (run / "log.csv").read_text().strip().splitlines()
+    assert len(rows) == 2 and len(list((run / "tb").iterdir())) == 1  # header + one step, one TensorBoard file
+
+
+def test_predict_outputs_never_collide_and_follow_exif(trained, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    arr = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(src / "a.jpg")
+    Image.fromarray(arr).save(src / "a.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated: 64 wide, 96 high
+    Image.fromarray(arr).save(src / "sub" / "a.jpg", exif=exif.tobytes())
+    (src / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "pred"
+    r = runner.invoke(app, ["detect", "predict", "--weights", str(trained), "--source", str(src), "--out", str(out)])
+    assert r.exit_code == 1 and "broken.jpg" in r.output
+    r = runner.invoke(app, ["detect", "predict", "--weights", str(trained), "--source", str(src), "--out", str(out),
+                            "--skip-bad"])
+    assert r.exit_code == 0, r.output
+    assert {p.relative_to(out).as_posix() for p in out.rglob("*.json")} == {"a.jpg.json", "a.png.json", "sub/a.json"}
+    rec = json.loads((out / "sub" / "a.json").read_text())
+    assert (rec["width"], rec["height"]) == (64, 96)
+    assert "broken.jpg" in (out / "skipped.txt").read_text()
+
+
+def test_a_damaged_checkpoint_gives_one_line(trained, digits, tmp_path):
+    import shutil
+
+    run = tmp_path / "damaged"
+    shutil.copytree(trained, run)
+    for name in ("best", "last"):
+        f = run / "checkpoints" / name / "model.safetensors"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    r = runner.invoke(app, ["detect", "eval", "--weights", str(run), "--data", str(digits)])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    line = r.output.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "model.safetensors" in line and "damaged checkpoint" in line
