@@ -103,6 +103,15 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
 
 
+def list_image_files(folder: str | os.PathLike, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[Path]:
+    """Image files under ``folder`` (recursive, hidden folders skipped), sorted by path; fast on large folders."""
+    out: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        out.extend(os.path.join(dirpath, f) for f in filenames if os.path.splitext(f)[1].lower() in extensions)
+    return [Path(f) for f in sorted(out)]
+
+
 def list_images(source: str | os.PathLike, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[Path]:
     """Image files of a folder (recursive, sorted) or the single image given; clear errors otherwise."""
     src = Path(source)

@@ -113,6 +113,43 @@ def test_resume_mid_epoch_is_exact(defect_set, tmp_path):
         assert torch.allclose(a[k], b[k], atol=1e-6), k
 
 
+def test_broken_test_split_is_an_error_and_skip_bad_lists_it(defect_set, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(defect_set, data)
+    (data / ".negvision-cache.json").unlink(missing_ok=True)
+    img = data / "test" / "images" / "test_0003.png"
+    img.write_bytes(img.read_bytes()[:-40])  # truncated PNG in the test split
+    r = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1",
+                                 *FAST])
+    assert r.exit_code == 1 and str(img) in r.output and "Traceback" not in r.output
+    kw = dict(epochs=1, batch=4, width=0.25, cpu=True, progress=False, final_eval=False)
+    s = train_segdec(data, tmp_path / "run", skip_bad=True, **kw)
+    assert s["skipped"] == {"train": 0, "test": 1}
+    assert (tmp_path / "run" / "skipped.txt").read_text().startswith(f"[test] {img}")
+    again = train_segdec(data, tmp_path / "run", skip_bad=True, **kw)  # a used run folder is never overwritten
+    assert again["out"] == str(tmp_path / "run2")
+
+
+def test_predict_mirrors_sub_folders_and_applies_exif(defect_set, tmp_path):
+    kw = dict(epochs=1, batch=4, width=0.25, cpu=True, progress=False, final_eval=False, eval_every=0)
+    run = Path(train_segdec(defect_set, tmp_path / "run", **kw)["out"])
+    src = tmp_path / "src"
+    (src / "line2").mkdir(parents=True)
+    arr = np.asarray(Image.open(defect_set / "test" / "images" / "test_0000.png").convert("L"))[:, :24]  # 24 x 32
+    Image.fromarray(arr).save(src / "part.png")
+    exif = Image.Exif()
+    exif[0x0112] = 8  # displayed rotated: 32 wide, 24 high
+    Image.fromarray(arr).convert("RGB").save(src / "line2" / "part.jpg", exif=exif.tobytes())
+    pred = tmp_path / "pred"
+    r = CliRunner().invoke(app, ["predict", "--weights", str(run), "--source", str(src), "--out", str(pred),
+                                 "--device", "cpu"])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    assert (pred / "masks" / "part.png").is_file() and (pred / "masks" / "line2" / "part.png").is_file()
+    assert np.asarray(Image.open(pred / "masks" / "line2" / "part.png")).shape == (24, 32)
+
+
 @pytest.mark.gpu
 def test_gpu_forward_backward_bf16_and_short_training(defect_set, tmp_path):
     from detectors.segdec import SegDecNet

@@ -38,12 +38,12 @@ class ImageInfo:
     error: str = ""
 
 
-def check_image(path: Path, full_decode: bool = True) -> ImageInfo:
+def check_image(path: Path, full_decode: bool = True, st: os.stat_result | None = None) -> ImageInfo:
     """Open ``path`` and (``full_decode``) decode every pixel; the size is the displayed one (EXIF applied)."""
     from PIL import Image
 
     try:
-        st = path.stat()
+        st = st or path.stat()
     except FileNotFoundError:
         return ImageInfo(kind="missing_image", error="image not found")
     except OSError as e:
@@ -77,8 +77,9 @@ class ImageChecker:
         self.root = Path(root).resolve() if root is not None else None
         self.full_decode = full_decode
         self.progress = progress
-        self.workers = workers or min(8, (os.cpu_count() or 1) * 2)
+        self.workers = workers or min(8, os.cpu_count() or 1)
         self.use_cache = use_cache and self.root is not None
+        self._prefix = str(self.root) + os.sep if self.root is not None else ""
         self._results: dict[str, ImageInfo] = {}
         self._cache: dict[str, list] = {}
         self._dirty = False
@@ -110,6 +111,9 @@ class ImageChecker:
         """Write the cache if anything new was checked; next to the data, else in the user cache folder."""
         if not self.use_cache or not self._dirty:
             return None
+        assert self.root is not None
+        for key in [k for k in self._cache if not (self.root / k).exists()]:
+            del self._cache[key]  # files removed since they were checked
         payload = json.dumps({"version": CACHE_VERSION, "root": str(self.root), "full_decode": self.full_decode,
                               "images": self._cache}, separators=(",", ":"))
         for p in self.cache_paths():
@@ -130,56 +134,81 @@ class ImageChecker:
         return None
 
     def _key(self, path: Path) -> str:
-        ap = path.resolve() if not path.is_absolute() else path
-        if self.root is not None:
-            try:
-                return ap.relative_to(self.root).as_posix()
-            except ValueError:
-                pass
-        return str(ap)
+        s = str(path) if path.is_absolute() else str(path.resolve())
+        if self._prefix and s.startswith(self._prefix):
+            return s[len(self._prefix):].replace(os.sep, "/")
+        return s
 
     # ------------------------------------------------------------------ checking
-    def _check_one(self, path: Path) -> ImageInfo:
-        key = self._key(path)
+    def _lookup(self, path: Path) -> tuple[ImageInfo | None, os.stat_result | None]:
+        """(cached result or None, stat) of one path: a cache hit costs one stat and a dict lookup."""
         try:
             st = path.stat()
-            stamp = [st.st_size, st.st_mtime_ns]
         except OSError:
-            stamp = None
-        if stamp is not None and self.use_cache:
-            hit = self._cache.get(key)
-            if hit is not None and hit[:2] == stamp:
-                self.cached += 1
-                return ImageInfo(*hit[2:])
-        info = check_image(path, self.full_decode)
-        self.checked += 1
-        if stamp is not None and self.use_cache:
+            return None, None
+        if self.use_cache:
+            hit = self._cache.get(self._key(path))
+            if hit is not None and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+                return ImageInfo(*hit[2:]), st
+        return None, st
+
+    def _decode(self, path: Path, st: os.stat_result | None) -> ImageInfo:
+        info = check_image(path, self.full_decode, st)
+        if st is not None and self.use_cache:
             with self._lock:
-                self._cache[key] = [*stamp, info.width, info.height, info.orientation, info.kind, info.error]
+                self._cache[self._key(path)] = [st.st_size, st.st_mtime_ns, info.width, info.height,
+                                                info.orientation, info.kind, info.error]
                 self._dirty = True
         return info
 
+    def _check_one(self, path: Path) -> ImageInfo:
+        info, st = self._lookup(path)
+        if info is not None:
+            self.cached += 1
+            return info
+        self.checked += 1
+        return self._decode(path, st)
+
     def prefetch(self, paths: Iterable[Path], desc: str = "checking images") -> None:
-        """Check every path not checked yet (threads; a progress bar when there are many)."""
+        """Check every path not checked yet: cache hits first (one stat each), then the misses decoded in
+        threads, a chunk of files per task (a progress bar when there are many)."""
         todo = list(dict.fromkeys(Path(p) for p in paths if str(p) not in self._results))
         if not todo:
             return
+        misses: list[tuple[Path, os.stat_result | None]] = []
+        for p in todo:
+            info, st = self._lookup(p)
+            if info is not None:
+                self._results[str(p)] = info
+                self.cached += 1
+            else:
+                misses.append((p, st))
+        if not misses:
+            return
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(todo), desc=desc, unit="img", leave=False,
-                   disable=True if not self.progress or len(todo) < 200 else None)
+        bar = tqdm(total=len(misses), desc=desc, unit="img", leave=False,
+                   disable=True if not self.progress or len(misses) < 200 else None)
+
+        def run(chunk: list[tuple[Path, os.stat_result | None]]) -> list[ImageInfo]:
+            out = [self._decode(p, st) for p, st in chunk]
+            bar.update(len(chunk))
+            return out
+
+        size = max(16, min(512, len(misses) // (self.workers * 8) or 16))
+        chunks = [misses[i:i + size] for i in range(0, len(misses), size)]
         try:
-            if len(todo) < 16 or self.workers <= 1:
-                for p in todo:
-                    self._results[str(p)] = self._check_one(p)
-                    bar.update(1)
+            if len(chunks) == 1 or self.workers <= 1:
+                results = [run(c) for c in chunks]
             else:
                 with ThreadPoolExecutor(self.workers) as pool:
-                    for p, info in zip(todo, pool.map(self._check_one, todo, chunksize=16), strict=True):
-                        self._results[str(p)] = info
-                        bar.update(1)
+                    results = list(pool.map(run, chunks))
         finally:
             bar.close()
+        for chunk, infos in zip(chunks, results, strict=True):
+            for (p, _), info in zip(chunk, infos, strict=True):
+                self._results[str(p)] = info
+        self.checked += len(misses)
         self.save()
 
     def info(self, path: Path) -> ImageInfo:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from vision.io import IMAGE_EXTENSIONS, write_text_atomic
+from vision.io import list_image_files, write_text_atomic
 
 from .base import (
     DatasetError,
@@ -65,7 +65,7 @@ def _images(yaml_path: Path, root: Path, entry: Any, split: str) -> list[Path]:
         p = Path(str(e)).expanduser()
         p = p if p.is_absolute() else root / p
         if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()))
+            out.extend(list_image_files(p))
         elif p.is_file() and p.suffix.lower() == ".txt":
             for line in read_text(p, "image list").splitlines():
                 line = line.strip()
@@ -87,9 +87,12 @@ def _parse_labels(path: Path, width: int, height: int, n_classes: int,
     raises (the image is then skipped with --skip-bad: its labels cannot be trusted)."""
     boxes: list[list[float]] = []
     labels: list[int] = []
-    if not path.is_file():
-        return box_arrays(boxes, labels)  # no label file: an image without objects (ultralytics habit)
-    text = read_text(path, "label file", kind="malformed")
+    try:
+        text = read_text(path, "label file", kind="malformed")
+    except DatasetError:
+        if not path.exists():
+            return box_arrays(boxes, labels)  # no label file: an image without objects (ultralytics habit)
+        raise
     for lineno, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if not fields:
