@@ -353,7 +353,7 @@ def _public(res: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- training
 
 
-def _sampler_callback(sampler: FrequencySampler, resume: bool | str, out: Path):
+def _sampler_callback(sampler: FrequencySampler):
     """Engine callback: saves the sampler state next to each checkpoint; restores it on resume."""
 
     def cb(trainer: Any, event: str, info: dict) -> None:
@@ -362,13 +362,12 @@ def _sampler_callback(sampler: FrequencySampler, resume: bool | str, out: Path):
         if event == "checkpoint" and trainer.is_main:
             state = {k: v.contiguous() for k, v in sampler.state_dict().items()}
             write_bytes_atomic(Path(info["path"]) / SAMPLER_FILE, save(state))
-        elif event == "fit_start" and resume:
-            ckpt = out / "checkpoints" / "last" if resume is True else Path(resume)
-            f = ckpt / SAMPLER_FILE
+        elif event == "fit_start" and info.get("resumed_from"):
+            f = Path(info["resumed_from"]) / SAMPLER_FILE  # the checkpoint actually loaded (maybe a fallback)
             if f.is_file():
                 try:
                     sampler.load_state_dict(load_file(str(f)))
-                except (ValueError, KeyError) as e:  # replaying the draws gives the same state anyway
+                except Exception as e:  # damaged or stale: replaying the draws gives the same state anyway
                     log.warning("ignoring %s (%s); the sampler replays its earlier epochs instead", f, e)
 
     return cb
@@ -510,7 +509,7 @@ def train_segdec(
                       metric="AP" if eval_ds is not None else None, mode="max",
                       batch_size_fn=lambda b: int(b["image"].shape[0]),
                       extra_config={"task": "segdec", "segdec": spec},
-                      callbacks=[_sampler_callback(sampler, resume, out)])
+                      callbacks=[_sampler_callback(sampler)])
     holder["trainer"] = trainer
     if trainer.is_main:
         out.mkdir(parents=True, exist_ok=True)

@@ -220,3 +220,22 @@ def test_a_damaged_checkpoint_gives_one_line(trained, digits, tmp_path):
     assert r.exit_code == 1 and "Traceback" not in r.output
     line = r.output.strip().splitlines()[-1]
     assert line.startswith("error: ") and "model.safetensors" in line and "damaged checkpoint" in line
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint(trained, digits, tmp_path, caplog):
+    import logging
+    import shutil
+
+    run = tmp_path / "fallback"
+    shutil.copytree(trained, run)
+    older = sorted((run / "checkpoints").glob("step-*"))
+    assert len(older) == 1  # --keep-last 2: the newest and one older checkpoint
+    last = run / "checkpoints" / "last" / "training_state.pt"
+    last.write_bytes(last.read_bytes()[:100])
+    steps = json.loads((run / "summary.json").read_text())["steps"]
+    with caplog.at_level(logging.WARNING):
+        r = runner.invoke(app, ["detect", "train", "--data", str(digits), "--out", str(run), "--resume",
+                                "--max-steps", str(steps + 1), *TINY])
+    assert r.exit_code == 0, r.output
+    assert any("training_state.pt: damaged checkpoint file" in m and older[0].name in m for m in caplog.messages)
+    assert json.loads((run / "summary.json").read_text())["steps"] == steps + 1

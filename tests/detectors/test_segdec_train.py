@@ -148,6 +148,13 @@ def test_predict_mirrors_sub_folders_and_applies_exif(defect_set, tmp_path):
     assert r.exit_code == 0, r.output + repr(r.exception)
     assert (pred / "masks" / "part.png").is_file() and (pred / "masks" / "line2" / "part.png").is_file()
     assert np.asarray(Image.open(pred / "masks" / "line2" / "part.png")).shape == (24, 32)
+    weights = run / "checkpoints" / "last" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated: eval / predict give one line naming it
+    for cmd in (["eval", "--weights", str(run)], ["predict", "--weights", str(run), "--source", str(src),
+                                                  "--out", str(tmp_path / "p2")]):
+        r = CliRunner().invoke(app, [*cmd, "--device", "cpu"])
+        assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+        assert r.output.strip().splitlines()[-1].startswith(f"error: {weights}: damaged checkpoint file")
 
 
 @pytest.mark.gpu

@@ -327,3 +327,11 @@ def test_intact_pickle_that_weights_only_refuses_is_not_called_damaged(tmp_path)
         load_model_weights(make_model(), tmp_path / "whole_model.pt")
     assert not isinstance(info.value, CheckpointCorruptError)
     one_line(info.value)
+
+
+def test_a_new_run_in_a_used_folder_starts_empty_logs(tmp_path: Path) -> None:
+    trainer(tmp_path / "run", log_every=1).fit()
+    trainer(tmp_path / "run", max_steps=2, log_every=1).fit()  # not a resume: the old rows must not stay
+    rows = (tmp_path / "run" / "log.csv").read_text().strip().splitlines()
+    assert len(rows) == 3 and rows[1].split(",")[0] == "1"  # header + steps 1 and 2
+    assert len(list((tmp_path / "run" / "tb").glob("events.*"))) <= 1

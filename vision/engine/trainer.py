@@ -730,6 +730,9 @@ class Trainer:
         if resumed:
             _truncate_csv(self.out_dir / "log.csv", self.global_step)
             _truncate_csv(self.out_dir / "metrics.csv", self.global_step)
+        else:  # a new run in a folder used before: its logs start empty (never appended to the old run's)
+            for old in (self.out_dir / "log.csv", self.out_dir / "metrics.csv", *(self.out_dir / "tb").glob("events.*")):
+                old.unlink(missing_ok=True)
         self._csv = _CSVLog(self.out_dir / "log.csv")
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -851,7 +854,8 @@ class Trainer:
         self._fit_start = time.time()
         train_time, samples_total, last_row = 0.0, 0, {}
         try:
-            self._emit("fit_start", {"step": self.global_step})
+            self._emit("fit_start", {"step": self.global_step,
+                                     "resumed_from": str(resumed_from) if resumed_from is not None else None})
             # (an interrupted run may stop right at the end of an epoch: finish that epoch's bookkeeping)
             while self.global_step < self.total_steps or self.batch_in_epoch >= self.batches_per_epoch:
                 ended_epoch, interrupted, stats = self._train_epoch()
