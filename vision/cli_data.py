@@ -58,7 +58,8 @@ def check_cmd(
                                   "--skip-bad would keep) instead of the first 20."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Decode every image again, ignoring the index cache."),
 ) -> None:
-    """Validate a detection data set the way training will: every split, every image fully decoded (cached)."""
+    """Validate a data set the way training will: every split, every image fully decoded (cached). Detection
+    formats (COCO, YOLO, VOC, LabelMe) and the defect layouts of `negvision defect` are recognised."""
     import time
 
     from vision.data import DETECTION_SPLITS, DatasetError, SplitNotFoundError, load_detection_dataset
@@ -67,8 +68,15 @@ def check_cmd(
     try:
         fmt = detect_format(data, "detection")
     except DatasetError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
+        try:
+            defect = detect_format(data, "defect") if data.is_dir() else None
+        except DatasetError:
+            defect = None
+        if defect is None:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
+        _check_defects(data, defect.name, list(split), skip_bad, not no_cache)
+        return
     splits = list(split) or list(DETECTION_SPLITS)
     found, n_bad, failed = 0, 0, False
     t0 = time.perf_counter()
@@ -94,6 +102,44 @@ def check_cmd(
         n_bad += len(ds.bad)
     if found == 0 and not failed:
         typer.echo(f"error: {data}: no split of {', '.join(splits)} found ({fmt.name} format)", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"checked in {time.perf_counter() - t0:.1f} s" + (f"; {n_bad} bad items" if n_bad else ""))
+    if failed or n_bad:
+        raise typer.Exit(1)
+
+
+def _check_defects(data: Path, layout: str, splits: list[str], skip_bad: bool, cache: bool) -> None:
+    """``data check`` for a surface-defect layout (train / test splits)."""
+    import time
+
+    from vision.data.defect_split import DEFECT_SPLITS, check_defect_split
+    from vision.data.formats import DatasetError, SplitNotFoundError
+
+    t0 = time.perf_counter()
+    found, n_bad, failed = 0, 0, False
+    for s in splits or list(DEFECT_SPLITS):
+        try:
+            res = check_defect_split(data, s, layout, skip_bad=skip_bad, cache=cache)
+        except SplitNotFoundError as e:
+            if splits:
+                typer.echo(f"error: {e}", err=True)
+                failed = True
+            continue
+        except (DatasetError, ValueError) as e:
+            found += 1
+            failed = True
+            typer.echo(f"split {s}: error: {e}", err=True)
+            continue
+        found += 1
+        pos = sum(1 for x in res.samples if x.label == 1)
+        masked = sum(1 for x in res.samples if x.label == 1 and x.has_mask and x.segmented)
+        typer.echo(f"format {layout}, split {s}: {len(res.samples)} images, {pos} defective ({masked} with pixel "
+                   f"masks), {len(res.samples) - pos} defect-free" + (f"; skipped {len(res.bad)} bad" if res.bad else ""))
+        for msg in res.bad:
+            typer.echo(f"  bad: {msg}")
+        n_bad += len(res.bad)
+    if found == 0 and not failed:
+        typer.echo(f"error: {data}: no split found ({layout} layout)", err=True)
         raise typer.Exit(1)
     typer.echo(f"checked in {time.perf_counter() - t0:.1f} s" + (f"; {n_bad} bad items" if n_bad else ""))
     if failed or n_bad:

@@ -18,21 +18,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vision.data.formats import (
-    DatasetError,
-    Problems,
-    SplitNotFoundError,
-    detect_format,
-    get_format,
-    list_formats,
-)
+from vision.data.defect_split import DATASET_KINDS, check_defect_split, detect_layout, list_samples
+from vision.data.formats import DatasetError, SplitNotFoundError
 from vision.data.formats.dagm import read as read_dagm
 from vision.data.formats.defect_common import DefectSample, read_binary_mask, rle_decode
 from vision.data.formats.defect_folder import read as read_folder
 from vision.data.formats.ksdd import read as read_ksdd
 from vision.data.formats.ksdd2 import read as read_ksdd2
 from vision.data.formats.severstal import read as read_severstal
-from vision.data.validate import ImageChecker
 from vision.io import ImageReadError, open_image
 
 from .losses import dilate_mask, segmentation_targets
@@ -57,7 +50,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DATASET_KINDS = ("auto", *(f.name for f in list_formats("defect")))
 _GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 
 
@@ -85,66 +77,6 @@ def parse_img_size(value: Any) -> tuple[int, int] | None:
             "(SegDecNet's segmentation map is at 1/8 resolution)"
         )
     return h, w
-
-
-def detect_layout(root: str | Path) -> str:
-    """Which defect layout (ksdd / ksdd2 / dagm / severstal / folder) the folder ``root`` holds."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"data folder '{root}' does not exist", kind="dataset")
-    return detect_format(root, "defect").name
-
-
-def list_samples(
-    root: str | Path,
-    split: str = "train",
-    kind: str = "auto",
-    *,
-    dagm_class: int | None = None,
-    fold: int = 0,
-    _bad: Problems | None = None,
-) -> tuple[str, list[DefectSample]]:
-    """(layout, unchecked samples) of ``split`` ("train" or "test") in ``root``."""
-    root = Path(root)
-    if kind not in DATASET_KINDS:
-        raise ValueError(f"dataset kind must be one of {', '.join(DATASET_KINDS)}, got '{kind}'")
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got '{split}'")
-    if not root.is_dir():
-        raise DatasetError(f"data folder '{root}' does not exist", kind="dataset")
-    layout = detect_layout(root) if kind == "auto" else kind
-    samples = get_format(layout).read(root, split, _bad if _bad is not None else Problems(False), dagm_class=dagm_class, fold=fold)
-    if not samples:
-        raise SplitNotFoundError(f"{root}: no images found for split '{split}' ({layout} layout)")
-    return layout, samples
-
-
-def _check(s: DefectSample, images: ImageChecker) -> DefectSample:
-    """Validate one sample (image readable, mask readable/binary/same size); fills in mask-derived labels."""
-    if s.source.startswith("!"):
-        raise DatasetError(s.source[1:], kind="malformed")
-    w, h = images.size(s.image, s.source or None)
-    if s.mask is not None:
-        if not s.mask.is_file():
-            raise DatasetError(f"{s.mask}: mask file does not exist (for image {s.image})", kind="missing_mask")
-        m = read_binary_mask(s.mask)
-        if m.shape != (h, w):
-            raise DatasetError(
-                f"{s.mask}: mask is {m.shape[1]}x{m.shape[0]} (WxH) but its image {s.image.name} is {w}x{h}",
-                kind="mask_size",
-            )
-        positive = int(m.any())
-        if s.label in (-2, -3) and (s.label == -3) != bool(positive):
-            said = "defective" if s.label == -3 else "defect-free"
-            raise DatasetError(
-                f"{s.source}: {s.image.name} is labelled {said} but its mask {s.mask.name} "
-                f"{'has' if positive else 'has no'} defect pixels",
-                kind="label_conflict",
-            )
-        s = replace(s, label=positive)
-    elif s.rle is not None:
-        rle_decode(s.rle, h, w, where=s.source)
-    return s
 
 
 # ----------------------------------------------------------------------------------------------- dataset
@@ -317,22 +249,10 @@ def load_defect_dataset(
     files raise one :class:`DatasetError` listing the first 20 problems, or are skipped with ``skip_bad``.
     A split that does not exist raises :class:`SplitNotFoundError`.
     """
-    bad = Problems(skip_bad)
-    layout, raw = list_samples(root, split, kind, dagm_class=dagm_class, fold=fold, _bad=bad)
-    images = ImageChecker(root, full_decode=verify, progress=progress)
-    images.prefetch([s.image for s in raw], desc=f"checking {split} images")
-    samples: list[DefectSample] = []
-    for s in raw:
-        try:
-            checked = _check(s, images)
-        except DatasetError as e:
-            bad.add(e)
-            continue
-        samples.append(checked)
-    bad.raise_if_any(f"split '{split}' of {root}")
-    if not samples:
-        raise DatasetError(f"{root}: every sample of split '{split}' is bad ({len(bad.items)} skipped)", kind="dataset")
-    first_size = images.size(samples[0].image)
+    checked = check_defect_split(root, split, kind, skip_bad=skip_bad, dagm_class=dagm_class, fold=fold,
+                                 verify=verify, progress=progress)
+    layout, samples = checked.layout, checked.samples
+    first_size = checked.images.size(samples[0].image)
     with Image.open(samples[0].image) as im:
         first_mode = im.mode
     if num_segmented is not None:
@@ -362,5 +282,5 @@ def load_defect_dataset(
         root=root,
         layout=layout,
         split=split,
-        bad=bad.items,
+        bad=checked.bad,
     )

@@ -226,3 +226,19 @@ def test_parse_img_size():
         parse_img_size("100x64")
     with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
         parse_img_size("big")
+
+
+def test_data_check_validates_defect_layouts(tmp_path):
+    from typer.testing import CliRunner
+
+    from vision.cli import app
+    from vision.data.defects import make_defects
+
+    root = make_defects(tmp_path / "d", n_train=8, n_test=4, img_size=32, seed=0)
+    r = CliRunner().invoke(app, ["data", "check", "--data", str(root)])
+    assert r.exit_code == 0, r.output
+    assert "format folder, split train: 8 images" in r.output and "format folder, split test: 4 images" in r.output
+    mask = sorted((root / "test" / "masks").glob("*.png"))[0]
+    mask.write_bytes(b"broken")
+    r = CliRunner().invoke(app, ["data", "check", "--data", str(root)])
+    assert r.exit_code == 1 and f"split test: error: {mask}: cannot read mask" in r.output
