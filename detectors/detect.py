@@ -18,6 +18,7 @@ from vision.io import list_images, write_json_atomic
 log = logging.getLogger(__name__)
 
 DETECTOR_JSON = "detector.json"
+DEFAULT_WEIGHTS = "best"  # a detector run's model is its best validation checkpoint (else the last one)
 
 
 # ----------------------------------------------------------------------------- model files
@@ -27,7 +28,8 @@ def model_spec(model: str, num_classes: int, classes: Sequence[str], backbone: s
     freeze = bool(pretrained) if freeze_bn is None else bool(freeze_bn)
     kwargs = dict(backbone=backbone, min_size=img_size, max_size=img_size, freeze_bn=freeze, **model_kwargs)
     return {"model": model, "num_classes": num_classes, "classes": list(classes), "kwargs": kwargs,
-            "pretrained_backbone": pretrained if isinstance(pretrained, bool) else str(pretrained)}
+            "pretrained_backbone": pretrained if isinstance(pretrained, bool) else str(pretrained),
+            "weights": DEFAULT_WEIGHTS}
 
 
 def build_from_spec(spec: dict[str, Any], pretrained_backbone: bool | str = False) -> nn.Module:
@@ -37,33 +39,23 @@ def build_from_spec(spec: dict[str, Any], pretrained_backbone: bool | str = Fals
     return create_detector(spec["model"], spec["num_classes"], pretrained_backbone=pretrained_backbone, **spec["kwargs"])
 
 
-def _find_spec(path: Path) -> Path:
-    for p in [path, *path.parents][:4]:
-        cand = p / DETECTOR_JSON if p.is_dir() else p.parent / DETECTOR_JSON
-        if cand.is_file():
-            return cand
-    raise FileNotFoundError(f"no {DETECTOR_JSON} found next to or above '{path}'; pass a run folder made by "
-                            "'negvision detect train' or a checkpoint inside one")
-
-
 def find_weights_file(path: str | Path) -> Path:
-    """The model.safetensors of a run folder (best, else last checkpoint), checkpoint folder or file path."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    for cand in (p / "checkpoints" / "best" / "model.safetensors", p / "checkpoints" / "last" / "model.safetensors",
-                 p / "model.safetensors", p / "best" / "model.safetensors", p / "last" / "model.safetensors"):
-        if cand.is_file():
-            return cand
-    raise FileNotFoundError(f"no model weights at '{p}' (looked for checkpoints/best|last/model.safetensors, model.safetensors)")
+    """The model.safetensors of a run folder (the run's best checkpoint, else last), checkpoint folder or file."""
+    from vision.engine.run import run_weights
+
+    return run_weights(path, DETECTOR_JSON, DEFAULT_WEIGHTS, "detector")[0]
 
 
 def load_detector(weights: str | Path, device: str | torch.device | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Load a trained detector (eval mode) and its spec from a run folder, checkpoint folder or weights file."""
     from vision.engine import load_model_weights
+    from vision.engine.run import read_spec, run_weights
 
-    wfile = find_weights_file(weights)
-    spec = json.loads(_find_spec(wfile).read_text())
+    wfile, spec_path = run_weights(weights, DETECTOR_JSON, DEFAULT_WEIGHTS, "detector")
+    if spec_path is None:
+        raise FileNotFoundError(f"no {DETECTOR_JSON} found next to or above '{wfile}'; pass a run folder made by "
+                                "'negvision detect train' or a checkpoint inside one")
+    spec = read_spec(spec_path)
     model = build_from_spec(spec)
     load_model_weights(model, wfile)
     dev = device if isinstance(device, torch.device) else pick_device(device)

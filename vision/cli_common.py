@@ -1,4 +1,5 @@
-"""Small helpers shared by the command-line groups."""
+"""What every command-line group shares: how errors end a command (exit 1: bad input or a failed run, exit 2:
+a usage error such as a bad option value), shared option help, ``--pretrained`` parsing."""
 
 from __future__ import annotations
 
@@ -8,10 +9,23 @@ from typing import NoReturn
 import typer
 
 
+EXIT_USER_ERROR = 1  # bad input data, missing file, a run that failed
+EXIT_USAGE = 2  # a bad option value or combination (click's own usage errors use 2 as well)
+EXIT_INTERRUPTED = 130
+
+DEVICE_HELP = "cpu, cuda, cuda:1, mps (default: the best available)."
+
+
 def fail(msg: str) -> NoReturn:
-    """Print ``error: msg`` to stderr and exit with status 1."""
+    """Print ``error: msg`` to stderr and exit with status 1 (user error: bad input, missing file, failed run)."""
     typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(1)
+    raise typer.Exit(EXIT_USER_ERROR)
+
+
+def usage_error(msg: str) -> NoReturn:
+    """Print ``error: msg`` to stderr and exit with status 2 (a bad option value or combination)."""
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(EXIT_USAGE)
 
 
 def parse_pretrained(value: str) -> bool | str:

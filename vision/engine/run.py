@@ -100,3 +100,68 @@ def write_skipped(out: str | os.PathLike, skipped: Mapping[str, Sequence[str]]) 
         return None
     write_text_atomic(path, "".join(ln + "\n" for ln in lines))
     return path
+
+
+# ------------------------------------------------------------------------------------ reading a run folder back
+# A run folder holds a spec file (``detector.json``, ``segdec.json``: what rebuilds the model), and the engine's
+# ``checkpoints/{last,best}``. The spec's ``"weights"`` entry names the checkpoint that is the run's model ("best":
+# the best validation score, "last": the final model); when that one is absent the other is used. Spec files
+# written before the entry existed get the task's default.
+
+CHECKPOINT_NAMES = ("best", "last")
+
+
+def find_spec(path: str | os.PathLike, spec_name: str) -> Path | None:
+    """The spec file ``spec_name`` in ``path`` (or next to a file), or up to three folders above it."""
+    p = Path(path)
+    start = p if p.is_dir() else p.parent
+    for d in [start, *start.parents][:4]:
+        if (d / spec_name).is_file():
+            return d / spec_name
+    return None
+
+
+def read_spec(path: str | os.PathLike) -> dict:
+    """A spec JSON file; ValueError naming the file when it is not valid JSON."""
+    import json
+
+    p = Path(path)
+    try:
+        spec = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{p}: cannot read the run's spec file ({e})") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{p}: the run's spec file must hold a JSON object")
+    return spec
+
+
+def find_weights_file(path: str | os.PathLike, prefer: str = "best", what: str = "model") -> Path:
+    """The weights a path stands for: a weights file as given; in a run folder (or its checkpoints/), the
+    ``prefer`` checkpoint ("best" or "last"), else the other; in a checkpoint folder its model.safetensors."""
+    if prefer not in CHECKPOINT_NAMES:
+        raise ValueError(f"prefer must be 'best' or 'last', got '{prefer}'")
+    p = Path(path)
+    if p.is_file():
+        return p
+    order = [prefer, *(n for n in CHECKPOINT_NAMES if n != prefer)]
+    cands = [p / "checkpoints" / n / "model.safetensors" for n in order]
+    cands += [p / "model.safetensors"] + [p / n / "model.safetensors" for n in order]
+    for cand in cands:
+        if cand.is_file():
+            return cand
+    if not p.exists():
+        raise FileNotFoundError(f"'{p}' does not exist (expected a run folder, a checkpoint folder or a weights file)")
+    raise FileNotFoundError(
+        f"no {what} weights at '{p}' (looked for checkpoints/{order[0]}|{order[1]}/model.safetensors and "
+        "model.safetensors); pass a run folder made by 'negvision ... train', a checkpoint folder or a weights file")
+
+
+def run_weights(path: str | os.PathLike, spec_name: str, default: str, what: str = "model") -> tuple[Path, Path | None]:
+    """(weights file, spec file or None) of a run folder / checkpoint / weights file, by the one rule above."""
+    p = Path(path)
+    spec_path = find_spec(p, spec_name)
+    prefer = default
+    if spec_path is not None and not p.is_file():
+        prefer = str(read_spec(spec_path).get("weights", default))
+    wfile = find_weights_file(p, prefer if prefer in CHECKPOINT_NAMES else default, what)
+    return wfile, spec_path if spec_path is not None else find_spec(wfile, spec_name)

@@ -1,0 +1,120 @@
+"""Run a trained SegDecNet on images: defect probability per image, full-resolution masks and heatmaps."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vision.io import (
+    ImageReadError,
+    list_images,
+    open_image,
+    output_names,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+
+from .evaluate import _upsample
+from .spec import load_segdec
+
+log = logging.getLogger("detectors.segdec")
+
+
+def _default_threshold(weights: Path) -> float:
+    start = weights if weights.is_dir() else weights.parent
+    for p in [start, *start.parents][:4]:
+        f = p / "eval" / "metrics.json"
+        if f.is_file():
+            try:
+                return float(json.loads(f.read_text())["threshold"])
+            except (KeyError, ValueError, TypeError):
+                break
+    return 0.5
+
+
+@torch.no_grad()
+def predict_segdec(
+    weights: str | Path,
+    source: str | Path,
+    out: str | Path,
+    *,
+    threshold: float | None = None,
+    seg_threshold: float = 0.5,
+    batch: int = 4,
+    device: str | None = None,
+    heatmaps: bool = True,
+    skip_bad: bool = False,
+) -> list[dict[str, Any]]:
+    """Run a trained SegDecNet on images. Per image: defect probability (predictions.csv / .json), the
+    full-resolution mask PNG (segmentation >= ``seg_threshold``) and a heatmap overlay. ``threshold``
+    (default: the run's best-F1 threshold from its evaluation, else 0.5) decides "defective"."""
+    from PIL import Image
+
+    from vision.viz import overlay_heatmap, save_image
+
+    model, spec = load_segdec(weights, device)
+    dev = next(model.parameters()).device
+    thr = _default_threshold(Path(weights)) if threshold is None else float(threshold)
+    h, w = spec["img_size"]
+    grey = int(spec.get("channels", spec["model"].get("in_channels", 1))) == 1
+    out = Path(out)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    if heatmaps:
+        (out / "heatmaps").mkdir(parents=True, exist_ok=True)
+    files = list_images(source)
+    names = dict(zip(files, output_names(files, source), strict=True))
+    results: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    for i in range(0, len(files), batch):
+        chunk, originals, tensors = [], [], []
+        for f in files[i:i + batch]:
+            try:
+                im = open_image(f, "L" if grey else "RGB")  # displayed orientation (EXIF applied)
+                orig = np.asarray(im)
+                small = np.asarray(im.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+            except ImageReadError as e:
+                if not skip_bad:
+                    raise ValueError(str(e)) from None
+                log.warning("skipping %s", e)
+                skipped.append(str(e))
+                continue
+            chunk.append(f)
+            originals.append(orig)
+            tensors.append(torch.from_numpy(small[None] if grey else small.transpose(2, 0, 1).copy()))
+        if not chunk:
+            continue
+        dec, seg = model(torch.stack(tensors).to(dev))
+        probs = torch.sigmoid(dec.float()).cpu().numpy()
+        seg_p = torch.sigmoid(seg.float())[:, 0].cpu().numpy()
+        for f, orig, prob, sp in zip(chunk, originals, probs, seg_p, strict=True):
+            full = _upsample(sp, orig.shape[:2])
+            mask = full >= seg_threshold
+            stem = names[f].as_posix()
+            mpath = out / "masks" / f"{stem}.png"
+            buf_png = io.BytesIO()
+            Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(buf_png, format="PNG")
+            write_bytes_atomic(mpath, buf_png.getvalue())
+            rec = {"image": str(f), "probability": round(float(prob), 6), "defective": bool(prob >= thr),
+                   "defect_pixels": int(mask.sum()), "width": int(orig.shape[1]), "height": int(orig.shape[0]),
+                   "mask": str(mpath)}
+            if heatmaps:
+                hpath = out / "heatmaps" / f"{stem}.jpg"
+                save_image(overlay_heatmap(orig, np.clip(full, 0, 1)), hpath)
+                rec["heatmap"] = str(hpath)
+            results.append(rec)
+    buf = io.StringIO()
+    wr = csv.writer(buf, lineterminator="\n")
+    wr.writerow(["image", "probability", "defective", "defect_pixels", "mask"])
+    for r in results:
+        wr.writerow([r["image"], f"{r['probability']:.6f}", int(r["defective"]), r["defect_pixels"], r["mask"]])
+    write_bytes_atomic(out / "predictions.csv", buf.getvalue().encode())
+    write_json_atomic(out / "predictions.json", {"threshold": thr, "seg_threshold": seg_threshold,
+                                                 "skipped": skipped, "predictions": results})
+    return results

@@ -1,0 +1,98 @@
+"""SegDecNet run files: the official presets, ``segdec.json`` (what rebuilds the network and its input size) and
+loading a trained network from a run folder (the final model, ``checkpoints/last``, as the official code)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vision.device import pick_device
+
+from .data import parse_img_size
+from .model import SegDecNet
+
+SPEC_FILE = "segdec.json"
+DEFAULT_WEIGHTS = "last"  # a segdec run's model is its final checkpoint, as the official code (else best)
+SAMPLER_FILE = "sampler.safetensors"
+
+# Official experiment settings (vicoslab/mixed-segdec-net-comind2021, EXPERIMENTS_COMIND.sh / config.py).
+# img_size is WIDTHxHEIGHT. Plain SGD (no momentum, no weight decay, constant lr) as the official code.
+# Severstal: the official code sums per-sample losses over its batch of 10 at lr 0.1; our loss is the batch
+# mean, so the same update needs lr 1.0.
+PRESETS: dict[str, dict[str, Any]] = {
+    "dagm": dict(img_size="512x512", channels=1, epochs=70, lr=0.05, delta=1.0, batch=1, p=1.0, w_pos=10.0,
+                 dilate=7),
+    "ksdd": dict(img_size="512x1408", channels=1, epochs=50, lr=1.0, delta=0.01, batch=1, p=2.0, w_pos=1.0,
+                 dilate=7),
+    "ksdd2": dict(img_size="232x640", channels=3, epochs=50, lr=0.01, delta=1.0, batch=1, p=2.0, w_pos=3.0,
+                  dilate=15),
+    "severstal": dict(img_size="1600x256", channels=1, epochs=50, lr=1.0, delta=0.1, batch=10, p=2.0, w_pos=1.0,
+                      dilate=1),
+    # generic folders: DAGM's loss settings, the images' own size and channels, no mask dilation
+    "folder": dict(img_size=None, channels=None, epochs=50, lr=0.05, delta=1.0, batch=1, p=1.0, w_pos=10.0,
+                   dilate=1),
+}
+EVAL_EVERY = 5  # official VALIDATION_N_EPOCHS
+
+
+def resolve_settings(layout: str, **overrides: Any) -> dict[str, Any]:
+    """The preset of ``layout`` with every non-None override applied."""
+    if layout not in PRESETS:
+        raise ValueError(f"no preset for dataset kind '{layout}' (known: {', '.join(PRESETS)})")
+    s = dict(PRESETS[layout])
+    s.update({k: v for k, v in overrides.items() if v is not None})
+    return s
+
+
+def build_from_spec(spec: dict[str, Any], pretrained_backbone: bool | str = False) -> SegDecNet:
+    """The (untrained) network described by a ``segdec.json`` spec."""
+    m = dict(spec["model"])
+    return SegDecNet(
+        in_channels=int(m.get("in_channels", 1)),
+        grad_multiplier=float(m.get("grad_multiplier", 0.0)),
+        backbone=m.get("backbone"),
+        pretrained=pretrained_backbone,
+        width=float(m.get("width", 1.0)),
+    )
+
+
+def find_weights_file(path: str | Path) -> Path:
+    """The weights of a run folder (the final model: checkpoints/last, else best), checkpoint folder or file."""
+    from vision.engine.run import run_weights
+
+    return run_weights(path, SPEC_FILE, DEFAULT_WEIGHTS, "SegDecNet")[0]
+
+
+def load_segdec(
+    weights: str | Path,
+    device: str | torch.device | None = None,
+    *,
+    img_size: Any = None,
+    channels: int | None = None,
+) -> tuple[SegDecNet, dict[str, Any]]:
+    """A trained SegDecNet (eval mode) and its spec, from a run folder, checkpoint folder or weights file.
+
+    A bare weights file without ``segdec.json`` (e.g. an official ``.pth``) needs ``img_size`` and ``channels``.
+    """
+    from vision.engine import load_model_weights
+    from vision.engine.run import read_spec, run_weights
+
+    wfile, spec_path = run_weights(weights, SPEC_FILE, DEFAULT_WEIGHTS, "SegDecNet")
+    if spec_path is not None:
+        spec = read_spec(spec_path)
+        if img_size is not None:
+            spec["img_size"] = list(parse_img_size(img_size))  # type: ignore[arg-type]
+    else:
+        if img_size is None or channels is None:
+            raise FileNotFoundError(
+                f"no {SPEC_FILE} next to or above '{wfile}'; pass a run folder made by 'negvision defect train', "
+                "or give img_size and channels to use a bare weights file with the paper's network"
+            )
+        spec = {"model": {"in_channels": channels}, "img_size": list(parse_img_size(img_size)),  # type: ignore[arg-type]
+                "channels": channels}
+    model = build_from_spec(spec)
+    load_model_weights(model, wfile)
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    return model.to(dev).eval(), spec
