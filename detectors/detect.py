@@ -170,7 +170,7 @@ def train_detector(
         detection_collate,
         load_detection_dataset,
     )
-    from vision.engine import TrainConfig, Trainer
+    from vision.engine import LossContext, TrainConfig, Trainer
     from vision.engine.run import prepare_run_dir, write_skipped
 
     aug = dict(augment) if isinstance(augment, dict) else {}
@@ -209,12 +209,12 @@ def train_detector(
     # eval results by step, kept for the best step so far and the newest: the final report reuses the best one
     evals: dict[int, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
 
-    def eval_fn(m: nn.Module) -> dict[str, float]:
-        assert val_ds is not None
+    def eval_fn(m: nn.Module, ctx: LossContext) -> dict[str, float]:
+        assert val_ds is not None and ctx.trainer is not None
         res, preds = evaluate_detector(m, val_ds, batch_size=batch, device=next(m.parameters()).device)
-        for step in [k for k in evals if k != trainer.best_step]:
+        for step in [k for k in evals if k != ctx.trainer.best_step]:
             del evals[step]
-        evals[trainer.global_step] = (res, preds)
+        evals[ctx.step] = (res, preds)
         return {k: float(res[k]) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
 
     cfg = TrainConfig(out_dir=str(out), epochs=epochs, max_steps=max_steps, optimizer=optimizer, lr=lr,

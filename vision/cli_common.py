@@ -8,7 +8,6 @@ from typing import NoReturn
 
 import typer
 
-
 EXIT_USER_ERROR = 1  # bad input data, missing file, a run that failed
 EXIT_USAGE = 2  # a bad option value or combination (click's own usage errors use 2 as well)
 EXIT_INTERRUPTED = 130

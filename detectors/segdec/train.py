@@ -134,7 +134,7 @@ def train_segdec(
     multiplier 0, or ``grad_multiplier``); ``frequency``: frequency-of-use negative sampling (else uniform);
     ``weighted``: distance-transform weights of positive pixels. Returns the engine's summary plus ``eval``.
     """
-    from vision.engine import TrainConfig, Trainer
+    from vision.engine import LossContext, TrainConfig, Trainer
     from vision.engine.run import prepare_run_dir, write_skipped
 
     from .data import SplitNotFoundError, detect_layout
@@ -193,12 +193,10 @@ def train_segdec(
     loader = DataLoader(train_ds, batch_size=int(st["batch"]), sampler=sampler, num_workers=workers,
                         pin_memory=use_cuda, drop_last=False, persistent_workers=False)
 
-    holder: dict[str, Any] = {}
-
-    def loss_fn(m: nn.Module, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def loss_fn(m: nn.Module, b: dict[str, torch.Tensor], ctx: LossContext) -> dict[str, torch.Tensor]:
         # dynamic balancing over the configured epochs (max_steps only stops early)
         total_epochs = settings["epochs"]
-        w_seg, w_dec = loss_weights(min(holder["trainer"].epoch, total_epochs), total_epochs, settings["delta"], dynamic)
+        w_seg, w_dec = loss_weights(min(ctx.epoch, total_epochs), total_epochs, settings["delta"], dynamic)
         dec, seg = m(b["image"])
         out_ = segdec_loss(dec, seg, b["label"], b["seg_target"], b["seg_weight"], b["segmented"], w_seg, w_dec)
         out_["w_seg"], out_["w_dec"] = w_seg, w_dec
@@ -220,7 +218,6 @@ def train_segdec(
                       batch_size_fn=lambda b: int(b["image"].shape[0]),
                       extra_config={"task": "segdec", "segdec": spec},
                       callbacks=[_sampler_callback(sampler)])
-    holder["trainer"] = trainer
     if trainer.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / SPEC_FILE, spec)

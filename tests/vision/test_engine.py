@@ -411,3 +411,27 @@ def test_ddp_two_processes_cpu(tmp_path):
     load_model_weights(fresh, tmp_path / "checkpoints" / "last")
     assert_same_tree(params(fresh), p0)
     assert "interrupted at step 3" in proc.stderr + proc.stdout
+
+
+def test_loss_fn_and_eval_fn_may_take_the_loop_context(tmp_path):
+    from vision.engine import LossContext
+
+    seen, evals = [], []
+
+    def loss3(model, batch, ctx: LossContext):
+        seen.append((ctx.epoch, ctx.step, ctx.total_steps, ctx.batch_in_epoch))
+        x, y = batch
+        return ((model(x).squeeze(-1) - y) ** 2).mean()
+
+    def eval2(model, ctx: LossContext):
+        evals.append((ctx.epoch, ctx.step, ctx.trainer.global_step))
+        return {"m": 1.0}
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 4, generator=g)
+    data = TensorDataset(x, x.sum(1))
+    cfg = TrainConfig(out_dir=str(tmp_path), epochs=2, lr=0.01, cpu=True, progress=False, eval_every=1)
+    Trainer(nn.Linear(4, 1), data, cfg, loss_fn=loss3, eval_fn=eval2, metric="m", batch_size=4).fit()
+    assert seen == [(0, 0, 4, 0), (0, 1, 4, 1), (1, 2, 4, 0), (1, 3, 4, 1)]
+    assert evals == [(1, 2, 2), (2, 4, 4)]

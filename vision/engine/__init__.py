@@ -1,4 +1,7 @@
-"""Training engine: one Accelerate-based loop (AMP, grad accumulation, DDP, exact resume) for every task."""
+"""Training engine: one Accelerate-based loop (AMP, grad accumulation, DDP, exact resume) for every task.
+
+``config`` (TrainConfig), ``sampler`` (seeded order), ``optim``, ``schedule``, ``logs`` (CSV log), ``checkpoint``
+(atomic, verified checkpoints), ``run`` (run-folder rules) and ``trainer`` (the loop)."""
 
 from .checkpoint import (
     CheckpointCorruptError,
@@ -11,19 +14,15 @@ from .checkpoint import (
     save_model_weights,
     verify_checkpoint,
 )
+from .config import TrainConfig
+from .optim import build_optimizer, param_groups_no_decay
+from .sampler import SeededSampler
 from .schedule import build_scheduler, lr_multiplier
-from .trainer import (
-    NonFiniteLossError,
-    SeededSampler,
-    TrainConfig,
-    Trainer,
-    TrainingInterrupted,
-    default_batch_size,
-    param_groups_no_decay,
-)
+from .trainer import LossContext, NonFiniteLossError, Trainer, TrainingInterrupted, default_batch_size
 
 __all__ = [
     "CheckpointCorruptError",
+    "LossContext",
     "CheckpointNotFoundError",
     "NonFiniteLossError",
     "SeededSampler",
@@ -31,6 +30,7 @@ __all__ = [
     "Trainer",
     "TrainingInterrupted",
     "WeightsMismatchError",
+    "build_optimizer",
     "build_scheduler",
     "default_batch_size",
     "load_model_weights",

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import csv
-import dataclasses
+import inspect
 import json
 import logging
 import math
@@ -14,7 +13,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -29,7 +28,7 @@ from accelerate.utils import (
     set_seed,
 )
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from ..device import best_mixed_precision, pick_device
 from .checkpoint import (
@@ -45,12 +44,17 @@ from .checkpoint import (
     verify_checkpoint,
     write_json_atomic,
 )
-from .schedule import SCHEDULERS, build_scheduler
+from .config import TrainConfig
+from .logs import CSVLog as _CSVLog
+from .logs import peak_memory_mb as _peak_memory_mb
+from .logs import truncate_csv as _truncate_csv
+from .optim import build_optimizer as _build_optimizer
+from .sampler import SeededSampler
+from .schedule import build_scheduler
 
 logger = logging.getLogger("negvision.engine")
 
 Callback = Callable[["Trainer", str, dict], None]
-OPTIMIZERS = ("sgd", "adamw", "adam")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -64,84 +68,6 @@ class TrainingInterrupted(KeyboardInterrupt):
         super().__init__(message)
         self.checkpoint = checkpoint
         self.summary = summary or {}
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters and bookkeeping options of :class:`Trainer`."""
-
-    out_dir: str
-    epochs: int = 1
-    max_steps: int | None = None  # optimizer steps; overrides epochs if set
-    optimizer: str = "sgd"  # "sgd" | "adamw" | "adam"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    scheduler: str = "cosine"  # "cosine" | "step" | "constant"
-    warmup_steps: int = 0  # linear warmup from warmup_factor * lr
-    warmup_factor: float = 0.001
-    milestones: tuple[float, ...] = (0.67, 0.89)  # "step": fractions of total steps
-    gamma: float = 0.1
-    min_lr_factor: float = 0.0  # "cosine": final lr = min_lr_factor * lr
-    grad_accum: int = 1
-    clip_grad_norm: float | None = None
-    mixed_precision: str = "auto"  # "no" | "fp16" | "bf16" | "auto"
-    seed: int = 0
-    log_every: int = 10  # steps
-    checkpoint_every: int = 0  # steps; 0 = only at end of each epoch and at the end
-    eval_every: int = 1  # epochs; 0 = never
-    max_bad_steps: int = 5  # consecutive non-finite losses before stopping
-    keep_last: int = 2  # checkpoints kept: "last" plus keep_last-1 older ones as checkpoints/step-XXXXXXX
-    cpu: bool = False
-    progress: bool = True
-    ddp_find_unused_parameters: bool = False
-    ddp_timeout_s: int = 3600  # collectives wait this long (e.g. while the main process evaluates)
-    drop_last: bool = False  # for the DataLoader built from a Dataset
-
-    def __post_init__(self) -> None:
-        self.milestones = tuple(float(m) for m in self.milestones)
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"TrainConfig.optimizer must be one of {OPTIMIZERS}, got '{self.optimizer}'")
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"TrainConfig.scheduler must be one of {SCHEDULERS}, got '{self.scheduler}'")
-        if self.mixed_precision not in ("no", "fp16", "bf16", "auto"):
-            raise ValueError(
-                f"TrainConfig.mixed_precision must be no/fp16/bf16/auto, got '{self.mixed_precision}'"
-            )
-        if self.grad_accum < 1:
-            raise ValueError("TrainConfig.grad_accum must be >= 1")
-        if self.max_steps is None and self.epochs < 1:
-            raise ValueError("TrainConfig needs epochs >= 1 or max_steps")
-
-    def to_dict(self) -> dict:
-        """Plain-JSON dict of the fields."""
-        d = dataclasses.asdict(self)
-        d["milestones"] = list(self.milestones)
-        return d
-
-
-class SeededSampler(Sampler[int]):
-    """Random (or sequential) order that depends only on ``(seed, epoch)``; call ``set_epoch`` each epoch."""
-
-    def __init__(self, data_source: Sequence | Dataset, seed: int = 0, shuffle: bool = True):
-        self.n = len(data_source)  # type: ignore[arg-type]
-        self.seed = int(seed)
-        self.shuffle = shuffle
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the permutation of ``epoch``."""
-        self.epoch = int(epoch)
-
-    def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return iter(range(self.n))
-        g = torch.Generator()
-        g.manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.n
 
 
 def default_batch_size(batch: Any) -> int:
@@ -189,54 +115,6 @@ def _to_float(v: Any) -> float:
     return float(v.detach().float().mean()) if isinstance(v, Tensor) else float(v)
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        import resource
-
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss / 2**20 if os.uname().sysname == "Darwin" else rss / 1024  # bytes on macOS, KiB on Linux
-    except (ImportError, AttributeError):
-        return float("nan")
-
-
-def _truncate_csv(path: Path, max_step: int) -> None:
-    """Drop rows with step > max_step (left by a run that died after its last checkpoint)."""
-    if not path.exists():
-        return
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows or "step" not in rows[0]:
-        return
-    i = rows[0].index("step")
-    keep = [rows[0]] + [r for r in rows[1:] if len(r) > i and r[i].isdigit() and int(r[i]) <= max_step]
-    if len(keep) != len(rows):
-        with open(path, "w", newline="") as f:
-            csv.writer(f).writerows(keep)
-
-
-class _CSVLog:
-    """Append-only CSV whose header is fixed by the first row (or the existing file)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.fields: list[str] | None = None
-        if path.exists() and path.stat().st_size > 0:
-            with open(path, newline="") as f:
-                self.fields = next(csv.reader(f), None)
-
-    def write(self, row: dict) -> None:
-        new = self.fields is None
-        if new:
-            self.fields = list(row)
-        with open(self.path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-
-
 def _resolve_mixed_precision(cfg: TrainConfig) -> str:
     if cfg.mixed_precision != "auto":
         return cfg.mixed_precision
@@ -269,23 +147,6 @@ def _make_accelerator(cfg: TrainConfig) -> Accelerator:
         return Accelerator(**kwargs)
 
 
-def _build_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def param_groups_no_decay(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two parameter groups: weight decay on weights of dim >= 2, none on biases and norm parameters."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
@@ -309,8 +170,51 @@ def _meta_step(directory: Path) -> int | None:
     return step if isinstance(step, int) and step >= 0 else None
 
 
+@dataclass(frozen=True)
+class LossContext:
+    """Where the loop is when it calls ``loss_fn(model, batch, ctx)``: epoch (0-based), the optimizer step about to
+    be taken (0-based), the total number of steps, and the batch's index in its epoch."""
+
+    epoch: int
+    step: int
+    total_steps: int
+    batch_in_epoch: int
+    steps_per_epoch: int
+    trainer: Trainer | None = None
+
+
+def _takes_context(fn: Callable, n: int = 3) -> bool:
+    """True when ``fn`` accepts ``n`` positional arguments (the last one being the LossContext)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return True
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= n
+
+
 class Trainer:
-    """Generic loop: ``loss_fn(model, batch)`` -> loss (or dict with "loss"); optional ``eval_fn(model)`` -> metrics."""
+    """Generic loop: ``loss_fn(model, batch[, ctx])`` -> loss (or dict with "loss"); optional ``eval_fn(model)``.
+
+    Args:
+        model: the module to train (wrapped by Accelerate for devices, AMP and DDP).
+        train_dataset_or_loader: a map-style Dataset (seeded order, ``batch_size`` / ``num_workers`` /
+            ``collate_fn`` apply) or a sized DataLoader used as given.
+        config: a :class:`TrainConfig`.
+        loss_fn: ``(model, batch) -> Tensor | dict`` or ``(model, batch, ctx: LossContext) -> ...`` (epoch, step and
+            total steps, for schedules inside the loss); a dict's "loss" (or the sum of its tensors) is optimised,
+            the other entries are logged.
+        eval_fn: ``model -> {metric: float}`` (or ``(model, ctx) -> ...``), run every ``config.eval_every`` epochs
+            on the main process.
+        metric: the metric that selects ``checkpoints/best``; mode: "max" or "min".
+        batch_size, num_workers, collate_fn: DataLoader settings when a Dataset is given.
+        param_groups / optimizer: custom parameter groups, or a ready optimizer.
+        batch_size_fn: samples in a batch (for images/s); default: :func:`default_batch_size`.
+        extra_config: saved in config.json and every checkpoint's meta.json.
+        callbacks: ``cb(trainer, event, info)`` for fit_start, step_end, epoch_end, eval, checkpoint, fit_end.
+    """
 
     def __init__(
         self,
@@ -335,6 +239,8 @@ class Trainer:
             raise ValueError(f"mode must be 'max' or 'min', got '{mode}'")
         self.config = cfg = config
         self.loss_fn = loss_fn
+        self._loss_takes_ctx = _takes_context(loss_fn)
+        self._eval_takes_ctx = eval_fn is not None and _takes_context(eval_fn, 2)
         self.eval_fn = eval_fn
         self.metric = metric
         self.mode = mode
@@ -429,6 +335,16 @@ class Trainer:
     def request_stop(self) -> None:
         """Ask the loop to stop after the current step, saving a checkpoint (same path as SIGINT)."""
         self._stop_signal = self._stop_signal or signal.SIGINT
+
+    def context(self) -> LossContext:
+        """The loop's position, as passed to a three-argument ``loss_fn``."""
+        return LossContext(self.epoch, self.global_step, self.total_steps, self.batch_in_epoch,
+                           self.steps_per_epoch, self)
+
+    def _call_loss(self, batch: Any) -> Any:
+        if self._loss_takes_ctx:
+            return self.loss_fn(self.model, batch, self.context())
+        return self.loss_fn(self.model, batch)
 
     def _emit(self, event: str, info: dict) -> None:
         for cb in self.callbacks:
@@ -666,7 +582,8 @@ class Trainer:
             model.eval()
             try:
                 with torch.no_grad():
-                    metrics = {k: _to_float(v) for k, v in (self.eval_fn(model) or {}).items()}
+                    res = self.eval_fn(model, self.context()) if self._eval_takes_ctx else self.eval_fn(model)
+                    metrics = {k: _to_float(v) for k, v in (res or {}).items()}
             finally:
                 model.train(was_training)
         if acc.num_processes > 1:
@@ -911,6 +828,56 @@ class Trainer:
             "mixed_precision": self.accelerator.mixed_precision,
         }
 
+    def _accumulate(self, sums: dict[str, Tensor], loss: Tensor, comps: dict[str, Any]) -> None:
+        """Add one finite micro-batch's loss and components to the running sums (on the device)."""
+        dev = self.accelerator.device
+        for k, v in (("loss", loss), *comps.items()):
+            v = v.detach().float().mean().to(dev) if isinstance(v, Tensor) else torch.tensor(float(v), device=dev)
+            sums[k] = sums[k] + v if k in sums else v.clone()
+
+    def _optimizer_step(self, skip: bool) -> None:
+        """One optimizer step (clipped), or a skipped one after a non-finite loss; then the scheduler."""
+        cfg, acc = self.config, self.accelerator
+        if skip:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self.consecutive_bad += 1
+        else:
+            if cfg.clip_grad_norm is not None:
+                acc.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm)
+            self.optimizer.step()
+            self.consecutive_bad = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        self._step_lr = self._lr()  # the lr this step used
+        with warnings.catch_warnings():  # a skipped step is not an ordering mistake
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
+        self.global_step += 1
+
+    def _report_skipped_step(self, window_bad: dict) -> None:
+        """Warn about a skipped step; NonFiniteLossError after ``max_bad_steps`` in a row."""
+        cfg = self.config
+        comps_msg = ", ".join(f"{k}={v:.4g}" for k, v in window_bad.items())
+        if self.accelerator.num_processes > 1:
+            comps_msg = f"on at least one process; here {comps_msg}"
+        if self.consecutive_bad >= cfg.max_bad_steps:
+            raise NonFiniteLossError(
+                f"loss was NaN/inf for {self.consecutive_bad} optimizer steps in a row "
+                f"(last at step {self.global_step}, epoch {self.epoch}; {comps_msg}). "
+                f"Try a lower learning rate (lr={cfg.lr}), enable gradient clipping "
+                f"(clip_grad_norm), or check the data for NaN/inf values and broken labels."
+            )
+        if self.is_main:
+            logger.warning("non-finite loss at step %d (%s): step skipped", self.global_step, comps_msg)
+
+    def _stop_requested(self) -> bool:
+        """Whether a signal (or request_stop) reached any rank: they may see it at different times, so agree."""
+        acc = self.accelerator
+        stop_t = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=acc.device)
+        if acc.num_processes > 1:
+            stop_t = acc.reduce(stop_t, reduction="sum")
+        return bool(stop_t.item() > 0)
+
     def _train_epoch(self) -> tuple[bool, bool, dict]:
         """Run (the rest of) the current epoch. Returns (epoch finished, interrupted, stats)."""
         cfg, acc = self.config, self.accelerator
@@ -936,7 +903,7 @@ class Trainer:
         try:
             for batch in it:
                 with acc.accumulate(self.model):
-                    out = self.loss_fn(self.model, batch)
+                    out = self._call_loss(batch)
                     loss, comps = _split_loss(out)
                     # the skip decision must agree across ranks, or DDP's gradient all-reduce would hang
                     bad_t = (~torch.isfinite(loss.detach())).any().float().reshape(1)
@@ -949,54 +916,21 @@ class Trainer:
                             }
                     else:
                         acc.backward(loss)
-                        for k, v in (("loss", loss), *comps.items()):
-                            v = (
-                                v.detach().float().mean().to(acc.device)
-                                if isinstance(v, Tensor)
-                                else (torch.tensor(float(v), device=acc.device))
-                            )
-                            sums[k] = sums[k] + v if k in sums else v.clone()
+                        self._accumulate(sums, loss, comps)
                         count += 1
                     n = self.batch_size_fn(batch)
                     samples_log += n
                     samples_epoch += n
                     synced = acc.sync_gradients
                     if synced:
-                        if window_bad is not None:
-                            self.optimizer.zero_grad(set_to_none=True)
-                            self.skipped_steps += 1
-                            self.consecutive_bad += 1
-                        else:
-                            if cfg.clip_grad_norm is not None:
-                                acc.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm)
-                            self.optimizer.step()
-                            self.consecutive_bad = 0
-                        self.optimizer.zero_grad(set_to_none=True)
-                        self._step_lr = self._lr()  # the lr this step used
-                        with warnings.catch_warnings():  # a skipped step is not an ordering mistake
-                            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-                            self.scheduler.step()
-                        self.global_step += 1
+                        self._optimizer_step(skip=window_bad is not None)
                 self.batch_in_epoch += 1
                 if not synced:
                     continue
                 # ---- after an optimizer step (or a skipped one)
                 t_epoch += time.time() - t_step
                 if window_bad is not None:
-                    comps_msg = ", ".join(f"{k}={v:.4g}" for k, v in window_bad.items())
-                    if distributed:
-                        comps_msg = f"on at least one process; here {comps_msg}"
-                    if self.consecutive_bad >= cfg.max_bad_steps:
-                        raise NonFiniteLossError(
-                            f"loss was NaN/inf for {self.consecutive_bad} optimizer steps in a row "
-                            f"(last at step {self.global_step}, epoch {self.epoch}; {comps_msg}). "
-                            f"Try a lower learning rate (lr={cfg.lr}), enable gradient clipping "
-                            f"(clip_grad_norm), or check the data for NaN/inf values and broken labels."
-                        )
-                    if self.is_main:
-                        logger.warning(
-                            "non-finite loss at step %d (%s): step skipped", self.global_step, comps_msg
-                        )
+                    self._report_skipped_step(window_bad)
                     window_bad = None
                 if self._pbar is not None:
                     self._pbar.update(1)
@@ -1005,11 +939,7 @@ class Trainer:
                     sums, count, samples_log, t_log = {}, 0, 0, time.time()
                 self._emit("step_end", {"step": self.global_step, "epoch": self.epoch, "lr": self.lr})
                 end_of_epoch = self.batch_in_epoch >= self.batches_per_epoch
-                # a signal (or request_stop) may reach the ranks at different times: agree on it
-                stop_t = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=acc.device)
-                if distributed:
-                    stop_t = acc.reduce(stop_t, reduction="sum")
-                if stop_t.item() > 0:
+                if self._stop_requested():
                     interrupted = True
                     break
                 if self.global_step >= self.total_steps:
