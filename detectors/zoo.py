@@ -1,4 +1,5 @@
-"""Detector registry: ATSS, and torchvision FCOS / RetinaNet on the same backbone + FPN (for comparisons)."""
+"""The detector zoo: torchvision FCOS / RetinaNet on the same backbone + FPN as ATSS (for comparisons), and
+``create_detector`` / ``list_detectors`` over the registry (ATSS registers itself in ``detectors/atss/model.py``)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
+import detectors.atss  # noqa: F401  (registers "atss")
+from detectors.registry import DETECTORS
 from vision.backbones import Backbone, build_fpn, create_backbone
-from vision.registry import Registry
-
-DETECTORS: Registry[nn.Module] = Registry("detector")
 
 
 class BackboneWithFPN(nn.Module):
@@ -39,14 +39,6 @@ def _torchvision_detector(cls: type, num_classes: int, backbone: str | Backbone,
     model.config = {"num_classes": num_classes, "backbone": bb.name, "fpn_channels": fpn_channels,
                     "min_size": min_size, "max_size": max_size}
     return model
-
-
-@DETECTORS.register("atss")
-def atss(num_classes: int, **kwargs: Any) -> nn.Module:
-    """ATSS (the default detector)."""
-    from detectors.atss import ATSS
-
-    return ATSS(num_classes, **kwargs)
 
 
 @DETECTORS.register("fcos")

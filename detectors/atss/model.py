@@ -9,11 +9,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import (
     batched_nms,
-    box_iou,
     clip_boxes_to_image,
     generalized_box_iou_loss,
     remove_small_boxes,
@@ -21,7 +19,9 @@ from torchvision.ops import (
 )
 
 from detectors.atss.assigner import atss_assign
+from detectors.atss.box_coder import BoxCoder
 from detectors.atss.head import ATSSHead
+from detectors.registry import DETECTORS
 from vision.backbones import Backbone, build_fpn, create_backbone
 
 STRIDES = (8, 16, 32, 64, 128)
@@ -63,12 +63,36 @@ def _mean_over_gpus(x: Tensor) -> Tensor:
 
 
 class ATSS(nn.Module):
-    """ATSS detector (Zhang et al., CVPR 2020): backbone + FPN P3-P7 + ATSS head, ATSS sample selection."""
+    """ATSS detector (Zhang et al., CVPR 2020): backbone + FPN P3-P7 + ATSS head, ATSS sample selection.
+
+    Takes its parts like torchvision's ``FCOS(backbone, num_classes, ...)``: ``backbone`` may be a registry name or
+    a module. Inputs are a list of [3, H, W] images in 0..1; see ``forward``.
+
+    Args:
+        num_classes: number of object classes (labels 0..num_classes-1; no background class).
+        backbone: a backbone registry / timm name, or an ``nn.Module`` whose forward returns the C3, C4, C5 feature
+            maps (strides 8, 16, 32) and which has ``out_channels`` (3 ints), ``strides`` (8, 16, 32) and the input
+            normalisation ``mean`` / ``std`` (3 floats each; a registry backbone carries them).
+        pretrained_backbone: with a name: True (the registry's weights), False, or a weights file.
+        fpn_channels: channels of the FPN levels P3-P7 and of the head.
+        num_convs: conv3x3-GN-ReLU layers in each head tower (4 in the paper).
+        min_size, max_size: resize of the inputs (torchvision's GeneralizedRCNNTransform).
+        anchor_scale: anchor side = anchor_scale x stride (8 in the paper: one square anchor per location).
+        topk: candidates per level and gt for the adaptive IoU threshold (9 in the paper).
+        prior_prob: initial foreground probability of the classification bias (0.01).
+        focal_alpha, focal_gamma: focal loss parameters (0.25, 2).
+        reg_loss_weight: weight of the GIoU loss (2).
+        score_thresh, nms_thresh, pre_nms_top_n, detections_per_img: inference filtering (0.05, 0.6, 1000, 100).
+        assign_unmatched_gt: give a gt without any positive its best candidate (off, as the paper).
+        freeze_bn: freeze the backbone's BatchNorm (default: when pretrained weights are loaded).
+        size_divisible: padding multiple of the batched input (32).
+        norm_groups: GroupNorm groups in the head (32).
+    """
 
     def __init__(
         self,
         num_classes: int,
-        backbone: str | Backbone = "efficientnet_lite0.offline",
+        backbone: str | nn.Module = "efficientnet_lite0.offline",
         pretrained_backbone: bool | str = False,
         fpn_channels: int = 256,
         num_convs: int = 4,
@@ -93,8 +117,12 @@ class ATSS(nn.Module):
         if num_classes < 1:
             raise ValueError("num_classes must be >= 1")
         self.config: dict[str, Any] = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        if isinstance(backbone, Backbone):
-            self.config["backbone"] = backbone.name
+        if isinstance(backbone, nn.Module):
+            missing = [a for a in ("out_channels", "strides", "mean", "std") if not hasattr(backbone, a)]
+            if missing:
+                raise ValueError(f"an injected backbone needs the attributes out_channels, strides, mean and std "
+                                 f"(missing: {', '.join(missing)}); vision.backbones.create_backbone makes such one")
+            self.config["backbone"] = getattr(backbone, "name", type(backbone).__name__)
             self.backbone = backbone
         else:
             self.backbone = create_backbone(backbone, pretrained=pretrained_backbone, out_strides=STRIDES[:3])
@@ -103,7 +131,12 @@ class ATSS(nn.Module):
         if freeze_bn is None:
             freeze_bn = bool(pretrained_backbone)
         if freeze_bn:
-            self.backbone.freeze_batch_norm()
+            if isinstance(self.backbone, Backbone):
+                self.backbone.freeze_batch_norm()
+            else:
+                from timm.layers import freeze_batch_norm_2d
+
+                self.backbone = freeze_batch_norm_2d(self.backbone)
         self.fpn = build_fpn(self.backbone, fpn_channels, extra="p6p7", p6p7_from="p5")
         self.head = ATSSHead(fpn_channels, num_classes, 1, num_convs, len(STRIDES), prior_prob, norm_groups)
         min_sizes = (min_size,) if isinstance(min_size, int) else tuple(min_size)
@@ -230,11 +263,10 @@ class ATSS(nn.Module):
         return results
 
 
-def anchor_iou_stats(anchors: Tensor, gt: Tensor) -> Tensor:
-    """Max IoU of each gt with any anchor (diagnostic: anchors that can represent the objects)."""
-    if gt.numel() == 0:
-        return gt.new_zeros(0)
-    return box_iou(gt, anchors).max(1).values
+@DETECTORS.register("atss")
+def atss(num_classes: int, **kwargs: Any) -> ATSS:
+    """ATSS (the default detector of ``negvision detect``)."""
+    return ATSS(num_classes, **kwargs)
 
 
-__all__ = ["ATSS", "grid_anchors", "centerness_targets", "STRIDES", "anchor_iou_stats"]
+__all__ = ["ATSS", "grid_anchors", "centerness_targets", "STRIDES", "atss"]

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
 from detectors.atss import ATSS, ATSSHead, centerness_targets, grid_anchors
@@ -156,3 +157,54 @@ def test_cuda_amp_train_step():
     total = sum(losses.values())
     assert torch.isfinite(total)
     total.backward()
+
+
+def test_box_coder_hand_checked_and_matches_torchvision():
+    from torchvision.models.detection._utils import BoxCoder as TVBoxCoder  # the reference only
+
+    from detectors.atss.box_coder import BoxCoder
+
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    anchor = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    box = torch.tensor([[1.0, 2.0, 21.0, 12.0]])  # centre (11, 7) vs (5, 5); size 20 x 10 vs 10 x 10
+    d = coder.encode_single(box, anchor)
+    torch.testing.assert_close(d, torch.tensor([[10 * 6 / 10, 10 * 2 / 10, 5 * math.log(2.0), 0.0]]))
+    torch.testing.assert_close(coder.decode_single(d, anchor), box)
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(50, 2, generator=g) * 100
+    anchors = torch.cat((xy, xy + 1 + torch.rand(50, 2, generator=g) * 50), 1)
+    deltas = torch.randn(50, 4, generator=g)
+    ref = TVBoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
+    torch.testing.assert_close(coder.decode_single(deltas, anchors), ref.decode_single(deltas, anchors))
+    boxes = coder.decode_single(deltas, anchors)
+    torch.testing.assert_close(coder.encode_single(boxes, anchors), ref.encode_single(boxes, anchors))
+
+
+def test_atss_takes_an_injected_backbone_module():
+    from detectors.registry import DETECTORS
+    from detectors.zoo import list_detectors
+
+    class Tiny(nn.Module):
+        out_channels = (8, 8, 8)
+        strides = (8, 16, 32)
+        mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+        def __init__(self):
+            super().__init__()
+            self.c3 = nn.Conv2d(3, 8, 3, stride=8, padding=1)
+            self.c4 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+            self.c5 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+
+        def forward(self, x):
+            c3 = self.c3(x)
+            c4 = self.c4(c3)
+            return [c3, c4, self.c5(c4)]
+
+    m = ATSS(3, backbone=Tiny(), fpn_channels=16, num_convs=1, min_size=64, max_size=64, norm_groups=4)
+    losses = m([torch.rand(3, 64, 64)], [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]), "labels": torch.tensor([1])}])
+    assert set(losses) >= {"loss_cls", "loss_bbox"} and all(torch.isfinite(v) for v in losses.values())
+    m.eval()
+    assert set(m([torch.rand(3, 64, 64)])[0]) == {"boxes", "scores", "labels"}
+    with pytest.raises(ValueError, match="needs the attributes"):
+        ATSS(3, backbone=nn.Conv2d(3, 8, 3))
+    assert "atss" in DETECTORS and list_detectors() == ["atss", "fcos", "retinanet"]
