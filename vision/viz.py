@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from vision.io import apply_umask
+from vision.io import atomic_writer
 
 # Fixed, distinct palette (tab10 followed by the darker half of tab20), RGB 0..255.
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -197,27 +196,13 @@ def image_grid(
     return grid
 
 
-def _atomic_target(path: str | os.PathLike) -> tuple[Path, str]:
-    """Create the parent dir of ``path``; return it and a temp file name beside it (same suffix)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".png", dir=path.parent)
-    os.close(fd)
-    apply_umask(tmp, directory=False)  # mkstemp makes 0600; a picture should be as readable as any file
-    return path, tmp
-
-
 def save_image(img: ImageLike, path: str | os.PathLike) -> Path:
-    """Save an image (any type ``to_pil`` takes) atomically: write a temp file, then ``os.replace``."""
+    """Save an image (any type ``to_pil`` takes) atomically (``vision.io.atomic_writer``: fsync, rename, umask)."""
     pil = to_pil(img)
-    path, tmp = _atomic_target(path)
+    path = Path(path)
     fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
-    try:
-        pil.save(tmp, format=fmt)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path, "wb") as f:
+        pil.save(f, format=fmt)
     return path
 
 
@@ -228,13 +213,9 @@ def _new_figure(figsize: tuple[float, float] = (5.0, 4.0)):
 
 
 def _save_figure(fig: Any, path: str | os.PathLike) -> Path:
-    path, tmp = _atomic_target(path)
-    try:
-        fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    path = Path(path)
+    with atomic_writer(path, "wb") as f:
+        fig.savefig(f, format=path.suffix.lstrip(".").lower() or "png")
     return path
 
 

@@ -16,6 +16,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from vision.io import apply_umask, fsync_dir
+
 try:
     import tomllib
 except ImportError:  # Python 3.10
@@ -222,6 +224,7 @@ def _download_url(url: str, target: Path, sha256: str) -> Path:
     """Stream ``url`` to a temp file beside ``target``, check its sha256, then rename into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    apply_umask(tmp, directory=False)  # the renamed file gets the mode a plain open() would give
     h = hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as src:
@@ -239,10 +242,13 @@ def _download_url(url: str, target: Path, sha256: str) -> Path:
                     bar.update(len(block))
             if bar is not None:
                 bar.close()
+            out.flush()
+            os.fsync(out.fileno())
         digest = h.hexdigest()
         if sha256 and digest != sha256.lower():
             raise WeightsChecksumError(f"downloaded {url} has sha256 {digest}, expected {sha256}; file discarded")
         os.replace(tmp, target)
+        fsync_dir(target.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
