@@ -215,7 +215,20 @@ def efficientnet_lite0_offline(pretrained: bool | str = True, out_indices: Seque
 
 def create_backbone(name: str, pretrained: bool | str | os.PathLike = False, out_indices: Sequence[int] | None = None,
                     out_strides: Sequence[int] | None = None, **kwargs) -> Backbone:
-    """Build a backbone by registry name or any timm model name; ``out_strides`` keeps only maps at those strides."""
+    """Build a backbone by registry name or any timm model name.
+
+    Args:
+        name: a registered name (``list_backbones()``, e.g. ``efficientnet_lite0.offline``) or any timm model name.
+        pretrained: False, True (the registry's / timm's weights, resolved offline first), or a weights file path.
+        out_indices: timm feature indices to return (default: all the model has).
+        out_strides: keep only the maps at these strides (e.g. (8, 16, 32) for C3-C5); an error lists the strides
+            available when one is missing.
+        **kwargs: passed to the builder (e.g. timm's ``drop_path_rate``).
+
+    Returns:
+        a :class:`Backbone` whose forward returns a list of feature maps; attributes ``out_channels``, ``strides``,
+        ``mean`` and ``std`` (its input normalisation).
+    """
     kw = dict(kwargs)
     if name in BACKBONES.names():
         bb = BACKBONES.create(name, pretrained=pretrained, out_indices=out_indices, **kw)

@@ -120,9 +120,16 @@ class _BackboneVolume(nn.Module):
 class SegDecNet(nn.Module):
     """Two-stage surface-defect network; ``forward(x) -> (decision_logits [B], seg_logits [B, 1, H/8, W/8])``.
 
-    Inputs are images in [0, 1] with ``in_channels`` channels and H, W divisible by 8. ``grad_multiplier``
-    scales the decision loss's gradient into the segmentation network (0 = the paper's gradient-flow
-    adjustment). ``backbone`` replaces the paper's segmentation trunk by a registry backbone at stride 8.
+    Inputs are images in [0, 1] with ``in_channels`` channels and H, W divisible by 8.
+
+    Args:
+        in_channels: 1 (grey, the paper's) or 3 input channels.
+        grad_multiplier: scales the decision loss's gradient into the segmentation network (0 = the paper's
+            gradient-flow adjustment, 1 = plain end-to-end).
+        backbone: None for the paper's trunk (conv5x5 blocks, 1024 channels at stride 8), or a backbone registry /
+            timm name used at stride 8 instead.
+        pretrained: with ``backbone``: True (the registry's weights), False, or a weights file.
+        width: channel multiplier of the paper's trunk (1 = the paper; < 1 is a lighter variant for CPU runs).
     """
 
     def __init__(
