@@ -135,7 +135,7 @@ def train_segdec(
     ``weighted``: distance-transform weights of positive pixels. Returns the engine's summary plus ``eval``.
     """
     from vision.engine import LossContext, TrainConfig, Trainer
-    from vision.engine.run import prepare_run_dir, write_skipped
+    from vision.engine.run import main_process_first, prepare_run_dir, write_skipped
 
     from .data import SplitNotFoundError, detect_layout
 
@@ -145,17 +145,18 @@ def train_segdec(
     gm = grad_multiplier if grad_multiplier is not None else (0.0 if grad_adjust else 1.0)
     data_kw = dict(dilate=int(st["dilate"]), weighted=weighted, p=float(st["p"]), w_pos=float(st["w_pos"]),
                    skip_bad=skip_bad, dagm_class=dagm_class, fold=fold, cache=cache, seed=seed)
-    train_ds = load_defect_dataset(data, "train", layout, img_size=st["img_size"], channels=st["channels"],
-                                   num_segmented=num_segmented, progress=progress, **data_kw)
-    log.info("%s", train_ds.summary())
-    if sum(train_ds.labels) == 0:
-        raise ValueError(f"{data}: the training split has no defective images; SegDecNet needs some to learn from")
-    try:
-        eval_ds: DefectDataset | None = load_defect_dataset(
-            data, "test", layout, img_size=train_ds.img_size, channels=train_ds.channels, progress=progress, **data_kw)
-    except SplitNotFoundError as e:  # only an absent split trains without evaluation; a broken one is an error
-        log.warning("%s; training without evaluation", e)
-        eval_ds = None
+    with main_process_first():  # one rank decodes every image, the others read its cache
+        train_ds = load_defect_dataset(data, "train", layout, img_size=st["img_size"], channels=st["channels"],
+                                       num_segmented=num_segmented, progress=progress, **data_kw)
+        log.info("%s", train_ds.summary())
+        if sum(train_ds.labels) == 0:
+            raise ValueError(f"{data}: the training split has no defective images; SegDecNet needs some to learn from")
+        try:
+            eval_ds: DefectDataset | None = load_defect_dataset(
+                data, "test", layout, img_size=train_ds.img_size, channels=train_ds.channels, progress=progress, **data_kw)
+        except SplitNotFoundError as e:  # only an absent split trains without evaluation; a broken one is an error
+            log.warning("%s; training without evaluation", e)
+            eval_ds = None
     out = prepare_run_dir(out, resume=resume, exist_ok=exist_ok)
     skipped_file = write_skipped(out, {"train": train_ds.bad, **({"test": eval_ds.bad} if eval_ds is not None else {})})
     if skipped_file is not None:

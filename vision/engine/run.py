@@ -9,10 +9,11 @@ and the list of skipped inputs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from vision.io import write_text_atomic
@@ -165,3 +166,22 @@ def run_weights(path: str | os.PathLike, spec_name: str, default: str, what: str
         prefer = str(read_spec(spec_path).get("weights", default))
     wfile = find_weights_file(p, prefer if prefer in CHECKPOINT_NAMES else default, what)
     return wfile, spec_path if spec_path is not None else find_spec(wfile, spec_name)
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """In a multi-process launch the main process runs the block first (e.g. the data validation pass, which
+    then leaves its cache for the others); a no-op in a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        yield
+        return
+    from accelerate import PartialState
+
+    state = PartialState()
+    if not state.is_main_process:
+        state.wait_for_everyone()  # until the main process has run the block
+    try:
+        yield
+    finally:  # also when the block raised: the others then run it too (and meet the same error) instead of hanging
+        if state.is_main_process:
+            state.wait_for_everyone()
