@@ -11,7 +11,6 @@ centre of that valley bin, otherwise the upper edge of the lowest bin; then tau 
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -195,16 +194,16 @@ class ANTSState:
                 "sum_vsnl": self.sum_vsnl, "num_neg": self.num_neg, "id_labels": self.id_labels}
 
     def save(self, path: str | Path) -> None:
-        """Write ``PATH.json`` (counters, texts, caches) and ``PATH.safetensors`` (bank features), atomically."""
-        from safetensors.torch import save_file
+        """Write ``PATH.json`` (counters, texts, caches) and ``PATH.safetensors`` (bank features), atomically
+        (the features first: the JSON marks a complete state)."""
+        from safetensors.torch import save
+
+        from vision.io import write_bytes_atomic, write_text_atomic
 
         base = Path(path)
-        base.parent.mkdir(parents=True, exist_ok=True)
-        tj, tt = base.with_suffix(".json.tmp"), base.with_suffix(".safetensors.tmp")
-        tj.write_text(json.dumps(self.state_dict()), encoding="utf-8")
-        save_file({"far": self.far_features.contiguous(), "near": self.near_features.contiguous()}, str(tt))
-        os.replace(tt, base.with_suffix(".safetensors"))
-        os.replace(tj, base.with_suffix(".json"))
+        write_bytes_atomic(base.with_suffix(".safetensors"),
+                           save({"far": self.far_features.contiguous(), "near": self.near_features.contiguous()}))
+        write_text_atomic(base.with_suffix(".json"), json.dumps(self.state_dict()))
 
     def load(self, path: str | Path) -> ANTSState:
         """Restore a state written by ``save`` (the ID labels must match)."""

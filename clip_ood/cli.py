@@ -3,44 +3,60 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import typer
+from typer.core import TyperCommand
+
+from clip_ood.cli_common import MODEL_HELP, PRETRAINED_HELP, dist_env, load_encoder_or_fail
+from vision.cli_common import fail, usage_error
 
 ood_app = typer.Typer(help="Zero-shot OOD scoring with CLIP and negative labels (NegLabel, ANTS).",
                       no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
-_MODEL_HELP = "open_clip model (ViT-B-16-quickgelu), local-dir:PATH or hf-hub:ORG/REPO."
-_PRETRAINED_HELP = "open_clip tag (openai), a weights file, or a weights name from weights/manifest.toml."
+
+# ---------------------------------------------------------------------- --method: the scores registry
+def method_names() -> list[str]:
+    """The ``--method`` choices: every score registered in ``clip_ood.scores.SCORES`` (imports torch)."""
+    from clip_ood.scores import SCORES
+
+    return SCORES.names()
 
 
-def _fail(msg: str) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(1)
+def method_help() -> str:
+    """``--method`` help text listing the registered scores."""
+    return "OOD score: " + " | ".join(method_names()) + "."
 
 
-def _dist() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from the env `accelerate launch` / torchrun set; (0, 1, 0) otherwise."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
+def _check_method(value: str) -> str:
+    """Option callback: a registered score, else exit 2 listing them."""
+    from clip_ood.scores import SCORES
+    from vision.registry import RegistryError
 
-
-def _encoder(model: str, pretrained: str | None, device: str | None):
-    from clip_ood.encoders import load_encoder
-
-    _, world, local = _dist()
-    if device is None and world > 1:
-        import torch
-
-        if torch.cuda.is_available():
-            device = f"cuda:{local}"
     try:
-        return load_encoder(model, pretrained=pretrained or None, device=device)
-    except (FileNotFoundError, RuntimeError, ValueError) as e:
-        _fail(f"cannot load model '{model}' (pretrained={pretrained}): {e}")
+        SCORES.get(value)
+    except RegistryError as e:
+        usage_error(f"--method: {e}")
+    return value
 
 
+class _MethodCommand(TyperCommand):
+    """A command whose ``--method`` help is read from the scores registry when that help is shown (building the
+    group, e.g. for ``negvision ood --help``, must not import torch, which the registry's module needs)."""
+
+    def format_help(self, ctx, formatter) -> None:
+        for p in self.params:
+            if p.name == "method":
+                p.help = method_help()
+        super().format_help(ctx, formatter)
+
+
+def _method_option(default: str = "neglabel"):
+    return typer.Option(default, "--method", callback=_check_method,
+                        help="OOD score registered in clip_ood.scores.SCORES (listed by this command's --help).")
+
+
+# ---------------------------------------------------------------------- shared steps of the commands
 def _id_labels(path: Path | None, id_dir: Path | None = None) -> list[str]:
     from clip_ood.data import class_folders
     from clip_ood.lexicon import read_labels
@@ -49,22 +65,22 @@ def _id_labels(path: Path | None, id_dir: Path | None = None) -> list[str]:
         try:
             return read_labels(path)
         except (OSError, ValueError) as e:
-            _fail(str(e))
+            fail(str(e))
     if id_dir is not None and id_dir.is_dir() and class_folders(id_dir):
         return [c.replace("_", " ") for c in class_folders(id_dir)]
-    _fail("give --id-labels (class names, one a line)")
-    return []
+    fail("give --id-labels (class names, one a line)")
 
 
 def _negatives(encoder, labels: list[str], method: str, neg_labels: Path | None, num_negatives: int,
                percentile: float, save_to: Path | None):
     from clip_ood.lexicon import NegativeLabels, mine_negative_labels
+    from clip_ood.scores import score_spec
 
-    if method not in ("neglabel", "ants"):
+    if not score_spec(method).needs_negatives:
         return NegativeLabels.load(neg_labels) if neg_labels else None
     if neg_labels is not None:
         if not neg_labels.is_file():
-            _fail(f"--neg-labels {neg_labels}: no such file (make it with `negvision ood mine-labels`)")
+            fail(f"--neg-labels {neg_labels}: no such file (make it with `negvision ood mine-labels`)")
         return NegativeLabels.load(neg_labels)
     typer.echo(f"mining {num_negatives} negative labels from WordNet (cached after the first run)", err=True)
     neg = mine_negative_labels(encoder, labels, num_negatives, percentile)
@@ -81,7 +97,7 @@ def _scorer(encoder, labels, method, negatives, describer: str, describer_model:
     try:
         sc = OODScorer(encoder, labels, method=method, negatives=negatives, seed=seed)
     except ValueError as e:
-        _fail(str(e))
+        fail(str(e))
     if method == "ants":
         from clip_ood.describers import create_describer
 
@@ -96,11 +112,12 @@ def _scorer(encoder, labels, method, negatives, describer: str, describer_model:
     return sc
 
 
+# ---------------------------------------------------------------------- commands
 @ood_app.command("mine-labels")
 def mine_labels(
     id_labels: Path = typer.Option(..., "--id-labels", help="ID class names, one a line."),
-    model: str = typer.Option(..., "--model", help=_MODEL_HELP),
-    pretrained: str = typer.Option("", "--pretrained", help=_PRETRAINED_HELP),
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    pretrained: str = typer.Option("", "--pretrained", help=PRETRAINED_HELP),
     out: Path = typer.Option(Path("neg.txt"), "--out", help="Output: one 'noun|adj<TAB>word' a line."),
     num_negatives: int = typer.Option(10_000, "--num-negatives", min=1),
     percentile: float = typer.Option(0.95, "--percentile", min=0.0, max=1.0),
@@ -113,7 +130,7 @@ def mine_labels(
     from clip_ood.lexicon import load_wordnet, mine_negative_labels, read_words
 
     labels = _id_labels(id_labels)
-    enc = _encoder(model, pretrained, device)
+    enc = load_encoder_or_fail(model, pretrained, device)
     lex = read_words(words) if words else load_wordnet(exclude=[e for e in exclude.split(",") if e])
     neg = mine_negative_labels(enc, labels, num_negatives, percentile, lexicon=lex)
     neg.save(out)
@@ -121,15 +138,12 @@ def mine_labels(
                            "adjectives": neg.pos.count("adj"), "candidates": len(lex)}))
 
 
-_METHOD_OPT = typer.Option("neglabel", "--method", help="mcm | neglabel | ants | energy | max_logit")
-
-
-@ood_app.command("score")
+@ood_app.command("score", cls=_MethodCommand)
 def score(
-    model: str = typer.Option(..., "--model", help=_MODEL_HELP),
-    pretrained: str = typer.Option("", "--pretrained", help=_PRETRAINED_HELP),
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    pretrained: str = typer.Option("", "--pretrained", help=PRETRAINED_HELP),
     id_labels: Path = typer.Option(..., "--id-labels", help="ID class names, one a line."),
-    method: str = _METHOD_OPT,
+    method: str = _method_option(),
     source: Path = typer.Option(..., "--source", help="Image folder (recursive) or an image list file."),
     data_root: Path | None = typer.Option(None, "--data-root", help="Root of the paths in a list file."),
     out: Path = typer.Option(Path("scores.csv"), "--out", help="CSV: path,score,is_ood,top_class,top_prob."),
@@ -152,11 +166,11 @@ def score(
 
     from clip_ood.data import BadImageError, iter_batches, list_images
 
-    rank, world, _ = _dist()
+    rank, world, _ = dist_env()
     try:
         paths = list_images(source, data_root)
     except (OSError, ValueError) as e:
-        _fail(str(e))
+        fail(str(e))
     paths = paths[rank::world]
     if world > 1:
         out = out.with_name(f"{out.stem}.rank{rank}{out.suffix}")
@@ -166,7 +180,7 @@ def score(
             done = {row["path"] for row in csv.DictReader(f)}
     todo = [p for p in paths if str(p) not in done]
     labels = _id_labels(id_labels)
-    enc = _encoder(model, pretrained, device)
+    enc = load_encoder_or_fail(model, pretrained, device)
     neg = _negatives(enc, labels, method, neg_labels, num_negatives, 0.95, out.with_suffix(".neg.txt"))
     sc = _scorer(enc, labels, method, neg, describer, describer_model, ants_mode, ants_state)
     new_file = not out.is_file() or not resume
@@ -187,22 +201,22 @@ def score(
                 f.flush()  # results are on disk as they come (resumable)
                 n += len(bp)
         except BadImageError as e:
-            _fail(f"{e} (use --skip-bad to skip it)")
+            fail(f"{e} (use --skip-bad to skip it)")
     if ants_state is not None and sc.ants is not None:
         sc.ants.save(ants_state)
     typer.echo(json.dumps({"out": str(out), "scored": n, "skipped_done": len(paths) - len(todo),
                            "rank": rank, "world_size": world, "method": method}))
 
 
-@ood_app.command("bench")
+@ood_app.command("bench", cls=_MethodCommand)
 def bench(
-    model: str = typer.Option(..., "--model", help=_MODEL_HELP),
-    pretrained: str = typer.Option("", "--pretrained", help=_PRETRAINED_HELP),
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    pretrained: str = typer.Option("", "--pretrained", help=PRETRAINED_HELP),
     id_dir: Path = typer.Option(..., "--id-dir", help="ID images: class folders, any folder, or a list file."),
     ood_dir: list[Path] = typer.Option(..., "--ood-dir", help="OOD set (folder or list file); repeat for several."),
     data_root: Path | None = typer.Option(None, "--data-root", help="Root of the paths in list files."),
     id_labels: Path | None = typer.Option(None, "--id-labels", help="ID class names (default: --id-dir's sub-folders)."),
-    method: str = _METHOD_OPT,
+    method: str = _method_option(),
     neg_labels: Path | None = typer.Option(None, "--neg-labels"),
     num_negatives: int = typer.Option(10_000, "--num-negatives"),
     out_dir: Path = typer.Option(Path("runs/ood_bench"), "--out-dir", help="metrics.json/csv, scores.csv, plots."),
@@ -217,6 +231,7 @@ def bench(
 ) -> None:
     """FPR95 / AUROC / AUPR per OOD set and averaged, with score histograms and ROC plots."""
     import csv
+    import io
     import random
 
     import numpy as np
@@ -224,6 +239,8 @@ def bench(
 
     from clip_ood.data import BadImageError, iter_batches, list_images
     from clip_ood.metrics import ood_metrics, roc_points
+    from clip_ood.scores import score_spec
+    from vision.io import write_text_atomic
     from vision.viz import plot_roc_curve, plot_score_histograms
 
     sets: dict[str, list[Path]] = {}
@@ -235,17 +252,17 @@ def bench(
                 name += "_"
             sets[name] = list_images(d, data_root)[:max_images]
     except (OSError, ValueError) as e:
-        _fail(str(e))
+        fail(str(e))
     for k, v in sets.items():
         if not v:
-            _fail(f"set '{k}' has no images")
+            fail(f"set '{k}' has no images")
     labels = _id_labels(id_labels, id_dir)
-    enc = _encoder(model, pretrained, device)
+    enc = load_encoder_or_fail(model, pretrained, device)
     out_dir.mkdir(parents=True, exist_ok=True)
     neg = _negatives(enc, labels, method, neg_labels, num_negatives, 0.95, out_dir / "neg.txt")
     sc = _scorer(enc, labels, method, neg, describer, describer_model, ants_mode, None, seed)
     stream = [(p, k) for k, v in sets.items() for p in v]
-    if method == "ants":  # test-time adaptation sees one mixed, shuffled ID+OOD stream
+    if score_spec(method).state is not None:  # test-time adaptation sees one mixed, shuffled ID+OOD stream
         random.Random(seed).shuffle(stream)
     set_of = {str(p): k for p, k in stream}
     got: dict[str, list[float]] = {k: [] for k in sets}
@@ -259,7 +276,7 @@ def bench(
                 got[k].append(s)
                 rows.append((str(path), k, s))
     except BadImageError as e:
-        _fail(f"{e} (use --skip-bad to skip it)")
+        fail(f"{e} (use --skip-bad to skip it)")
     results: dict[str, dict] = {}
     for k in sets:
         if k == "ID":
@@ -275,29 +292,29 @@ def bench(
     if method == "ants":
         summary["ants"] = {"lambda": sc.ants.lambda_, "tau": sc.ants.tau, "far_bank": len(sc.ants.far_texts),
                            "near_labels": len(sc.ants.near_texts)}
-    tmp = out_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(out_dir / "metrics.json")
-    with open(out_dir / "metrics.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["set", "auroc", "fpr95", "aupr_in", "aupr_out"])
-        for k, m in list(results.items()) + [("average", avg)]:
-            w.writerow([k] + [f"{m[c]:.6f}" for c in ("auroc", "fpr95", "aupr_in", "aupr_out")])
-    with open(out_dir / "scores.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "set", "score"])
-        w.writerows((p, k, f"{s:.6f}") for p, k, s in rows)
+    write_text_atomic(out_dir / "metrics.json", json.dumps(summary, indent=2))
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["set", "auroc", "fpr95", "aupr_in", "aupr_out"])
+    for k, m in list(results.items()) + [("average", avg)]:
+        w.writerow([k] + [f"{m[c]:.6f}" for c in ("auroc", "fpr95", "aupr_in", "aupr_out")])
+    write_text_atomic(out_dir / "metrics.csv", buf.getvalue())
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["path", "set", "score"])
+    w.writerows((p, k, f"{s:.6f}") for p, k, s in rows)
+    write_text_atomic(out_dir / "scores.csv", buf.getvalue())
     for k, m in list(results.items()) + [("average", avg)]:
         typer.echo(f"{k:>16}  AUROC {100 * m['auroc']:6.2f}  FPR95 {100 * m['fpr95']:6.2f}", err=True)
     typer.echo(json.dumps({"out_dir": str(out_dir), "average": avg}))
 
 
-@ood_app.command("serve")
+@ood_app.command("serve", cls=_MethodCommand)
 def serve(
-    model: str = typer.Option(..., "--model", help=_MODEL_HELP),
-    pretrained: str = typer.Option("", "--pretrained", help=_PRETRAINED_HELP),
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    pretrained: str = typer.Option("", "--pretrained", help=PRETRAINED_HELP),
     id_labels: Path = typer.Option(..., "--id-labels"),
-    method: str = typer.Option("neglabel", "--method", help="neglabel | ants | mcm"),
+    method: str = _method_option(),
     neg_labels: Path | None = typer.Option(None, "--neg-labels"),
     num_negatives: int = typer.Option(10_000, "--num-negatives"),
     api_key: str | None = typer.Option(None, "--api-key", envvar="NEGVISION_API_KEY",
@@ -321,7 +338,7 @@ def serve(
     from clip_ood.api import ApiLimits, create_app
 
     labels = _id_labels(id_labels)
-    enc = _encoder(model, pretrained, device)
+    enc = load_encoder_or_fail(model, pretrained, device)
     neg = _negatives(enc, labels, method, neg_labels, num_negatives, 0.95, None)
     sc = _scorer(enc, labels, method, neg, describer, describer_model, ants_mode, None)
     limits = ApiLimits(max_images=max_images, max_request_bytes=int(max_request_mb * 1024 * 1024),

@@ -6,10 +6,14 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".jfif"}
+from vision import io as vio
+
+# the project's image extensions plus the formats OOD benchmark sets also ship (GIF, PPM, JFIF)
+IMAGE_EXTENSIONS: tuple[str, ...] = (*vio.IMAGE_EXTENSIONS, ".gif", ".ppm", ".jfif")
+IMAGE_EXTS = IMAGE_EXTENSIONS  # old name
 
 
-class BadImageError(ValueError):
+class BadImageError(vio.ImageReadError):
     """An image file that cannot be decoded; the message names the file."""
 
 
@@ -20,7 +24,10 @@ def list_images(source: str | Path, data_root: str | Path | None = None) -> list
     """
     source = Path(source)
     if source.is_dir():
-        return sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+        try:
+            return vio.list_images(source, extensions=IMAGE_EXTENSIONS)
+        except FileNotFoundError:  # no images: an empty source, which the caller reports by its set name
+            return []
     if source.is_file():
         root = Path(data_root) if data_root else source.parent
         out = []
@@ -43,15 +50,11 @@ def class_folders(root: str | Path) -> list[str]:
 
 
 def load_image(path: str | Path):
-    """Open and fully decode an image as RGB; BadImageError naming the file otherwise."""
-    from PIL import Image, UnidentifiedImageError
-
+    """Fully decode an image as RGB in its displayed orientation (EXIF); BadImageError naming the file otherwise."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise BadImageError(f"{path}: cannot read image ({e})") from e
+        return vio.open_image(path, "RGB")
+    except vio.ImageReadError as e:
+        raise BadImageError(str(e)) from e
 
 
 def iter_batches(paths: Sequence[Path], batch_size: int, skip_bad: bool = False) -> Iterator[tuple[list[Path], list]]:

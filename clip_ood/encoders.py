@@ -170,12 +170,11 @@ def encode_labels(encoder: Any, labels: Sequence[str], templates: Sequence[str] 
         feats.append(F.normalize(acc, dim=-1).cpu())
     out = torch.cat(feats) if feats else torch.zeros(0, 0)
     if path is not None and out.numel():
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        save_file({"features": out.contiguous()}, str(tmp))
-        os.replace(tmp, path)
+        from vision.io import write_bytes_atomic
+
+        write_bytes_atomic(path, save({"features": out.contiguous()}))
     return out
 
 

@@ -107,6 +107,16 @@ def select_negative_labels(
     """Indices (LongTensor, ascending s_m) of the ``num_negatives`` candidates farthest from the ID classes.
 
     s_m = torch.quantile(cos(candidate_m, id_c) over c, percentile) with linear interpolation.
+
+    Args:
+        candidate_features: [M, D] text features of the candidate words (normalised here).
+        id_features: [C, D] text features of the ID classes (normalised here).
+        num_negatives: how many to select (clipped to 0..M).
+        percentile: eta, the quantile of the similarities to the C ID classes (default 0.95).
+        chunk_size: candidates per quantile call (default 4096; torch.quantile refuses very large inputs).
+
+    Returns:
+        LongTensor [min(num_negatives, M)] of candidate indices, ascending s_m (farthest first).
     """
     import torch
     import torch.nn.functional as F
@@ -138,11 +148,9 @@ class NegativeLabels:
 
     def save(self, path: str | Path) -> None:
         """Write ``pos<TAB>word`` lines (atomic)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(f"{p}\t{w}\n" for w, p in zip(self.words, self.pos, strict=False)), encoding="utf-8")
-        tmp.replace(path)
+        from vision.io import write_text_atomic
+
+        write_text_atomic(path, "".join(f"{p}\t{w}\n" for w, p in zip(self.words, self.pos, strict=False)))
 
     @classmethod
     def load(cls, path: str | Path) -> NegativeLabels:

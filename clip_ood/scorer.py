@@ -14,8 +14,6 @@ from clip_ood import scores as S
 from clip_ood.encoders import encode_labels, encode_pil
 from clip_ood.lexicon import ID_TEMPLATE, NegativeLabels
 
-METHODS = ("mcm", "neglabel", "ants", "energy", "max_logit")
-
 
 @dataclass
 class ScoreResult:
@@ -29,50 +27,57 @@ class ScoreResult:
 
 
 class OODScorer:
-    """Scores images with one method; ``method='ants'`` keeps a test-time ANTSState (see clip_ood.ants)."""
+    """Scores images with one method of ``clip_ood.scores.SCORES``; a method with a test-time state (ANTS) keeps
+    it in ``self.ants`` (see clip_ood.ants)."""
 
     def __init__(self, encoder: Any, id_labels: Sequence[str], method: str = "neglabel",
                  negatives: NegativeLabels | None = None, temperature: float | None = None,
                  num_groups: int = 100, seed: int = 0, id_templates: Sequence[str] = (ID_TEMPLATE,),
                  cache_dir: str | Path | None = None, ants_state: Any = None) -> None:
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-        if method in ("neglabel", "ants") and (negatives is None or len(negatives) == 0):
+        """Encode the ID classes and negatives once; ``ValueError`` for an unknown method or missing negatives.
+
+        Args:
+            encoder: a ``clip_ood.encoders.Encoder`` (``encode_image`` [B,3,H,W] -> [B,D], ``encode_text``,
+                ``preprocess``), e.g. from ``load_encoder``.
+            id_labels: the C in-distribution class names.
+            method: a name registered in ``clip_ood.scores.SCORES`` (default "neglabel").
+            negatives: mined negative labels (M of them); required by methods that need negatives.
+            temperature: softmax temperature (default: the method's, 1.0 for mcm, else 0.01).
+            num_groups: NegLabel negative groups (default 100).
+            seed: seed of the negatives' permutation into groups (default 0).
+            id_templates: prompt templates of the ID classes, features averaged (default ("The nice {}.",)).
+            cache_dir: text-feature cache folder (default ``encoders.default_cache_dir()``; False: no cache).
+            ants_state: an existing test-time state to continue (default: a fresh one if the method has one).
+        """
+        self.spec = S.score_spec(method)
+        if self.spec.needs_negatives and (negatives is None or len(negatives) == 0):
             raise ValueError(f"method '{method}' needs negative labels (mine them with `negvision ood mine-labels`)")
         self.encoder = encoder
         self.id_labels = list(id_labels)
         self.method = method
         self.negatives = negatives or NegativeLabels([], [])
-        self.temperature = temperature if temperature is not None else (1.0 if method == "mcm" else 0.01)
+        self.temperature = temperature if temperature is not None else self.spec.default_temperature
         self.num_groups = num_groups
         self.seed = seed
         self.id_features = encode_labels(encoder, self.id_labels, id_templates, cache_dir=cache_dir)
         self.neg_features = (encode_labels(encoder, self.negatives.prompts, ("{}",), cache_dir=cache_dir)
                              if len(self.negatives) else torch.zeros(0, self.id_features.shape[1]))
-        self._id_unit = torch.nn.functional.normalize(self.id_features.float(), dim=-1)
-        self._neg_prepared, self._groups = S.prepare_negatives(self.neg_features, num_groups, seed)
+        self.inputs = S.ScoreInputs(self.id_features, self.neg_features, self.temperature, num_groups, seed)
+        self._score_batch = self.spec.batch_scorer(self.inputs)
         self.ants = ants_state
-        if method == "ants" and self.ants is None:
-            from clip_ood.ants import ANTSState
-
-            self.ants = ANTSState(encoder, self.id_labels, self.id_features, self.neg_features,
-                                  temperature=self.temperature, num_groups=num_groups, seed=seed)
+        if self.spec.state is not None and self.ants is None:
+            self.ants = self.spec.state(encoder, self.id_labels, self.inputs)
 
     # ------------------------------------------------------------------ scoring
     def base_score(self, feats: Tensor) -> Tensor:
-        if self.method in ("neglabel", "ants"):
-            return S.neglabel_score_prepared(feats, self._id_unit, self._neg_prepared, self._groups, self.temperature)
-        if self.method == "mcm":
-            return S.mcm_score(feats, self.id_features, self.temperature)
-        if self.method == "energy":
-            return S.energy_score(feats, self.id_features, self.temperature)
-        return S.max_logit_score(feats, self.id_features)
+        """The method's score [N] of image features [N, D] (for a test-time method, its base score; no update)."""
+        return self._score_batch(feats)
 
     def score_features(self, feats: Tensor, images: Sequence[Any] | None = None, top_neg: int = 5) -> ScoreResult:
         """Score image features [N, D]; ANTS also updates its state (``images`` go to an MLLM describer)."""
         feats = feats.float().cpu()
         extra: dict[str, Tensor] = {}
-        if self.method == "ants":
+        if self.spec.state is not None:
             out = self.ants.step(feats, images=images)
             scores = out["score"]
             extra = {k: v for k, v in out.items() if k != "score"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -74,6 +75,39 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under ``root`` (symlinks skipped)."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+        fsync_dir(dirpath)
+
+
+def replace_dir(tmp: Path, dst: Path) -> None:
+    """Rename the complete folder ``tmp`` onto ``dst``; an existing ``dst`` (folder or file) is moved aside first
+    and deleted once the new one is in place (restored if the rename fails)."""
+    old = None
+    if dst.exists() or dst.is_symlink():
+        old = dst.with_name(f"{tmp.name}.old")
+        os.replace(dst, old)
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dst)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(dst.parent)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

@@ -46,6 +46,12 @@ class Registry(Generic[T]):
         self._fallback_known = is_known
         self._fallback_names = names
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (e.g. a test's temporary entry); RegistryError if it is not registered."""
+        if name not in self._entries:
+            raise RegistryError(f"{self.kind} '{name}' is not registered")
+        del self._entries[name]
+
     def __contains__(self, name: str) -> bool:
         return name in self._entries or (self._fallback is not None and self._fallback_known(name))
 

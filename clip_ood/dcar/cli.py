@@ -7,26 +7,13 @@ from pathlib import Path
 
 import typer
 
+from clip_ood.cli_common import MODEL_HELP, PRETRAINED_HELP, load_encoder_or_fail
+from vision.cli_common import fail, usage_error
+
 retrieval_app = typer.Typer(help="DCAR dual prompt learning for image-text retrieval (and the CoOp baseline).",
                             no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
-_MODEL_HELP = "open_clip model (ViT-B-16-quickgelu), local-dir:PATH or hf-hub:ORG/REPO."
-_PRETRAINED_HELP = "open_clip tag (openai), a weights file, or a weights name from weights/manifest.toml."
 _DATA_HELP = "FDRD JSON ({file_name, file_path, positive, negative}) or CSV/JSONL (image, caption, category, attributes)."
-
-
-def _fail(msg: str) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(1)
-
-
-def _encoder(model: str, pretrained: str | None, device: str | None):
-    from clip_ood.encoders import load_encoder
-
-    try:
-        return load_encoder(model, pretrained=pretrained or None, device=device)
-    except (FileNotFoundError, RuntimeError, ValueError) as e:
-        _fail(f"cannot load model '{model}' (pretrained={pretrained}): {e}")
 
 
 def _pairs(path: Path, image_root: Path | None, skip_bad: bool, categories=None):
@@ -35,16 +22,16 @@ def _pairs(path: Path, image_root: Path | None, skip_bad: bool, categories=None)
     try:
         return load_pairs(path, image_root=image_root, categories=categories, skip_bad=skip_bad)
     except (PairDataError, FileNotFoundError) as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 @retrieval_app.command()
 def train(
-    model: str = typer.Option(..., "--model", help=_MODEL_HELP),
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
     data: Path = typer.Option(..., "--data", help=_DATA_HELP),
     method: str = typer.Option("dcar", "--method", help="dcar | coop"),
     out: Path = typer.Option(..., "--out", help="Output folder (logs, checkpoints, prompts.safetensors/.json)."),
-    pretrained: str = typer.Option("", "--pretrained", help=_PRETRAINED_HELP),
+    pretrained: str = typer.Option("", "--pretrained", help=PRETRAINED_HELP),
     val_data: Path | None = typer.Option(None, "--val-data", help="Held-out pairs evaluated after each epoch."),
     image_root: Path | None = typer.Option(None, "--image-root", help="Folder image paths are relative to."),
     epochs: int = typer.Option(10, "--epochs"),
@@ -66,14 +53,14 @@ def train(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip malformed lines with a warning."),
 ) -> None:
     """Learn prompts (DCAR: text + visual + reweighting; CoOp: text context) on a frozen CLIP."""
-    if method not in ("dcar", "coop"):
-        _fail(f"--method must be dcar or coop, got '{method}'")
     from clip_ood.dcar.data import categories_of
-    from clip_ood.dcar.train import DCARConfig, train_retrieval
+    from clip_ood.dcar.train import METHODS, DCARConfig, train_retrieval
 
+    if method not in METHODS:
+        usage_error(f"--method must be {' or '.join(METHODS)}, got '{method}'")
     tr = _pairs(data, image_root, skip_bad)
     va = _pairs(val_data, image_root, skip_bad, categories_of(tr) if class_specific else None) if val_data else None
-    enc = _encoder(model, pretrained, device)
+    enc = load_encoder_or_fail(model, pretrained, device)
     cfg = DCARConfig(method=method, n_ctx=n_ctx, ctx_init=ctx_init or None, class_specific=class_specific,
                      n_vis=n_vis, vis_depth=vis_depth or None, alpha=alpha, k_neg=k_neg, lambda_attr=lambda_attr,
                      attr_text_grad=attr_text_grad)
@@ -86,11 +73,11 @@ def train(
 
 @retrieval_app.command("eval")
 def eval_(
-    model: str = typer.Option(..., "--model", help=_MODEL_HELP),
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
     data: Path = typer.Option(..., "--data", help=_DATA_HELP),
     prompts: Path | None = typer.Option(None, "--prompts", help="Folder (or prompts.safetensors) from `train`; "
                                         "without it the frozen (zero-shot) model is evaluated."),
-    pretrained: str = typer.Option("", "--pretrained", help=_PRETRAINED_HELP),
+    pretrained: str = typer.Option("", "--pretrained", help=PRETRAINED_HELP),
     image_root: Path | None = typer.Option(None, "--image-root"),
     batch_size: int = typer.Option(64, "--batch-size"),
     device: str | None = typer.Option(None, "--device"),
@@ -102,13 +89,14 @@ def eval_(
     from clip_ood.dcar.evaluate import evaluate_retrieval, format_table
     from clip_ood.dcar.prompts import DualPromptCLIP
     from clip_ood.dcar.train import load_prompts
+    from vision.io import write_text_atomic
 
-    enc = _encoder(model, pretrained, device)
+    enc = load_encoder_or_fail(model, pretrained, device)
     if prompts is not None:
         try:
             learner = load_prompts(prompts, enc.model, enc.tokenizer)
         except (FileNotFoundError, ValueError, KeyError) as e:
-            _fail(str(e))
+            fail(str(e))
         name = json.loads(((prompts if prompts.is_dir() else prompts.parent) / "prompts.json")
                           .read_text()).get("method", "prompts")
     else:
@@ -120,7 +108,7 @@ def eval_(
     res = evaluate_retrieval(learner, PairDataset(pairs, enc.preprocess), batch_size=batch_size)
     typer.echo(format_table({name: res}))
     if json_out is not None:
-        json_out.write_text(json.dumps({name: res}, indent=2))
+        write_text_atomic(json_out, json.dumps({name: res}, indent=2))
 
 
 @retrieval_app.command("make-captions")

@@ -168,15 +168,14 @@ class PairDataset(Dataset):
         return len(self.pairs)
 
     def image(self, i: int) -> Tensor:
-        """Preprocessed image i (errors name the file and line)."""
+        """Preprocessed image i, in its displayed orientation (EXIF); errors name the file and line."""
         if self._cache is not None and i in self._cache:
             return self._cache[i]
-        from PIL import Image
+        from vision.io import open_image
 
         p = self.pairs[i]
         try:
-            with Image.open(p.image) as im:
-                x = self.preprocess(im.convert("RGB"))
+            x = self.preprocess(open_image(p.image, "RGB"))
         except Exception as e:
             raise PairDataError(f"line {p.line}: cannot read image '{p.image}': {e}") from e
         if self._cache is not None:

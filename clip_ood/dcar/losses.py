@@ -81,8 +81,3 @@ def weighted_contrastive_loss(img: Tensor, txt: Tensor, logit_scale: Tensor | fl
     wT = w_batch.T
     l_t2i = _weighted_nce(pos, ST[off].view(B, B - 1), wT[off].view(B, B - 1)).mean()
     return {"loss": 0.5 * (l_i2t + l_t2i), "loss_i2t": l_i2t, "loss_t2i": l_t2i}
-
-
-def clip_contrastive_loss(img: Tensor, txt: Tensor, logit_scale: Tensor | float) -> Tensor:
-    """Plain symmetric InfoNCE (CLIP / CoOp)."""
-    return weighted_contrastive_loss(img, txt, logit_scale)["loss"]

@@ -27,8 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-CTX_INIT_DEFAULT = "a photo of a"
-
 
 class _TextParts:
     """The pieces of an open_clip text tower, whichever model class holds them."""
@@ -88,6 +86,19 @@ class DualPromptCLIP(nn.Module):
     def __init__(self, clip: nn.Module, tokenizer: Callable, *, n_ctx: int = 4, ctx_init: str | None = None,
                  class_specific: bool = False, categories: Sequence[str] | None = None, n_vis: int = 0,
                  vis_depth: int = 1, init_std: float = 0.02):
+        """Freeze ``clip`` and create the prompts.
+
+        Args:
+            clip: an open_clip ``CLIP`` / ``CustomTextCLIP`` (frozen here; not a registered submodule).
+            tokenizer: its open_clip tokenizer (texts -> LongTensor [T, context_length]).
+            n_ctx: learnable text context vectors M (default 4; 0 = none; replaced by ctx_init's token count).
+            ctx_init: words initialising the context, e.g. "a photo of a" (default None: N(0, init_std)).
+            class_specific: one context set per category instead of one shared set (default False).
+            categories: the category names (needed with class_specific; a text's category picks its set).
+            n_vis: visual prompt tokens M_v appended after the patch tokens (default 0 = none).
+            vis_depth: image-tower blocks that get fresh (deep) visual prompts, 1..layers (default 1 = shallow).
+            init_std: std of the normal init of the prompts (default 0.02).
+        """
         super().__init__()
         object.__setattr__(self, "clip", clip)  # not a submodule: see the module docstring
         for p in clip.parameters():
@@ -286,8 +297,3 @@ class DualPromptCLIP(nn.Module):
                 ) -> tuple[Tensor, Tensor]:
         """Normalised (image features, text features); training goes through here (DDP-safe)."""
         return self.encode_image(images, normalize=True), self.encode_text(texts, categories, normalize=True)
-
-
-def trainable_parameter_names(model: nn.Module) -> list[str]:
-    """Names of parameters with ``requires_grad`` (for checking that only prompts train)."""
-    return [n for n, p in model.named_parameters() if p.requires_grad]

@@ -11,7 +11,6 @@ Both mask in-batch captions identical to the positive (false negatives).
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -180,18 +179,15 @@ class AttributeReweighting:
 
 def save_prompts(model: DualPromptCLIP, out_dir: str | Path, extra: dict | None = None) -> Path:
     """Write prompts.safetensors + prompts.json atomically into ``out_dir``; returns the weights path."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from vision.io import write_bytes_atomic, write_text_atomic
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = out / f".{PROMPTS_WEIGHTS}.{os.getpid()}.tmp"
-    save_file(sd, str(tmp))
-    os.replace(tmp, out / PROMPTS_WEIGHTS)
+    write_bytes_atomic(out / PROMPTS_WEIGHTS, save(sd))
     cfg = {**model.prompt_config(), **(extra or {})}
-    tmpj = out / f".{PROMPTS_CONFIG}.{os.getpid()}.tmp"
-    tmpj.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
-    os.replace(tmpj, out / PROMPTS_CONFIG)
+    write_text_atomic(out / PROMPTS_CONFIG, json.dumps(cfg, indent=2))
     return out / PROMPTS_WEIGHTS
 
 

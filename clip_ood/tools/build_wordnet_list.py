@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import gzip
 import io
-import os
 import re
 from pathlib import Path
+
+from vision.io import write_bytes_atomic, write_text_atomic
 
 # lex_filenum -> lexicographer file name (WordNet lexnames(5WN)); only nouns and adjectives are used
 LEXNAMES: dict[int, str] = {
@@ -63,16 +64,13 @@ def build(wordnet_dir: Path, out_dir: Path = DATA_DIR) -> Path:
     for lexname in sorted(sections):
         lines.append("#" + lexname)
         lines.extend(sections[lexname])
-    out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / OUT_NAME
-    tmp = out.with_suffix(".tmp")
     buf = io.BytesIO()
     # mtime=0 keeps the file byte-identical between builds
     with gzip.GzipFile(filename="", mode="wb", fileobj=buf, compresslevel=9, mtime=0) as gz:
         gz.write(("\n".join(lines) + "\n").encode("utf-8"))
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, out)
-    (out_dir / LICENSE_NAME).write_text(read_license(wordnet_dir / "data.noun"), encoding="utf-8")
+    write_bytes_atomic(out, buf.getvalue())
+    write_text_atomic(out_dir / LICENSE_NAME, read_license(wordnet_dir / "data.noun"))
     return out
 
 

@@ -11,10 +11,10 @@ from typing import Any
 
 _EXPORTS = {
     "neon_merge": "merge",
-    "merge_checkpoints": "merge",
     "merge_tensor": "merge",
     "CheckpointMismatchError": "merge",
-    "MissingComponentError": "merge",
+    "merge_checkpoints": "files",
+    "MissingComponentError": "files",
     "fid_from_features": "metrics",
     "precision_recall": "metrics",
     "load_feature_extractor": "metrics",

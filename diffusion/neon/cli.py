@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import typer
+
+from vision.cli_common import DEVICE_HELP, fail, usage_error
 
 neon_app = typer.Typer(
     help="Neon: self-train a diffusion model, then merge weights in the negative direction "
@@ -16,20 +19,13 @@ neon_app = typer.Typer(
     rich_markup_mode=None,
 )
 
-
-def _fail(msg: str) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(2)
-
-
 _USER_ERRORS = (ValueError, FileNotFoundError, NotImplementedError, ImportError)
 
 
-def _call(fn, *args, show_warnings: bool = False, **kwargs):
-    """``fn(*args, **kwargs)``; a user error (bad input, missing file, unsupported model) exits with its message.
+def _call(fn, *args, show_warnings: bool = False, usage: tuple[type[Exception], ...] = (), **kwargs):
+    """``fn(*args, **kwargs)``; an exception of a ``usage`` type (an option the model cannot take) exits 2, any other
+    user error (bad input, missing file, unsupported model) exits 1, each with its message.
     With ``show_warnings`` every warning of the call is printed once as ``warning: ...``."""
-    import warnings
-
     caught: list = []
     try:
         with warnings.catch_warnings(record=show_warnings) as rec:
@@ -37,18 +33,31 @@ def _call(fn, *args, show_warnings: bool = False, **kwargs):
                 warnings.simplefilter("always")
             out = fn(*args, **kwargs)
             caught = rec or []
+    except usage as e:
+        usage_error(str(e))
     except _USER_ERRORS as e:
-        _fail(str(e))
+        fail(str(e))
     for c in caught:
         typer.echo(f"warning: {c.message}", err=True)
     return out
+
+
+def _option(fn, *args):
+    """``fn(*args)`` checking an option's value before the run: its ValueError exits 2 (warnings are left to the
+    run, which gives them again)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fn(*args)
+    except ValueError as e:
+        usage_error(str(e))
 
 
 def _lines(path: Path | None) -> list[str] | None:
     if path is None:
         return None
     if not path.is_file():
-        _fail(f"prompts file '{path}' does not exist")
+        fail(f"prompts file '{path}' does not exist")
     return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
 
 
@@ -58,8 +67,7 @@ def _ints(text: str | None) -> list[int] | None:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        _fail(f"bad --class-labels '{text}' (expected comma-separated integers)")
-    return None
+        usage_error(f"bad --class-labels '{text}' (expected comma-separated integers)")
 
 
 @neon_app.command("merge")
@@ -73,8 +81,14 @@ def merge_cmd(
 ) -> None:
     """Merge two checkpoints tensor by tensor: theta_neon = (1 + w) * base - w * selftrained."""
 
-    from .merge import merge_checkpoints
+    from .files import EMA_MODES, merge_checkpoints
+    from .merge import check_w
 
+    _option(check_w, w)
+    if ema not in EMA_MODES:
+        usage_error(f"ema must be one of {EMA_MODES}, got '{ema}'")
+    if out.resolve() in (base.resolve(), selftrained.resolve()):
+        usage_error(f"--out '{out}' must differ from the inputs")
     info = _call(merge_checkpoints, base, selftrained, out, w, component=component, ema=ema, show_warnings=True)
     typer.echo(json.dumps(info))
 
@@ -94,16 +108,16 @@ def selftrain_cmd(
     class_labels: str = typer.Option(None, "--class-labels", help="Comma-separated class ids (class-conditional; default: every class in turn)."),
     guidance_scale: float = typer.Option(None, "--guidance-scale"),
     seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: best available)."),
+    device: str = typer.Option(None, "--device", help=DEVICE_HELP),
 ) -> None:
     """Sample N images from the base model and fine-tune it on them with the denoising loss."""
-    from .selftrain import self_train
+    from .selftrain import ConditioningError, self_train
 
     info = _call(
         self_train, model, out, num_samples=num_samples, steps=steps, save_every=save_every, batch_size=batch_size,
         sample_batch_size=sample_batch_size, lr=lr, num_inference_steps=num_inference_steps,
         prompts=_lines(prompts), class_labels=_ints(class_labels), guidance_scale=guidance_scale,
-        seed=seed, device=device,
+        seed=seed, device=device, usage=(ConditioningError,),
     )
     typer.echo(json.dumps(info))
 
@@ -128,18 +142,20 @@ def sweep_cmd(
     seed: int = typer.Option(0, "--seed"),
     k: int = typer.Option(3, "--k", min=1, help="k of the k-NN precision/recall."),
     max_reference: int = typer.Option(None, "--max-reference", help="Use at most this many reference images."),
-    device: str = typer.Option(None, "--device"),
+    device: str = typer.Option(None, "--device", help=DEVICE_HELP),
 ) -> None:
     """For each w: merge, sample, score (FID, precision, recall); write a CSV and a plot; print the best w."""
+    from .metrics import FeatureSpecError
+    from .selftrain import ConditioningError
     from .sweep import neon_sweep, parse_floats
 
-    ws = _call(parse_floats, w, "w")
-    gss = _call(parse_floats, guidance_scale, "guidance scale") if guidance_scale else None
+    ws = _option(parse_floats, w, "w")
+    gss = _option(parse_floats, guidance_scale, "guidance scale") if guidance_scale else None
     info = _call(
         neon_sweep, base, selftrained, ws, out, reference=reference, features=features, num_samples=num_samples,
         batch_size=batch_size, num_inference_steps=num_inference_steps, guidance_scales=gss,
         prompts=_lines(prompts), class_labels=_ints(class_labels), seed=seed, k=k,
-        max_reference=max_reference, device=device,
+        max_reference=max_reference, device=device, usage=(ConditioningError, FeatureSpecError),
     )
     for r in info["rows"]:
         gs = f" gs={r['guidance_scale']}" if r["guidance_scale"] != "" else ""

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "FeatureExtractor",
+    "FeatureSpecError",
     "compute_features",
     "fid_from_features",
     "load_feature_extractor",
@@ -28,6 +29,10 @@ __all__ = [
 
 FeatureExtractor = Callable[[Tensor], Tensor]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class FeatureSpecError(ValueError):
+    """A feature-extractor spec that names no known kind or importable factory (a usage error on the CLI)."""
 
 
 def _np64(x: Tensor | np.ndarray) -> np.ndarray:
@@ -175,6 +180,8 @@ def load_feature_extractor(spec: str | FeatureExtractor) -> FeatureExtractor:
         return spec
     kind, _, arg = spec.partition(":")
     if kind == "pixels":
+        if arg and not (arg.isdigit() and int(arg) >= 1):
+            raise FeatureSpecError(f"bad feature extractor spec '{spec}': pixels:SIZE takes a whole number >= 1")
         return PixelFeatures(int(arg) if arg else 8)
     if kind == "inception":
         from torchvision.models import inception_v3
@@ -212,13 +219,13 @@ def load_feature_extractor(spec: str | FeatureExtractor) -> FeatureExtractor:
         try:
             obj = getattr(importlib.import_module(kind), arg)
         except (ImportError, AttributeError) as e:
-            raise ValueError(f"cannot import feature extractor '{spec}': {e}") from e
+            raise FeatureSpecError(f"cannot import feature extractor '{spec}': {e}") from e
         if isinstance(obj, type) or (not isinstance(obj, nn.Module) and callable(obj) and _takes_no_args(obj)):
             obj = obj()  # a factory
         if not callable(obj):
             raise TypeError(f"feature extractor '{spec}' is not callable")
         return obj
-    raise ValueError(
+    raise FeatureSpecError(
         f"unknown feature extractor spec '{spec}'; use inception:PATH, torch-fidelity:PATH, export:PATH, torchscript:PATH, "
         "module:factory or pixels[:SIZE]"
     )

@@ -19,10 +19,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["denoising_loss", "is_dit", "load_pipeline", "num_classes", "sample_images", "self_train",
-           "trainable_component"]
+from vision.io import write_text_atomic
+
+__all__ = ["ConditioningError", "denoising_loss", "is_dit", "load_pipeline", "num_classes", "sample_images",
+           "self_train", "trainable_component"]
 
 logger = logging.getLogger("negvision.neon")
+
+
+class ConditioningError(ValueError):
+    """Prompts or class labels the pipeline cannot take, or needs and did not get (a usage error on the CLI)."""
 
 
 def load_pipeline(path: str | os.PathLike, device: torch.device | str | None = None) -> Any:
@@ -59,7 +65,7 @@ def num_classes(pipe: Any) -> int:
     _, den = trainable_component(pipe)
     n = getattr(den.config, "num_embeds_ada_norm", None) or getattr(den.config, "num_class_embeds", None)
     if not n:
-        raise ValueError(f"{type(pipe).__name__}: cannot tell the number of classes; give class_labels")
+        raise ConditioningError(f"{type(pipe).__name__}: cannot tell the number of classes; give class_labels")
     return int(n)
 
 
@@ -113,17 +119,17 @@ def sample_images(
         kwargs: dict[str, Any] = {}
         if prompts:
             if not _accepts(call, "prompt"):
-                raise ValueError(f"{type(pipe).__name__} takes no prompt; drop --prompts")
+                raise ConditioningError(f"{type(pipe).__name__} takes no prompt; drop --prompts")
             cond = [prompts[i % len(prompts)] for i in idx]
             kwargs["prompt"] = cond
         elif class_labels or _requires(call, "class_labels"):
             if not _accepts(call, "class_labels"):
-                raise ValueError(f"{type(pipe).__name__} takes no class_labels")
+                raise ConditioningError(f"{type(pipe).__name__} takes no class_labels")
             cond = _class_conds(pipe, class_labels, idx)
             kwargs["class_labels"] = cond
         else:
             if _accepts(call, "prompt") and not _accepts(call, "batch_size"):
-                raise ValueError(f"{type(pipe).__name__} is text-conditioned: give prompts")
+                raise ConditioningError(f"{type(pipe).__name__} is text-conditioned: give prompts")
             if _accepts(call, "batch_size"):
                 kwargs["batch_size"] = n
             elif _accepts(call, "num_images_per_prompt"):
@@ -293,14 +299,14 @@ def self_train(
         if getattr(pipe, "vae", None) is None:
             raise NotImplementedError("self-training a DiT transformer needs a pipeline with a 'vae'")
         if prompts:
-            raise ValueError(f"{type(pipe).__name__} is class-conditional: give class labels, not prompts")
+            raise ConditioningError(f"{type(pipe).__name__} is class-conditional: give class labels, not prompts")
     elif text_cond:
         # Stable-Diffusion-style text-to-image: latent space (VAE) + text encoder conditioning
         for need in ("vae", "text_encoder", "tokenizer"):
             if getattr(pipe, need, None) is None:
                 raise NotImplementedError(f"self-training a UNet2DConditionModel needs a pipeline with '{need}'")
         if not prompts:
-            raise ValueError("a text-to-image pipeline needs a prompt list (--prompts FILE, one prompt a line)")
+            raise ConditioningError("a text-to-image pipeline needs a prompt list (--prompts FILE, one prompt a line)")
     else:
         if getattr(pipe, "vae", None) is not None or getattr(pipe, "vqvae", None) is not None:
             raise NotImplementedError(
@@ -334,7 +340,7 @@ def self_train(
         data = _TextCondData(x0, emb, idx)
     elif class_cond:
         if any(c is None for c in conds):
-            raise ValueError(f"a class-conditional {type(denoiser).__name__} needs class_labels")
+            raise ConditioningError(f"a class-conditional {type(denoiser).__name__} needs class_labels")
         if dit:
             x0 = _vae_latents(pipe, x0, batch_size=sample_batch_size)
         data = TensorDataset(x0, torch.as_tensor(conds, dtype=torch.long))
@@ -383,5 +389,5 @@ def self_train(
         "last_loss": summary.get("last_loss"),
         "checkpoints": sorted(str(p) for p in (out / "train" / "checkpoints").glob("step-*")),
     }
-    (out / "selftrain.json").write_text(json.dumps(info, indent=2))
+    write_text_atomic(out / "selftrain.json", json.dumps(info, indent=2))
     return info

@@ -13,7 +13,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .merge import CheckpointMismatchError, _selftrained_source, check_w, neon_merge
+from vision.io import write_text_atomic
+
+from .files import selftrained_source
+from .merge import CheckpointMismatchError, check_w, neon_merge
 from .metrics import (
     compute_features,
     fid_from_features,
@@ -89,7 +92,7 @@ def neon_sweep(
     pipe = load_pipeline(base, dev)
     name, denoiser = trainable_component(pipe, component)
     theta_base = _state_dict(denoiser)
-    src = _selftrained_source(Path(selftrained), name)
+    src = selftrained_source(Path(selftrained), name)
     theta_self = {key: src.get(key) for key in theta_base if key in src}
     if not theta_self:
         raise CheckpointMismatchError(
@@ -162,5 +165,5 @@ def neon_sweep(
         "features": features if isinstance(features, str) else type(features).__name__,
         "num_reference": len(ref_feats),
     }
-    (out / "sweep.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(out / "sweep.json", json.dumps(summary, indent=2))
     return summary

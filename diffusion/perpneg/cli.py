@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from vision.cli_common import DEVICE_HELP, fail, usage_error
+
 generate_app = typer.Typer(
     help="Perp-Neg guided generation: text-to-image with negative prompts, view-conditioned images, text-to-3D.",
     no_args_is_help=True,
@@ -17,11 +19,6 @@ generate_app = typer.Typer(
 
 MODEL_HELP = ("Stable Diffusion 1.x/2.x checkpoint (SDXL too for `image`): hub id (in the local HF cache) or a local "
               "pipeline folder.")
-
-
-def _fail(msg: str) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(2)
 
 
 def _pipeline_class(path: Path, model: str, offline: bool) -> str:
@@ -38,7 +35,7 @@ def _pipeline_class(path: Path, model: str, offline: bool) -> str:
 
 def load_pipeline(model: str, device: str | None = None, allow_xl: bool = False):
     """Load PerpNegStableDiffusionPipeline (or the SDXL variant where ``allow_xl``) from a local folder or a cached
-    hub id; one clear error when missing."""
+    hub id; one clear error (exit 1) when missing, exit 2 for SDXL where ``allow_xl`` is False."""
     import os
 
     import torch
@@ -49,15 +46,15 @@ def load_pipeline(model: str, device: str | None = None, allow_xl: bool = False)
 
     path = Path(model)
     if path.exists() and not (path / "model_index.json").is_file():
-        _fail(f"'{model}' is a folder without model_index.json; pass a diffusers pipeline folder "
-              "(e.g. one saved with save_pretrained or downloaded with `huggingface-cli download ID --local-dir DIR`)")
+        fail(f"'{model}' is a folder without model_index.json; pass a diffusers pipeline folder "
+             "(e.g. one saved with save_pretrained or downloaded with `huggingface-cli download ID --local-dir DIR`)")
     dev = torch.device(device) if device else pick_device()
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
     xl = "XL" in _pipeline_class(path, model, offline)
     if xl and not allow_xl:
-        _fail(f"'{model}' is an SDXL pipeline; this command needs Stable Diffusion 1.x / 2.x "
-              "(SDXL works with `negvision generate image`)")
+        usage_error(f"'{model}' is an SDXL pipeline; this command needs Stable Diffusion 1.x / 2.x "
+                    "(SDXL works with `negvision generate image`)")
     try:
         if xl:
             from .pipeline_xl import PerpNegStableDiffusionXLPipeline
@@ -70,10 +67,10 @@ def load_pipeline(model: str, device: str | None = None, allow_xl: bool = False)
                 requires_safety_checker=False, local_files_only=offline or path.exists(),
             )
     except (OSError, ValueError, EnvironmentError) as e:  # noqa: UP024
-        _fail(f"could not load the model '{model}' ({type(e).__name__}). Offline, pass --model a local folder holding a "
-              f"diffusers Stable Diffusion pipeline (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
-              f"scheduler/), e.g. `huggingface-cli download {model} --local-dir weights/{Path(model).name}` on a "
-              "machine with network, then --model weights/... (see weights/README.md)")
+        fail(f"could not load the model '{model}' ({type(e).__name__}). Offline, pass --model a local folder holding a "
+             f"diffusers Stable Diffusion pipeline (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
+             f"scheduler/), e.g. `huggingface-cli download {model} --local-dir weights/{Path(model).name}` on a "
+             "machine with network, then --model weights/... (see weights/README.md)")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(dev)
 
@@ -91,11 +88,15 @@ def _grid(images: list, cols: int | None = None):
 
 
 def _save(out: Path, images: list, settings: dict, names: list[str] | None = None) -> None:
+    """Each image, their grid and ``settings.json`` into ``out`` (atomic writes)."""
+    from vision.io import write_text_atomic
+    from vision.viz import save_image
+
     out.mkdir(parents=True, exist_ok=True)
     for i, im in enumerate(images):
-        im.save(out / f"{names[i] if names else f'image_{i:03d}'}.png")
-    _grid(images).save(out / "grid.png")
-    (out / "settings.json").write_text(json.dumps(settings, indent=2))
+        save_image(im, out / f"{names[i] if names else f'image_{i:03d}'}.png")
+    save_image(_grid(images), out / "grid.png")
+    write_text_atomic(out / "settings.json", json.dumps(settings, indent=2))
 
 
 def _weights(names: list[str], weights: list[float] | None, what: str) -> list[float]:
@@ -105,7 +106,7 @@ def _weights(names: list[str], weights: list[float] | None, what: str) -> list[f
     if len(weights) == 1 and len(names) > 1:
         return weights * len(names)
     if len(weights) != len(names):
-        _fail(f"{len(weights)} --{what}-weight values for {len(names)} --{what} prompts")
+        usage_error(f"{len(weights)} --{what}-weight values for {len(names)} --{what} prompts")
     return weights
 
 
@@ -126,7 +127,7 @@ def image_cmd(
     width: int = typer.Option(None, "--width"),
     seed: int = typer.Option(0, "--seed"),
     unet_batch_size: int = typer.Option(None, "--unet-batch-size", help="Chunk the batched UNet call (memory)."),
-    device: str = typer.Option(None, "--device"),
+    device: str = typer.Option(None, "--device", help=DEVICE_HELP),
     out: Path = typer.Option(..., "--out", help="Output folder: image_*.png, grid.png, settings.json."),
 ) -> None:
     """Text-to-image with Perp-Neg negative prompts; PNGs + grid + a JSON of every setting (seeded)."""
@@ -135,7 +136,7 @@ def image_cmd(
     neg_w = _weights(negative, negative_weight, "negative")
     pos_w = _weights(positive, positive_weight, "positive")
     if any(w < 0 for w in neg_w):
-        _fail("--negative-weight must be >= 0")
+        usage_error("--negative-weight must be >= 0")
     pipe = load_pipeline(model, device, allow_xl=True)
     gen = torch.Generator("cpu").manual_seed(seed)
     images = pipe(
@@ -162,7 +163,7 @@ def views_cmd(
     steps: int = typer.Option(30, "--steps"),
     guidance: float = typer.Option(7.5, "--guidance"),
     seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option(None, "--device"),
+    device: str = typer.Option(None, "--device", help=DEVICE_HELP),
     out: Path = typer.Option(Path("runs/perpneg_views"), "--out"),
 ) -> None:
     """One image per view from the view-interpolated prompt, with the other views as Perp-Neg negatives."""
@@ -174,9 +175,9 @@ def views_cmd(
     try:
         azimuths = [VIEW_AZIMUTH[v] if v in VIEW_AZIMUTH else float(v) for v in names]
     except ValueError:
-        _fail(f"bad --views '{views}' (use front, side, back or azimuths in degrees)")
+        usage_error(f"bad --views '{views}' (use front, side, back or azimuths in degrees)")
     if schedule not in ("threestudio", "dreamfusion"):
-        _fail(f"unknown --schedule '{schedule}' (threestudio | dreamfusion)")
+        usage_error(f"unknown --schedule '{schedule}' (threestudio | dreamfusion)")
     pipe = load_pipeline(model, device)
     emb = encode_view_prompts(pipe, prompt)
     images, weights = [], {}
@@ -210,14 +211,16 @@ def threed_cmd(
     lr: float = typer.Option(1e-2, "--lr"),
     preview_every: int = typer.Option(100, "--preview-every"),
     seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option(None, "--device"),
+    device: str = typer.Option(None, "--device", help=DEVICE_HELP),
 ) -> None:
     """Text-to-3D: a density/albedo voxel grid trained with Perp-Neg SDS; GIF, mesh (.obj/.ply), checkpoint."""
+    from vision.io import write_text_atomic
+
     from .grid3d import DensityColorGrid, train_text_to_3d
     from .sds import PerpNegSDS
 
     if schedule not in ("threestudio", "dreamfusion"):
-        _fail(f"unknown --schedule '{schedule}' (threestudio | dreamfusion)")
+        usage_error(f"unknown --schedule '{schedule}' (threestudio | dreamfusion)")
     pipe = load_pipeline(model, device)
     pipe.vae.float()  # gradients through the VAE encoder in fp32
     sds = PerpNegSDS.from_pipeline(pipe, prompt, guidance_scale=guidance, schedule=schedule)
@@ -227,5 +230,5 @@ def threed_cmd(
     settings = {"command": "3d", "model": model, "prompt": prompt, "iters": iters, "schedule": schedule,
                 "guidance": guidance, "grid_res": grid_res, "render_res": render_res, "samples": samples,
                 "batch": batch, "lr": lr, "seed": seed}
-    (Path(out) / "settings.json").write_text(json.dumps(settings, indent=2))
+    write_text_atomic(Path(out) / "settings.json", json.dumps(settings, indent=2))
     typer.echo(f"wrote {res['gif']}, {res['mesh_obj']}, {res['mesh_ply']}, {res['checkpoint']}")

@@ -3,16 +3,20 @@ shading and a learned background) and a small text-to-3D loop trained by PerpNeg
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from vision.io import atomic_writer, write_bytes_atomic, write_text_atomic
+
+LOG_FIELDS = ("iter", "loss_sds", "opacity")  # the columns of log.csv
 
 
 class DensityColorGrid(nn.Module):
@@ -127,18 +131,6 @@ def sample_cameras(
     return el, az, rad
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix + ".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 @torch.no_grad()
 def export_mesh(grid: DensityColorGrid, path: Path, resolution: int | None = None, level: float | None = None) -> Path:
     """Marching cubes on the density -> .obj or .ply with vertex colours (albedo)."""
@@ -157,24 +149,20 @@ def export_mesh(grid: DensityColorGrid, path: Path, resolution: int | None = Non
     _, albedo, _ = grid.query(torch.from_numpy(verts).float().to(grid.density.device), with_normals=False)
     cols = albedo.cpu().numpy()
     path = Path(path)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            if path.suffix == ".ply":
-                f.write(f"ply\nformat ascii 1.0\nelement vertex {len(verts)}\nproperty float x\nproperty float y\n"
-                        "property float z\nproperty uchar red\nproperty uchar green\nproperty uchar blue\n"
-                        f"element face {len(faces)}\nproperty list uchar int vertex_indices\nend_header\n")
-                for v, c in zip(verts, (cols * 255).astype(np.uint8), strict=True):
-                    f.write(f"{v[0]:.5f} {v[1]:.5f} {v[2]:.5f} {c[0]} {c[1]} {c[2]}\n")
-                for fc in faces:
-                    f.write(f"3 {fc[0]} {fc[1]} {fc[2]}\n")
-            else:
-                for v, c in zip(verts, cols, strict=True):
-                    f.write(f"v {v[0]:.5f} {v[1]:.5f} {v[2]:.5f} {c[0]:.4f} {c[1]:.4f} {c[2]:.4f}\n")
-                for fc in faces + 1:
-                    f.write(f"f {fc[0]} {fc[1]} {fc[2]}\n")
-
-    _atomic_write(path, write)
+    with atomic_writer(path, "w") as f:
+        if path.suffix == ".ply":
+            f.write(f"ply\nformat ascii 1.0\nelement vertex {len(verts)}\nproperty float x\nproperty float y\n"
+                    "property float z\nproperty uchar red\nproperty uchar green\nproperty uchar blue\n"
+                    f"element face {len(faces)}\nproperty list uchar int vertex_indices\nend_header\n")
+            for v, c in zip(verts, (cols * 255).astype(np.uint8), strict=True):
+                f.write(f"{v[0]:.5f} {v[1]:.5f} {v[2]:.5f} {c[0]} {c[1]} {c[2]}\n")
+            for fc in faces:
+                f.write(f"3 {fc[0]} {fc[1]} {fc[2]}\n")
+        else:
+            for v, c in zip(verts, cols, strict=True):
+                f.write(f"v {v[0]:.5f} {v[1]:.5f} {v[2]:.5f} {c[0]:.4f} {c[1]:.4f} {c[2]:.4f}\n")
+            for fc in faces + 1:
+                f.write(f"f {fc[0]} {fc[1]} {fc[2]}\n")
     return path
 
 
@@ -191,23 +179,32 @@ def render_turntable(grid: DensityColorGrid, n_frames: int = 24, resolution: int
 
 
 def save_turntable(frames: list[np.ndarray], path: Path, fps: int = 12) -> Path:
-    """Write frames as a GIF (or MP4 when the path ends in .mp4 and imageio-ffmpeg is installed)."""
-    import imageio.v2 as imageio
-
+    """Write frames as a GIF (or MP4 when the path ends in .mp4 and imageio-ffmpeg is installed), atomically."""
     path = Path(path)
-    _atomic_write(path, lambda tmp: imageio.mimsave(tmp, frames, format=path.suffix[1:].upper(), duration=1 / fps, loop=0)
-                  if path.suffix == ".gif" else imageio.mimsave(tmp, frames, fps=fps))
+    if path.suffix == ".gif":
+        import imageio.v2 as imageio
+
+        data = imageio.mimwrite("<bytes>", frames, format="GIF", duration=1 / fps, loop=0)
+    else:
+        import importlib.util
+
+        import imageio.v3 as iio
+
+        if importlib.util.find_spec("imageio_ffmpeg") is None:
+            raise ImportError(f"writing '{path.name}' needs `pip install imageio-ffmpeg` (or use a .gif path)")
+        data = iio.imwrite("<bytes>", np.stack(frames), extension=path.suffix, fps=fps)
+    write_bytes_atomic(path, data)
     return path
 
 
 def save_checkpoint(grid: DensityColorGrid, path: Path, extra: dict | None = None) -> Path:
     """safetensors weights + a JSON config next to them (atomic writes)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
-    _atomic_write(path, lambda tmp: save_file({k: v.detach().cpu().contiguous() for k, v in grid.state_dict().items()}, tmp))
+    write_bytes_atomic(path, save({k: v.detach().cpu().contiguous() for k, v in grid.state_dict().items()}))
     cfg = {**grid.config(), **(extra or {})}
-    _atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2)))
+    write_text_atomic(path.with_suffix(".json"), json.dumps(cfg, indent=2))
     return path
 
 
@@ -220,6 +217,16 @@ def load_checkpoint(path: Path) -> DensityColorGrid:
     grid = DensityColorGrid(**{k: cfg[k] for k in ("resolution", "bound", "blob_density", "blob_radius")})
     grid.load_state_dict(load_file(str(path)))
     return grid
+
+
+def write_log_csv(rows: list[dict], path: Path) -> Path:
+    """The training log (one row per iteration: ``LOG_FIELDS``) as a CSV file, written atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=LOG_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
+    return Path(path)
 
 
 def train_text_to_3d(
@@ -248,20 +255,14 @@ def train_text_to_3d(
         opt.step()
         log.append({"iter": it, "loss_sds": float(loss_sds.detach()), "opacity": float(r["opacity"].detach().mean())})
         if out and preview_every and (it + 1) % preview_every == 0:
-            from PIL import Image
+            from vision.viz import save_image
 
             frames = render_turntable(grid, n_frames=4, resolution=render_resolution, n_samples=n_samples)
-            (out / "previews").mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.concatenate(frames, axis=1)).save(out / "previews" / f"iter_{it + 1:06d}.png")
+            save_image(np.concatenate(frames, axis=1), out / "previews" / f"iter_{it + 1:06d}.png")
     result: dict = {"log": log}
     if out:
         out.mkdir(parents=True, exist_ok=True)
-        import csv
-
-        with open(out / "log.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["iter", "loss_sds", "opacity"])
-            w.writeheader()
-            w.writerows(log)
+        write_log_csv(log, out / "log.csv")
         result["gif"] = save_turntable(render_turntable(grid, resolution=render_resolution, n_samples=n_samples),
                                        out / "turntable.gif")
         result["mesh_obj"] = export_mesh(grid, out / "mesh.obj")

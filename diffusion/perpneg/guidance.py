@@ -11,7 +11,16 @@ EPS = 1e-6
 
 
 def perpendicular_component(x: Tensor, y: Tensor, eps: float = EPS) -> Tensor:
-    """Per sample (dim 0 is the batch), the part of ``x`` perpendicular to ``y``: x - <x,y>/max(||y||^2, eps) * y."""
+    """Per sample (dim 0 is the batch), the part of ``x`` perpendicular to ``y``: x - <x,y>/max(||y||^2, eps) * y.
+
+    Args:
+        x: [B, ...] the vectors to project (one per sample; any trailing shape, or [B] for scalars).
+        y: [B, ...] the directions, same shape as ``x``.
+        eps: lower bound on ||y||^2 (default 1e-6), so a zero ``y`` leaves ``x`` unchanged.
+
+    Returns:
+        [B, ...] in the dtype of ``x`` (the dot products and norms are computed in float32).
+    """
     if x.shape != y.shape:
         raise ValueError(f"perpendicular_component: shapes differ, x {tuple(x.shape)} vs y {tuple(y.shape)}")
     dtype = x.dtype
@@ -55,8 +64,16 @@ def perp_composition(
 ) -> Tensor:
     """The paper's composition: eps_u + s * (e_main + sum_k w_k * perp(e_k, e_main)), e_i = eps_i - eps_u.
 
-    ``weights`` are signed: > 0 adds the perpendicular part of a positive prompt, < 0 removes that of a
-    negative one. Shape [K] (shared over the batch) or [K, B] (per sample, e.g. view-dependent weights).
+    Args:
+        noise_uncond: [B, ...] eps(x_t), the unconditional noise estimate.
+        noise_main: [B, ...] eps(x_t, c_main), the estimate for the main prompt.
+        noise_others: [K, B, ...] (or a sequence of K [B, ...]) the estimates for the K other prompts.
+        weights: signed w_k: > 0 adds the perpendicular part of a positive prompt, < 0 removes that of a negative
+            one; a scalar, [K] (shared over the batch) or [K, B] (per sample, e.g. view-dependent weights).
+        guidance_scale: s, a float or a [B] tensor (one scale per sample).
+
+    Returns:
+        [B, ...] the composed noise estimate, in the dtype of ``noise_main``.
     """
     if not isinstance(noise_others, Tensor):
         noise_others = torch.stack(list(noise_others)) if len(noise_others) else noise_main.new_zeros((0, *noise_main.shape))
@@ -85,18 +102,20 @@ def perp_neg_guidance(
 ) -> Tensor:
     """Perp-Neg: eps_u + s * ((eps_pos - eps_u) - sum_k w_k * perp(eps_neg_k - eps_u, eps_pos - eps_u)).
 
-    noise_uncond, noise_pos: [B, ...]; noise_negs: [K, B, ...]; neg_weights >= 0, shape [K] or [K, B].
     With every w_k = 0 this is plain classifier-free guidance.
+
+    Args:
+        noise_uncond: [B, ...] eps(x_t), the unconditional noise estimate.
+        noise_pos: [B, ...] eps(x_t, c_pos), the estimate for the main prompt.
+        noise_negs: [K, B, ...] (or a sequence of K [B, ...]) eps(x_t, c_neg_k) for the K negative prompts.
+        neg_weights: w_k >= 0 (subtracted), a scalar, [K] (shared over the batch) or [K, B] (per sample).
+        guidance_scale: s, a float or a [B] tensor (one scale per sample).
+
+    Returns:
+        [B, ...] the guided noise estimate, in the dtype of ``noise_pos``.
     """
     w = torch.as_tensor(neg_weights, dtype=torch.float32)
     if (w < 0).any():
         raise ValueError("perp_neg_guidance: negative weights must be >= 0 (they are subtracted)")
     return perp_composition(noise_uncond, noise_pos, noise_negs, -w, guidance_scale)
 
-
-def split_batched(noise_pred: Tensor, n_groups: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Split a batched UNet output laid out as [uncond, main, other_1..other_K] (each B) into (uncond, main, others[K])."""
-    if noise_pred.shape[0] % n_groups:
-        raise ValueError(f"batch {noise_pred.shape[0]} is not a multiple of {n_groups} prompt groups")
-    groups = noise_pred.view(n_groups, noise_pred.shape[0] // n_groups, *noise_pred.shape[1:])
-    return groups[0], groups[1], groups[2:]

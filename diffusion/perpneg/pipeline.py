@@ -77,6 +77,8 @@ class PerpNegStableDiffusionPipeline(StableDiffusionPipeline):
             raise ValueError(f"weights must be [K] or [K, batch]=({k}, {batch_size}); got {tuple(w.shape)}")
         return w.repeat_interleave(nipp, dim=1)
 
+    # Adapted from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion.StableDiffusionPipeline.__call__
+    # (same steps and names; the UNet batch, the guidance line and the callback handling differ)
     @torch.no_grad()
     def __call__(
         self,
@@ -110,13 +112,18 @@ class PerpNegStableDiffusionPipeline(StableDiffusionPipeline):
         unet_batch_size: int | None = None,
         **kwargs,
     ) -> StableDiffusionPipelineOutput | tuple:
-        """Generate images; see StableDiffusionPipeline.__call__. Perp-Neg arguments:
+        """Generate images; see StableDiffusionPipeline.__call__ for the arguments shared with diffusers.
 
-        negative_prompts: K prompts (each a str, or a list of one per batch prompt) removed with Perp-Neg.
-        negative_weights: [K] or [K, batch] weights >= 0 (default 1.0).
-        positive_prompts / positive_weights: extra prompts whose perpendicular part is added (default 1.0).
-        *_prompts_embeds: the same as pre-computed embeddings ([batch or 1, L, D] each).
-        unet_batch_size: at most this many samples per UNet call (default: all in one call).
+        Args:
+            negative_prompts: K prompts removed with Perp-Neg, each a str (shared by the batch) or a list of one
+                per batch prompt; ``negative_prompt`` stays the unconditional text.
+            negative_weights: w_k >= 0, [K] or [K, batch] (default 1.0 each).
+            negative_prompts_embeds: the K negative prompts as pre-computed embeddings, [batch or 1, L, D] each
+                (instead of ``negative_prompts``).
+            positive_prompts: P extra prompts whose perpendicular part (to the main prompt's) is added; str or list.
+            positive_weights: [P] or [P, batch] (default 1.0 each).
+            positive_prompts_embeds: the P extra prompts as pre-computed embeddings, [batch or 1, L, D] each.
+            unet_batch_size: at most this many samples per UNet call (default: all (2 + P + K) * n in one call).
         """
         for bad in ("ip_adapter_image", "ip_adapter_image_embeds"):
             if kwargs.get(bad) is not None:

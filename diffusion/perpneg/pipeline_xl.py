@@ -104,8 +104,18 @@ class PerpNegStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         unet_batch_size: int | None = None,
         **kwargs: Any,
     ):
-        """Generate images; see StableDiffusionXLPipeline.__call__ (keyword arguments). Perp-Neg arguments as in
-        :class:`PerpNegStableDiffusionPipeline` (each extra prompt: a str, or a list of one per batch prompt)."""
+        """Generate images; see StableDiffusionXLPipeline.__call__ for the (keyword) arguments shared with diffusers.
+
+        Without extra prompts this is diffusers' call unchanged.
+
+        Args:
+            negative_prompts: K prompts removed with Perp-Neg, each a str (shared by the batch) or a list of one
+                per batch prompt; ``negative_prompt`` stays the unconditional text.
+            negative_weights: w_k >= 0, [K] or [K, batch] (default 1.0 each).
+            positive_prompts: P extra prompts whose perpendicular part (to the main prompt's) is added; str or list.
+            positive_weights: [P] or [P, batch] (default 1.0 each).
+            unet_batch_size: at most this many samples per UNet call (default: all (2 + P + K) * n in one call).
+        """
         pos_extra, negs = list(positive_prompts or []), list(negative_prompts or [])
         if not pos_extra and not negs:
             return super().__call__(prompt, **kwargs)

@@ -15,6 +15,20 @@ class PerpNegSDS(nn.Module):
 
     grad_z = w(t) * (eps_hat(z_t; views) - eps), w(t) = 1 - alpha_bar_t, t ~ U[0.02, 0.98] * T, eps_hat the
     Perp-Neg estimate over [uncond, pos, neg_1, neg_2] computed in ONE UNet call of 4B samples.
+
+    Args:
+        unet: the diffusers UNet2DConditionModel (frozen here); called as ``unet(z_t, t, encoder_hidden_states=...)``.
+        vae: the AutoencoderKL whose encoder maps the renders to latents (frozen; gradients flow through it).
+        scheduler: a diffusers scheduler with ``alphas_cumprod`` and ``config.num_train_timesteps`` (T).
+        view_embeds: text embeddings [1, L, D] (or [L, D]) of the views 'front', 'side', 'back', 'overhead'
+            and of 'uncond', as from :func:`diffusion.perpneg.views.encode_view_prompts`.
+        guidance_scale: s of the Perp-Neg estimate (default 100, as in DreamFusion's SDS).
+        schedule: the view-weight schedule, 'threestudio' (default) or 'dreamfusion'.
+        min_step: the lower end of t ~ U[min_step, max_step] * T (default 0.02).
+        max_step: the upper end (default 0.98).
+        resolution: side of the square the renders are resized to before encoding (default: the UNet's
+            ``sample_size`` times the VAE's downsampling factor, e.g. 512 for SD 1.5).
+        unet_batch_size: at most this many samples per UNet call (default: all (2 + K) * B in one call).
     """
 
     def __init__(
@@ -50,7 +64,14 @@ class PerpNegSDS(nn.Module):
         return posterior.sample() * self.scaling_factor
 
     def forward(self, rgb: Tensor, elevation: Tensor, azimuth: Tensor, t: Tensor | None = None) -> Tensor:
-        """SDS loss (scalar) whose gradient w.r.t. the latents is w(t) * (eps_hat - eps) per sample."""
+        """SDS loss (scalar) whose gradient w.r.t. the latents is w(t) * (eps_hat - eps) per sample.
+
+        Args:
+            rgb: [B, 3, H, W] renders in [0, 1] (differentiable).
+            elevation: [B] camera elevations in degrees.
+            azimuth: [B] camera azimuths in degrees (0 = front).
+            t: [B] diffusion timesteps (default: drawn from U[min_step, max_step] * T).
+        """
         latents = self.encode(rgb)
         b = latents.shape[0]
         device = latents.device

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 
 
+# Copied from transformers.convert_slow_tokenizer.bytes_to_unicode (reformatted; its home moved between transformers
+# versions, so the tiny tokenizer keeps its own)
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP byte -> printable unicode map (the tokenizer's alphabet)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))

@@ -77,16 +77,54 @@ def test_merge_cli_errors(workdir, tmp_path):
     assert r.exit_code == 2 and "w must be finite" in r.output
     r = runner.invoke(neon_app, ["merge", "--base", str(workdir / "base"), "--selftrained", str(workdir / "base"),
                                  "--w", "1", "--component", "transformer", "--out", str(tmp_path / "o")])
-    assert r.exit_code == 2 and "no component 'transformer'" in r.output
+    assert r.exit_code == 1 and "no component 'transformer'" in r.output  # the model folder lacks it: exit 1
     r = runner.invoke(neon_app, ["merge", "--base", str(tmp_path / "nope"), "--selftrained", str(workdir / "base"),
                                  "--out", str(tmp_path / "o")])
-    assert r.exit_code == 2 and "does not exist" in r.output
+    assert r.exit_code == 1 and "does not exist" in r.output  # a missing file: exit 1
+
+
+def test_merge_cli_usage_errors_exit_2(workdir, tmp_path):
+    args = ["merge", "--base", str(workdir / "base"), "--selftrained", str(workdir / "base")]
+    r = runner.invoke(neon_app, [*args, "--ema", "all", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "ema must be one of" in r.output
+    r = runner.invoke(neon_app, [*args, "--out", str(workdir / "base")])
+    assert r.exit_code == 2 and "must differ from the inputs" in r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_merge_cli_negative_w_warns_once(workdir, tmp_path):
+    r = runner.invoke(neon_app, ["merge", "--base", str(workdir / "base"), "--selftrained", str(workdir / "base"),
+                                 "--w", "-0.5", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("warning: w=-0.5 < 0") == 1
+
+
+def test_selftrain_cli_errors(workdir, tmp_path):
+    base = ["selftrain", "--model", str(workdir / "base"), "--num-samples", "2", "--steps", "1", "--device", "cpu"]
+    r = runner.invoke(neon_app, [*base, "--prompts", str(tmp_path / "none.txt"), "--out", str(tmp_path / "a")])
+    assert r.exit_code == 1 and "prompts file" in r.output  # a missing file
+    (tmp_path / "p.txt").write_text("a cat\n")
+    r = runner.invoke(neon_app, [*base, "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "drop --prompts" in r.output  # an option the (unconditional) model cannot take
+    r = runner.invoke(neon_app, [*base, "--class-labels", "1,x", "--out", str(tmp_path / "c")])
+    assert r.exit_code == 2 and "bad --class-labels" in r.output
+    r = runner.invoke(neon_app, ["selftrain", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "d")])
+    assert r.exit_code == 1 and "model_index.json" in r.output
 
 
 def test_sweep_cli_bad_w(workdir, tmp_path):
     r = runner.invoke(neon_app, ["sweep", "--base", str(workdir / "base"), "--selftrained", str(workdir / "base"),
                                  "--w", "0,abc", "--reference", str(workdir / "ref"), "--out", str(tmp_path / "s")])
     assert r.exit_code == 2 and "bad w value 'abc'" in r.output
+    r = runner.invoke(neon_app, ["sweep", "--base", str(workdir / "base"), "--selftrained", str(workdir / "base"),
+                                 "--w", "0,1", "--reference", str(workdir / "ref"), "--out", str(tmp_path / "s"),
+                                 "--features", "bogus", "--num-samples", "2", "--num-inference-steps", "1",
+                                 "--device", "cpu"])
+    assert r.exit_code == 2 and "unknown feature extractor spec 'bogus'" in r.output
+    r = runner.invoke(neon_app, ["sweep", "--base", str(workdir / "base"), "--selftrained", str(workdir / "base"),
+                                 "--w", "0,1", "--reference", str(tmp_path / "no_ref"), "--out", str(tmp_path / "s"),
+                                 "--num-samples", "2", "--num-inference-steps", "1", "--device", "cpu"])
+    assert r.exit_code == 1 and "reference folder" in r.output  # missing input data
 
 
 def test_help_does_not_import_torch():

@@ -12,7 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from diffusion.neon import neon_merge
-from diffusion.neon.merge import CheckpointMismatchError, MissingComponentError, merge_checkpoints
+from diffusion.neon.files import MissingComponentError, merge_checkpoints
+from diffusion.neon.merge import CheckpointMismatchError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -200,7 +201,7 @@ _MEM_SCRIPT = textwrap.dedent(
     import json, sys
     sys.path.insert(0, {root!r})
     import torch
-    from diffusion.neon.merge import merge_checkpoints
+    from diffusion.neon.files import merge_checkpoints
 
     def hwm_kib():
         for line in open("/proc/self/status"):
@@ -241,3 +242,42 @@ def test_streaming_merge_memory_bound(tmp_path):
     out = load_file(tmp_path / "o.safetensors")
     b, s = load_file(tmp_path / "b.safetensors"), load_file(tmp_path / "s.safetensors")
     torch.testing.assert_close(out["t7"], 2 * b["t7"] - s["t7"], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ atomic writes
+
+
+def test_outputs_follow_the_umask_and_replace_an_old_folder(tmp_path, tiny_ddpm):
+    import os
+
+    tiny_ddpm(tmp_path / "base", 0)
+    tiny_ddpm(tmp_path / "st", 1)
+    save_file(_sd(0), tmp_path / "b.safetensors")
+    save_file(_sd(1), tmp_path / "s.safetensors")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "stale.txt").write_text("from an older run")
+    old = os.umask(0o027)
+    try:
+        merge_checkpoints(tmp_path / "b.safetensors", tmp_path / "s.safetensors", tmp_path / "o.safetensors", 1.0)
+        merge_checkpoints(tmp_path / "base", tmp_path / "st", tmp_path / "out", 1.0)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "o.safetensors").stat().st_mode & 0o777 == 0o640
+    out = tmp_path / "out"
+    assert out.stat().st_mode & 0o777 == 0o750  # the folder renamed into place, not mkdtemp's 0700
+    for rel in ("unet/diffusion_pytorch_model.safetensors", "neon.json"):
+        assert (out / rel).stat().st_mode & 0o777 == 0o640, rel
+    assert not (out / "stale.txt").exists()  # the old folder was replaced as a whole
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp or old folders left
+
+
+def test_failed_folder_merge_keeps_the_old_output(tmp_path, tiny_ddpm):
+    tiny_ddpm(tmp_path / "base", 0)
+    (tmp_path / "st").mkdir()
+    save_file({"unrelated": torch.ones(2)}, tmp_path / "st" / "model.safetensors")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "kept.txt").write_text("previous result")
+    with pytest.raises(CheckpointMismatchError):
+        merge_checkpoints(tmp_path / "base", tmp_path / "st", tmp_path / "out", 1.0)
+    assert (tmp_path / "out" / "kept.txt").read_text() == "previous result"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -74,6 +74,14 @@ def test_missing_weights_error_names_file(tmp_path):
         load_feature_extractor("bogus")
 
 
+def test_bad_feature_spec_is_a_spec_error():
+    from diffusion.neon.metrics import FeatureSpecError
+
+    for spec in ("bogus", "pixels:abc", "pixels:0", "no_such_module_xyz:factory"):
+        with pytest.raises(FeatureSpecError):
+            load_feature_extractor(spec)
+
+
 def test_load_image_folder(tmp_path):
     for i in range(3):
         Image.fromarray((np.random.default_rng(i).random((10, 12, 3)) * 255).astype(np.uint8)).save(tmp_path / f"{i}.png")

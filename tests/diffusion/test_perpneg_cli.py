@@ -58,10 +58,38 @@ def test_3d_command(model_dir, tmp_path):
 def test_missing_weights_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     res = runner.invoke(generate_app, ["image", "--model", "nobody/not-a-model", "--prompt", "x", "--out", str(tmp_path)])
-    assert res.exit_code == 2 and "--model a local folder" in res.output
+    assert res.exit_code == 1 and "--model a local folder" in res.output  # missing weights: exit 1
     (tmp_path / "empty").mkdir()
     res = runner.invoke(generate_app, ["image", "--model", str(tmp_path / "empty"), "--prompt", "x", "--out", str(tmp_path)])
-    assert res.exit_code == 2 and "model_index.json" in res.output
+    assert res.exit_code == 1 and "model_index.json" in res.output  # not a pipeline folder: exit 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["image", "--negative", "a", "--negative", "b", "--negative-weight", "1", "--negative-weight", "2",
+      "--negative-weight", "3"], "3 --negative-weight values for 2 --negative prompts"),
+    (["image", "--negative", "a", "--negative-weight", "-1"], "--negative-weight must be >= 0"),
+    (["views", "--views", "front,upside"], "bad --views 'front,upside'"),
+    (["views", "--schedule", "other"], "unknown --schedule 'other'"),
+    (["3d", "--schedule", "other"], "unknown --schedule 'other'"),
+])
+def test_bad_option_values_exit_2(tmp_path, args, message):
+    res = runner.invoke(generate_app, [args[0], "--model", str(tmp_path / "unused"), "--prompt", "x", *args[1:],
+                                       "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_results_follow_the_umask(model_dir, tmp_path):
+    import os
+
+    old = os.umask(0o027)
+    try:
+        _ok(["image", "--model", str(model_dir), "--prompt", "a cat", "--steps", "1", "--out", str(tmp_path / "o")])
+    finally:
+        os.umask(old)
+    for name in ("image_000.png", "grid.png", "settings.json"):
+        assert (tmp_path / "o" / name).stat().st_mode & 0o777 == 0o640, name
+    assert not [p for p in (tmp_path / "o").iterdir() if p.name.startswith(".")]  # no temp files left
 
 
 def test_help_does_not_import_diffusers():

@@ -70,3 +70,24 @@ def test_text_to_3d_loop_changes_grid_and_exports(sds, tmp_path):
     assert "\nf " in res["mesh_obj"].read_text()
     loaded = load_checkpoint(res["checkpoint"])
     assert torch.equal(loaded.density, grid.density.detach())
+
+
+def test_exports_are_atomic_and_follow_the_umask(tmp_path):
+    import os
+
+    from diffusion.perpneg.grid3d import export_mesh, save_checkpoint, save_turntable, write_log_csv
+
+    grid = DensityColorGrid(resolution=6)
+    old = os.umask(0o027)
+    try:
+        paths = [save_checkpoint(grid, tmp_path / "g.safetensors", {"iters": 1}), tmp_path / "g.json",
+                 export_mesh(grid, tmp_path / "m.obj"), export_mesh(grid, tmp_path / "m.ply"),
+                 save_turntable([torch.zeros(8, 8, 3, dtype=torch.uint8).numpy()] * 2, tmp_path / "t.gif"),
+                 write_log_csv([{"iter": 0, "loss_sds": 1.5, "opacity": 0.25}], tmp_path / "log.csv")]
+    finally:
+        os.umask(old)
+    for p in paths:
+        assert p.stat().st_mode & 0o777 == 0o640, p.name
+    assert (tmp_path / "log.csv").read_text().splitlines() == ["iter,loss_sds,opacity", "0,1.5,0.25"]
+    assert load_checkpoint(tmp_path / "g.safetensors").resolution == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)  # no temp files left

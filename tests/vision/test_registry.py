@@ -39,3 +39,14 @@ def test_fallback():
     assert reg.create("xa", k=1) == ("xa", {"k": 1})
     with pytest.raises(RegistryError, match="xa"):
         reg.create("ya")
+
+
+def test_unregister():
+    from vision.registry import Registry, RegistryError
+
+    reg = Registry("thing")
+    reg.add("a", lambda: 1)
+    reg.unregister("a")
+    assert "a" not in reg and len(reg) == 0
+    with pytest.raises(RegistryError, match="not registered"):
+        reg.unregister("a")
