@@ -3,8 +3,6 @@ shading and a learned background) and a small text-to-3D loop trained by PerpNeg
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from pathlib import Path
@@ -15,8 +13,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vision.io import atomic_writer, write_bytes_atomic, write_text_atomic
-
-LOG_FIELDS = ("iter", "loss_sds", "opacity")  # the columns of log.csv
 
 
 class DensityColorGrid(nn.Module):
@@ -209,24 +205,14 @@ def save_checkpoint(grid: DensityColorGrid, path: Path, extra: dict | None = Non
 
 
 def load_checkpoint(path: Path) -> DensityColorGrid:
-    """Inverse of save_checkpoint."""
-    from safetensors.torch import load_file
+    """Inverse of save_checkpoint (the engine's loader: a damaged file gives one error naming it)."""
+    from vision.engine import load_model_weights
 
     path = Path(path)
     cfg = json.loads(path.with_suffix(".json").read_text())
     grid = DensityColorGrid(**{k: cfg[k] for k in ("resolution", "bound", "blob_density", "blob_radius")})
-    grid.load_state_dict(load_file(str(path)))
+    load_model_weights(grid, path)
     return grid
-
-
-def write_log_csv(rows: list[dict], path: Path) -> Path:
-    """The training log (one row per iteration: ``LOG_FIELDS``) as a CSV file, written atomically."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=LOG_FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(path, buf.getvalue())
-    return Path(path)
 
 
 def train_text_to_3d(
@@ -243,6 +229,13 @@ def train_text_to_3d(
     opt = torch.optim.Adam(grid.parameters(), lr=lr)
     out = Path(out_dir) if out_dir else None
     log = []
+    csv_log = None
+    if out:  # the engine's CSV log, streamed (one row per iteration); a new run starts it afresh
+        from vision.engine.logs import CSVLog
+
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "log.csv").unlink(missing_ok=True)
+        csv_log = CSVLog(out / "log.csv")
     for it in tqdm(range(iters), disable=not progress, desc="text-to-3D"):
         el, az, rad = sample_cameras(batch_size, generator=gen)
         o, d = camera_rays(el, az, rad, render_resolution)
@@ -253,7 +246,10 @@ def train_text_to_3d(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        log.append({"iter": it, "loss_sds": float(loss_sds.detach()), "opacity": float(r["opacity"].detach().mean())})
+        row = {"iter": it, "loss_sds": float(loss_sds.detach()), "opacity": float(r["opacity"].detach().mean())}
+        log.append(row)
+        if csv_log is not None:
+            csv_log.write(row)
         if out and preview_every and (it + 1) % preview_every == 0:
             from vision.viz import save_image
 
@@ -261,8 +257,6 @@ def train_text_to_3d(
             save_image(np.concatenate(frames, axis=1), out / "previews" / f"iter_{it + 1:06d}.png")
     result: dict = {"log": log}
     if out:
-        out.mkdir(parents=True, exist_ok=True)
-        write_log_csv(log, out / "log.csv")
         result["gif"] = save_turntable(render_turntable(grid, resolution=render_resolution, n_samples=n_samples),
                                        out / "turntable.gif")
         result["mesh_obj"] = export_mesh(grid, out / "mesh.obj")

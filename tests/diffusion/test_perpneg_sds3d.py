@@ -75,7 +75,8 @@ def test_text_to_3d_loop_changes_grid_and_exports(sds, tmp_path):
 def test_exports_are_atomic_and_follow_the_umask(tmp_path):
     import os
 
-    from diffusion.perpneg.grid3d import export_mesh, save_checkpoint, save_turntable, write_log_csv
+    from diffusion.perpneg.grid3d import export_mesh, save_checkpoint, save_turntable
+    from vision.engine.logs import CSVLog
 
     grid = DensityColorGrid(resolution=6)
     old = os.umask(0o027)
@@ -83,7 +84,8 @@ def test_exports_are_atomic_and_follow_the_umask(tmp_path):
         paths = [save_checkpoint(grid, tmp_path / "g.safetensors", {"iters": 1}), tmp_path / "g.json",
                  export_mesh(grid, tmp_path / "m.obj"), export_mesh(grid, tmp_path / "m.ply"),
                  save_turntable([torch.zeros(8, 8, 3, dtype=torch.uint8).numpy()] * 2, tmp_path / "t.gif"),
-                 write_log_csv([{"iter": 0, "loss_sds": 1.5, "opacity": 0.25}], tmp_path / "log.csv")]
+                 tmp_path / "log.csv"]
+        CSVLog(tmp_path / "log.csv").write({"iter": 0, "loss_sds": 1.5, "opacity": 0.25})  # as train_text_to_3d
     finally:
         os.umask(old)
     for p in paths:
@@ -91,3 +93,7 @@ def test_exports_are_atomic_and_follow_the_umask(tmp_path):
     assert (tmp_path / "log.csv").read_text().splitlines() == ["iter,loss_sds,opacity", "0,1.5,0.25"]
     assert load_checkpoint(tmp_path / "g.safetensors").resolution == 6
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)  # no temp files left
+    damaged = tmp_path / "g.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:40])
+    with pytest.raises(ValueError, match="g.safetensors: damaged checkpoint file"):
+        load_checkpoint(damaged)
