@@ -257,7 +257,7 @@ def predict_images(weights: str | Path, source: str | Path | list[Path], out: st
     import numpy as np
 
     from vision.engine.run import write_skipped
-    from vision.io import ImageReadError, open_image, output_names
+    from vision.io import open_image_or_skip, output_names
     from vision.viz import draw_boxes, save_image
 
     model, spec = load_detector(weights, device)
@@ -271,14 +271,10 @@ def predict_images(weights: str | Path, source: str | Path | list[Path], out: st
     for i in range(0, len(files), batch):
         chunk, stems, imgs = [], [], []
         for f, stem in zip(files[i:i + batch], names[i:i + batch], strict=True):
-            try:
-                arr = np.asarray(open_image(f, "RGB"))
-            except ImageReadError as e:
-                if not skip_bad:
-                    raise ValueError(str(e)) from None
-                log.warning("skipping %s", e)
-                skipped.append(str(e))
+            pil = open_image_or_skip(f, "RGB", skip_bad, skipped)
+            if pil is None:
                 continue
+            arr = np.asarray(pil)
             chunk.append(f)
             stems.append(stem)
             imgs.append(torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255))

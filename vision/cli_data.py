@@ -60,68 +60,54 @@ def check_cmd(
 ) -> None:
     """Validate a data set the way training will: every split, every image fully decoded (cached). Detection
     formats (COCO, YOLO, VOC, LabelMe) and the defect layouts of `negvision defect` are recognised."""
-    import time
-
-    from vision.data import DETECTION_SPLITS, DatasetError, SplitNotFoundError, load_detection_dataset
+    from vision.data import DETECTION_SPLITS, DatasetError, load_detection_dataset
+    from vision.data.defect_split import DEFECT_SPLITS, check_defect_split
     from vision.data.formats import detect_format
 
     try:
         fmt = detect_format(data, "detection")
     except DatasetError as e:
         try:
-            defect = detect_format(data, "defect") if data.is_dir() else None
+            fmt = detect_format(data, "defect") if data.is_dir() else None
         except DatasetError:
-            defect = None
-        if defect is None:
+            fmt = None
+        if fmt is None:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(1) from None
-        _check_defects(data, defect.name, list(split), skip_bad, not no_cache)
-        return
-    splits = list(split) or list(DETECTION_SPLITS)
-    found, n_bad, failed = 0, 0, False
-    t0 = time.perf_counter()
-    for s in splits:
-        try:
-            ds = load_detection_dataset(data, s, skip_bad=skip_bad, format=fmt.name, cache=not no_cache)
-        except SplitNotFoundError as e:
-            if split:  # asked for by name
-                typer.echo(f"error: {e}", err=True)
-                failed = True
-            continue
-        except DatasetError as e:
-            found += 1
-            failed = True
-            typer.echo(f"split {s}: error: {e}", err=True)
-            continue
-        found += 1
+
+    def detection(s: str) -> tuple[str, list[str]]:
+        ds = load_detection_dataset(data, s, skip_bad=skip_bad, format=fmt.name, cache=not no_cache)
         n_boxes = sum(len(ds.annotations(i)[1]) for i in range(len(ds)))
-        typer.echo(f"format {ds.format}, split {s}: {len(ds)} images, {n_boxes} boxes, {len(ds.classes)} classes")
-        typer.echo(ds.summary())
-        for msg in ds.bad:
-            typer.echo(f"  bad: {msg}")
-        n_bad += len(ds.bad)
-    if found == 0 and not failed:
-        typer.echo(f"error: {data}: no split of {', '.join(splits)} found ({fmt.name} format)", err=True)
-        raise typer.Exit(1)
-    typer.echo(f"checked in {time.perf_counter() - t0:.1f} s" + (f"; {n_bad} bad items" if n_bad else ""))
-    if failed or n_bad:
-        raise typer.Exit(1)
+        return (f"format {ds.format}, split {s}: {len(ds)} images, {n_boxes} boxes, {len(ds.classes)} classes\n"
+                + ds.summary()), ds.bad
+
+    def defect(s: str) -> tuple[str, list[str]]:
+        res = check_defect_split(data, s, fmt.name, skip_bad=skip_bad, cache=not no_cache)
+        pos = sum(1 for x in res.samples if x.label == 1)
+        masked = sum(1 for x in res.samples if x.label == 1 and x.has_mask and x.segmented)
+        return (f"format {fmt.name}, split {s}: {len(res.samples)} images, {pos} defective ({masked} with pixel "
+                f"masks), {len(res.samples) - pos} defect-free" + (f"; skipped {len(res.bad)} bad" if res.bad else "")
+                ), res.bad
+
+    if fmt.task == "detection":
+        _check_splits(data, fmt.name, list(split) or list(DETECTION_SPLITS), bool(split), detection)
+    else:
+        _check_splits(data, fmt.name, list(split) or list(DEFECT_SPLITS), bool(split), defect)
 
 
-def _check_defects(data: Path, layout: str, splits: list[str], skip_bad: bool, cache: bool) -> None:
-    """``data check`` for a surface-defect layout (train / test splits)."""
+def _check_splits(data: Path, fmt: str, splits: list[str], named: bool, check) -> None:
+    """Run ``check(split) -> (summary, bad items)`` on each split; exit 1 on any problem or when none exists."""
     import time
 
-    from vision.data.defect_split import DEFECT_SPLITS, check_defect_split
     from vision.data.formats import DatasetError, SplitNotFoundError
 
     t0 = time.perf_counter()
     found, n_bad, failed = 0, 0, False
-    for s in splits or list(DEFECT_SPLITS):
+    for s in splits:
         try:
-            res = check_defect_split(data, s, layout, skip_bad=skip_bad, cache=cache)
+            summary, bad = check(s)
         except SplitNotFoundError as e:
-            if splits:
+            if named:  # asked for by name
                 typer.echo(f"error: {e}", err=True)
                 failed = True
             continue
@@ -131,15 +117,12 @@ def _check_defects(data: Path, layout: str, splits: list[str], skip_bad: bool, c
             typer.echo(f"split {s}: error: {e}", err=True)
             continue
         found += 1
-        pos = sum(1 for x in res.samples if x.label == 1)
-        masked = sum(1 for x in res.samples if x.label == 1 and x.has_mask and x.segmented)
-        typer.echo(f"format {layout}, split {s}: {len(res.samples)} images, {pos} defective ({masked} with pixel "
-                   f"masks), {len(res.samples) - pos} defect-free" + (f"; skipped {len(res.bad)} bad" if res.bad else ""))
-        for msg in res.bad:
+        typer.echo(summary)
+        for msg in bad:
             typer.echo(f"  bad: {msg}")
-        n_bad += len(res.bad)
+        n_bad += len(bad)
     if found == 0 and not failed:
-        typer.echo(f"error: {data}: no split found ({layout} layout)", err=True)
+        typer.echo(f"error: {data}: no split of {', '.join(splits)} found ({fmt} format)", err=True)
         raise typer.Exit(1)
     typer.echo(f"checked in {time.perf_counter() - t0:.1f} s" + (f"; {n_bad} bad items" if n_bad else ""))
     if failed or n_bad:

@@ -202,6 +202,21 @@ def open_image(path: str | os.PathLike, mode: str | None = "RGB") -> Any:
     return out
 
 
+def open_image_or_skip(path: str | os.PathLike, mode: str, skip_bad: bool, skipped: list[str]) -> Any | None:
+    """``open_image``; an unreadable file raises ValueError naming it, or with ``skip_bad`` is logged, added to
+    ``skipped`` and gives None (the ``predict`` commands' policy)."""
+    try:
+        return open_image(path, mode)
+    except ImageReadError as e:
+        if not skip_bad:
+            raise ValueError(str(e)) from None
+        import logging
+
+        logging.getLogger("negvision").warning("skipping %s", e)
+        skipped.append(str(e))
+        return None
+
+
 def output_names(files: list[Path], source: str | os.PathLike | None = None) -> list[Path]:
     """Relative output stems for ``files`` that never collide: sub-folders of ``source`` are mirrored, and
     files sharing a stem in one folder keep their extension (``a.jpg`` / ``a.png`` -> ``a.jpg`` / ``a.png``

@@ -12,14 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vision.io import (
-    ImageReadError,
-    list_images,
-    open_image,
-    output_names,
-    write_bytes_atomic,
-    write_json_atomic,
-)
+from vision.io import list_images, open_image_or_skip, output_names, write_bytes_atomic, write_json_atomic
 
 from .evaluate import _upsample
 from .spec import load_segdec
@@ -75,16 +68,11 @@ def predict_segdec(
     for i in range(0, len(files), batch):
         chunk, originals, tensors = [], [], []
         for f in files[i:i + batch]:
-            try:
-                im = open_image(f, "L" if grey else "RGB")  # displayed orientation (EXIF applied)
-                orig = np.asarray(im)
-                small = np.asarray(im.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
-            except ImageReadError as e:
-                if not skip_bad:
-                    raise ValueError(str(e)) from None
-                log.warning("skipping %s", e)
-                skipped.append(str(e))
+            im = open_image_or_skip(f, "L" if grey else "RGB", skip_bad, skipped)  # EXIF orientation applied
+            if im is None:
                 continue
+            orig = np.asarray(im)
+            small = np.asarray(im.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
             chunk.append(f)
             originals.append(orig)
             tensors.append(torch.from_numpy(small[None] if grey else small.transpose(2, 0, 1).copy()))
