@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,6 @@ from vision.io import list_images, open_image_or_skip, output_names, write_bytes
 
 from .evaluate import _upsample
 from .spec import load_segdec
-
-log = logging.getLogger("detectors.segdec")
 
 
 def _default_threshold(weights: Path) -> float:
