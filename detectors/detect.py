@@ -165,23 +165,37 @@ def train_detector(
     ``exist_ok`` (reuse, clearing the old logs); ``summary["out"]`` is the folder used.
     """
     from vision.data import (
+        DatasetError,
         SplitNotFoundError,
         build_detection_transforms,
         detection_collate,
         load_detection_dataset,
     )
+    from vision.data.formats import combine_errors
     from vision.engine import LossContext, TrainConfig, Trainer
     from vision.engine.run import main_process_first, prepare_run_dir, write_skipped
 
     aug = dict(augment) if isinstance(augment, dict) else {}
     tf = build_detection_transforms(True, img_size=img_size, **aug) if augment else None
+    errors: list[tuple[str, DatasetError]] = []  # both splits are checked before any error is raised
     with main_process_first():  # one rank decodes every image, the others read its cache
-        train_ds = load_detection_dataset(data, "train", transforms=tf, skip_bad=skip_bad, progress=progress)
+        try:
+            train_ds = load_detection_dataset(data, "train", transforms=tf, skip_bad=skip_bad, progress=progress)
+        except SplitNotFoundError:
+            raise
+        except DatasetError as e:
+            if e.kind == "dataset":
+                raise
+            errors.append(("train", e))
         try:
             val_ds = load_detection_dataset(data, val_split, skip_bad=skip_bad, progress=progress)
         except SplitNotFoundError as e:  # only an absent split trains without periodic evaluation
             log.warning("%s; training without validation", e)
             val_ds = None
+        except DatasetError as e:
+            errors.append((val_split, e))
+    if errors:
+        raise combine_errors(errors)
     if val_ds is not None and list(val_ds.classes) != list(train_ds.classes):
         raise ValueError(f"class lists differ between train {train_ds.classes} and {val_split} {val_ds.classes} in "
                          f"{data} (COCO: the two annotation files declare different categories)")

@@ -239,3 +239,14 @@ def test_resume_falls_back_past_a_damaged_checkpoint(trained, digits, tmp_path, 
     assert r.exit_code == 0, r.output
     assert any("training_state.pt: damaged checkpoint file" in m and older[0].name in m for m in caplog.messages)
     assert json.loads((run / "summary.json").read_text())["steps"] == steps + 1
+
+
+def test_problems_of_both_splits_are_reported_together(digits, tmp_path):
+    bad = _copy(digits, tmp_path / "both")
+    tr = sorted((bad / "images" / "train").glob("*.jpg"))[0]
+    va = sorted((bad / "images" / "val").glob("*.jpg"))[0]
+    tr.write_bytes(b"")
+    va.write_bytes(b"not an image")
+    r = runner.invoke(app, ["detect", "train", "--data", str(bad), "--out", str(tmp_path / "run"), *TINY])
+    assert r.exit_code == 1 and str(tr) in r.output and f"split 'val': {va}" in r.output
+    assert r.output.count("--skip-bad") == 1

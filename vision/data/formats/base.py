@@ -63,6 +63,24 @@ class SplitNotFoundError(DatasetError):
         super().__init__(message, kind="dataset")
 
 
+SKIP_HINT = "(--skip-bad skips bad items and lists them in skipped.txt)"
+
+
+def combine_errors(errors: Sequence[tuple[str, DatasetError]]) -> DatasetError:
+    """One error for the problems of several splits, given as (split, error) pairs: each split's list, the
+    --skip-bad hint once."""
+    if len(errors) == 1:
+        return errors[0][1]
+    parts = []
+    for split, e in errors:
+        msg = str(e).replace("\n" + SKIP_HINT, "")
+        parts.append(msg if " problems in split " in msg.split("\n", 1)[0] else f"split '{split}': {msg}")
+    text = "\n".join(parts)
+    errors = [e for _, e in errors]
+    hint = "\n" + SKIP_HINT if any(SKIP_HINT in str(e) for e in errors) else ""
+    return DatasetError(text + hint, kind=errors[0].kind, problems=[m for e in errors for m in e.problems])
+
+
 class Problems:
     """Collects every bad item of one split; at the end either raises one error listing them, or (skip_bad)
     keeps the list for the summary and ``skipped.txt``. Whole-set problems (kind "dataset") raise at once."""
@@ -96,7 +114,7 @@ class Problems:
         shown = "\n".join(f"  {m}" for m in self.items[:MAX_LISTED])
         more = f"\n  ... and {n - MAX_LISTED} more" if n > MAX_LISTED else ""
         head = self.items[0] if n == 1 else f"{n} problems in {what}:\n{shown}{more}"
-        hint = "\n(--skip-bad skips bad items and lists them in skipped.txt)"
+        hint = "\n" + SKIP_HINT
         raise DatasetError(head + hint, kind=self._first_kind or "malformed", problems=self.items)
 
     def summary(self) -> str:
