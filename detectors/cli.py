@@ -7,7 +7,8 @@ from pathlib import Path
 
 import typer
 
-from vision.cli_common import fail, parse_pretrained
+from vision import cli_options as opt
+from vision.cli_common import fail, parse_pretrained, usage_error
 
 detect_app = typer.Typer(help="ATSS object detectors on COCO / YOLO / VOC image folders.", no_args_is_help=True,
                          add_completion=False, pretty_exceptions_enable=False)
@@ -25,60 +26,65 @@ def _augment(hflip: float, scale: str, color_jitter: float) -> dict:
         try:
             lo, hi = (float(v) for v in scale.split(","))
         except ValueError:
-            _fail(f"--scale must be LO,HI (e.g. 0.5,1.5) or none, got '{scale}'")
+            usage_error(f"--scale must be LO,HI (e.g. 0.5,1.5) or none, got '{scale}'")
         rng = (lo, hi)
     return {"hflip": hflip, "scale": rng, "color_jitter": color_jitter}
 
 
 @detect_app.command("train")
 def train(
-    data: Path = typer.Option(..., "--data", help="COCO json/folder, YOLO data.yaml/folder or Pascal VOC folder."),
-    out: Path = typer.Option(Path("runs/detect/exp"), "--out", help="Run folder (config, checkpoints, logs, plots)."),
+    ctx: typer.Context,
+    data: Path = typer.Option(..., "--data", help="COCO json/folder, YOLO data.yaml/folder, Pascal VOC or LabelMe "
+                              "folder."),
+    out: Path = opt.out_option(Path("runs/detect/exp")),
     model: str = typer.Option("atss", "--model", help="atss | fcos | retinanet (torchvision, same backbone + FPN)."),
     backbone: str = typer.Option("efficientnet_lite0.offline", "--backbone", help="Registry or timm model name."),
     pretrained: str = typer.Option("true", "--pretrained", help="true | false | PATH to backbone weights."),
-    img_size: int = typer.Option(512, "--img-size", help="Longest image side after resizing."),
-    epochs: int = typer.Option(12, "--epochs"),
-    batch: int = typer.Option(8, "--batch", help="Images per step per process."),
+    img_size: int = typer.Option(512, "--img-size", min=32, help="Longest image side after resizing."),
+    epochs: int = typer.Option(12, "--epochs", min=1),
+    max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimizer steps."),
+    batch: int = opt.batch_option(8),
     lr: float = typer.Option(0.01, "--lr"),
-    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd | adamw | adam"),
-    scheduler: str = typer.Option("cosine", "--scheduler", help="cosine | step (x0.1 at 67% and 89%) | constant"),
-    warmup: int = typer.Option(100, "--warmup", help="Linear warmup steps."),
+    optimizer: opt.Optimizer = typer.Option(opt.Optimizer.sgd, "--optimizer"),
+    scheduler: opt.Scheduler = typer.Option(opt.Scheduler.cosine, "--scheduler",
+                                            help="cosine | step (x0.1 at 67% and 89%) | constant"),
+    warmup: int = typer.Option(100, "--warmup", min=0, help="Linear warmup steps."),
     clip_grad: float | None = typer.Option(None, "--clip-grad", help="Max gradient norm."),
-    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes."),
-    amp: str = typer.Option("auto", "--amp", help="auto (bf16/fp16 on GPU, off on CPU) | no | fp16 | bf16"),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoints/last (verified; falls back "
-                                "to the previous checkpoint if it is damaged)."),
-    exist_ok: bool = typer.Option(False, "--exist-ok", help="Reuse OUT, removing its earlier logs and checkpoints "
-                                  "(default: a used OUT makes OUT2, OUT3, ...)."),
-    keep_last: int = typer.Option(2, "--keep-last", help="Checkpoints kept (the newest and N-1 older ones)."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad images/labels (counted, listed in "
-                                  "OUT/skipped.txt); default: list the problems and stop."),
+    workers: int = opt.workers_option(2),
+    device: str | None = opt.device_option(),
+    cpu: bool = opt.cpu_option(),
+    amp: opt.Amp = opt.amp_option(),
+    resume: str | None = opt.resume_option(),
+    exist_ok: bool = opt.exist_ok_option(),
+    keep_last: int = opt.keep_last_option(),
+    skip_bad: bool = opt.skip_bad_option(),
     no_augment: bool = typer.Option(False, "--no-augment", help="Disable flip / scale jitter / colour jitter."),
-    hflip: float = typer.Option(0.5, "--hflip", help="Horizontal flip probability."),
+    hflip: float = typer.Option(0.5, "--hflip", min=0.0, max=1.0, help="Horizontal flip probability."),
     scale: str = typer.Option("0.5,1.5", "--scale", help="Scale jitter range LO,HI (then crop/pad to img-size); 'none'."),
-    color_jitter: float = typer.Option(0.2, "--color-jitter", help="Brightness/contrast/saturation jitter."),
-    max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
-    fpn_channels: int = typer.Option(256, "--fpn-channels"),
-    seed: int = typer.Option(0, "--seed"),
-    cpu: bool = typer.Option(False, "--cpu", help="Train on the CPU even if a GPU is present."),
+    color_jitter: float = typer.Option(0.2, "--color-jitter", min=0.0, help="Brightness/contrast/saturation jitter."),
+    fpn_channels: int = typer.Option(256, "--fpn-channels", min=8),
+    seed: int = opt.seed_option(),
+    config: Path | None = opt.config_option(),
 ) -> None:
     """Train a detector (multi-GPU: `accelerate launch $(which negvision) detect train ...`)."""
     from detectors.detect import train_detector
     from vision.data import DatasetError
-    from vision.engine import TrainingInterrupted
+    from vision.engine import TrainingInterrupted, WeightsMismatchError
 
+    augment = False if no_augment else _augment(hflip, scale, color_jitter)
+    dev = opt.resolve_device(device, cpu)
     try:
         summary = train_detector(data, out, model=model, backbone=backbone, pretrained=_pretrained(pretrained),
-                                 img_size=img_size, epochs=epochs, batch=batch, lr=lr, optimizer=optimizer,
-                                 scheduler=scheduler, warmup_steps=warmup, clip_grad_norm=clip_grad, workers=workers,
-                                 skip_bad=skip_bad, augment=False if no_augment else _augment(hflip, scale, color_jitter), resume=resume, max_steps=max_steps,
-                                 mixed_precision=amp, seed=seed, cpu=cpu, model_kwargs={"fpn_channels": fpn_channels},
-                                 exist_ok=exist_ok, keep_last=keep_last)
+                                 img_size=img_size, epochs=epochs, batch=batch, lr=lr, optimizer=optimizer.value,
+                                 scheduler=scheduler.value, warmup_steps=warmup, clip_grad_norm=clip_grad,
+                                 workers=workers, skip_bad=skip_bad, augment=augment,
+                                 resume=opt.parse_resume(resume), max_steps=max_steps, mixed_precision=amp.value,
+                                 seed=seed, cpu=dev == "cpu", device=dev, model_kwargs={"fpn_channels": fpn_channels},
+                                 exist_ok=exist_ok, keep_last=keep_last, run_config=opt.run_config(ctx.params))
     except TrainingInterrupted as e:
         typer.echo(f"{e} (negvision detect train ... --resume)", err=True)
         raise typer.Exit(130) from None
-    except (DatasetError, FileNotFoundError, ValueError) as e:
+    except (DatasetError, FileNotFoundError, ValueError, WeightsMismatchError) as e:
         _fail(str(e))
     ev = summary.get("eval")
     if ev:
@@ -94,10 +100,11 @@ def evaluate(
     weights: Path = typer.Option(..., "--weights", help="Run folder, checkpoint folder or model.safetensors."),
     data: Path = typer.Option(..., "--data"),
     split: str = typer.Option("val", "--split"),
-    batch: int = typer.Option(8, "--batch"),
-    out: Path | None = typer.Option(None, "--out", help="Write metrics.json, PR curves, prediction grid here."),
-    skip_bad: bool = typer.Option(False, "--skip-bad"),
-    device: str | None = typer.Option(None, "--device"),
+    batch: int = opt.batch_option(8, "Images per forward pass."),
+    out: Path | None = typer.Option(None, "--out", "--out-dir", help="Write metrics.json, PR / F1 curves, confusion "
+                                    "matrix, prediction grid here."),
+    skip_bad: bool = opt.skip_bad_option("Skip bad images/labels (counted)."),
+    device: str | None = opt.device_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ) -> None:
     """COCO AP / AP50 / AP75 / AP small-medium-large and a per-class AP table (pycocotools)."""
@@ -106,8 +113,9 @@ def evaluate(
     from vision.engine import WeightsMismatchError
     from vision.metrics import format_ap_table
 
+    dev = opt.resolve_device(device)
     try:
-        model, spec = load_detector(weights, device)
+        model, spec = load_detector(weights, dev)
         ds = load_detection_dataset(data, split, skip_bad=skip_bad)
     except (DatasetError, FileNotFoundError, ValueError, WeightsMismatchError) as e:
         _fail(str(e))
@@ -126,20 +134,21 @@ def evaluate(
 def predict(
     weights: Path = typer.Option(..., "--weights"),
     source: Path = typer.Option(..., "--source", help="An image or a folder of images."),
-    out: Path = typer.Option(Path("runs/detect/predict"), "--out"),
-    conf: float = typer.Option(0.3, "--conf", help="Minimum score to keep and draw."),
-    batch: int = typer.Option(4, "--batch"),
-    device: str | None = typer.Option(None, "--device"),
+    out: Path = opt.out_option(Path("runs/detect/predict"), "Output folder."),
+    conf: float = typer.Option(0.3, "--conf", "--threshold", min=0.0, max=1.0, help="Minimum score to keep and draw."),
+    batch: int = opt.batch_option(4, "Images per forward pass."),
+    device: str | None = opt.device_option(),
     no_draw: bool = typer.Option(False, "--no-draw", help="Only write the JSON files."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (listed in OUT/skipped.txt)."),
+    skip_bad: bool = opt.skip_bad_option("Skip unreadable images (listed in OUT/skipped.txt)."),
 ) -> None:
     """One JSON per image (boxes, scores, labels, class names) and the image with boxes drawn; outputs mirror the
     source's sub-folders and never overwrite each other."""
     from detectors.detect import predict_images
     from vision.engine import WeightsMismatchError
 
+    dev = opt.resolve_device(device)
     try:
-        res = predict_images(weights, source, out, score_thresh=conf, batch=batch, device=device, draw=not no_draw,
+        res = predict_images(weights, source, out, score_thresh=conf, batch=batch, device=dev, draw=not no_draw,
                              skip_bad=skip_bad)
     except (FileNotFoundError, ValueError, WeightsMismatchError) as e:
         _fail(str(e))

@@ -156,13 +156,17 @@ def train_detector(
     model_kwargs: dict[str, Any] | None = None,
     exist_ok: bool = False,
     keep_last: int = 2,
+    device: str | None = None,
+    run_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train a detector on a COCO / YOLO / VOC / LabelMe folder through the shared engine; writes the run folder.
 
     Both splits go through the same validation pass: a bad item in either stops with an error listing the
     problems (or is skipped with ``skip_bad`` and listed in ``skipped.txt``); only an absent val split trains
     without validation. A new run into a used ``out`` goes to ``out2``, ``out3``... unless ``resume`` or
-    ``exist_ok`` (reuse, clearing the old logs); ``summary["out"]`` is the folder used.
+    ``exist_ok`` (reuse, clearing the old logs); ``summary["out"]`` is the folder used. ``run_config`` (the
+    command's resolved options) is written to ``config.yaml`` there, so ``--config OUT/config.yaml`` replays the
+    run; ``device``: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
     """
     from vision.data import (
         DatasetError,
@@ -172,8 +176,9 @@ def train_detector(
         load_detection_dataset,
     )
     from vision.data.formats import combine_errors
+    from vision.device import training_device
     from vision.engine import LossContext, TrainConfig, Trainer
-    from vision.engine.run import main_process_first, prepare_run_dir, write_skipped
+    from vision.engine.run import main_process_first, prepare_run_dir, write_run_config, write_skipped
 
     aug = dict(augment) if isinstance(augment, dict) else {}
     tf = build_detection_transforms(True, img_size=img_size, **aug) if augment else None
@@ -200,6 +205,9 @@ def train_detector(
         raise ValueError(f"class lists differ between train {train_ds.classes} and {val_split} {val_ds.classes} in "
                          f"{data} (COCO: the two annotation files declare different categories)")
     out = prepare_run_dir(out, resume=resume, exist_ok=exist_ok)
+    if run_config is not None:
+        write_run_config(out, {**run_config, "_resumed": bool(resume)})
+    cpu = cpu or training_device(device)
     skipped = write_skipped(out, {"train": train_ds.bad, **({val_split: val_ds.bad} if val_ds is not None else {})})
     if skipped is not None:
         log.warning("skipped %d bad items (listed in %s): %s", len(train_ds.bad) + len(val_ds.bad if val_ds else []),

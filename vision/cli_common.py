@@ -3,6 +3,8 @@ a usage error such as a bad option value), shared option help, ``--pretrained`` 
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
 from typing import NoReturn
 
@@ -37,3 +39,36 @@ def parse_pretrained(value: str) -> bool | str:
     if not Path(value).is_file():
         fail(f"--pretrained '{value}': not true/false and no such file")
     return value
+
+
+# ------------------------------------------------------------------------------------------ logging
+
+LOG_NAMESPACES = ("negvision", "vision", "detectors", "diffusion", "clip_ood")
+
+
+class _TqdmSafeHandler(logging.StreamHandler):
+    """Writes log records to stderr without breaking a tqdm bar that is being drawn there."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover - tqdm is a dependency; never lose a log line
+            super().emit(record)
+
+
+def setup_logging(verbosity: int = 0) -> None:
+    """Show the project's log messages on stderr: INFO by default, DEBUG with -v, WARNING with -q (verbosity -1).
+
+    Other libraries stay at WARNING. Called once by the ``negvision`` entry point; idempotent.
+    """
+    level = logging.DEBUG if verbosity > 0 else logging.WARNING if verbosity < 0 else logging.INFO
+    handler = _TqdmSafeHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s" if verbosity > 0 else "%(message)s"))
+    for name in LOG_NAMESPACES:
+        lg = logging.getLogger(name)
+        for h in [h for h in lg.handlers if isinstance(h, _TqdmSafeHandler)]:
+            lg.removeHandler(h)
+        lg.addHandler(handler)
+        lg.setLevel(level)

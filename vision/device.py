@@ -26,3 +26,28 @@ def best_mixed_precision(device: torch.device | None = None) -> str:
     if device.type != "cuda":
         return "no"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def training_device(device: str | None) -> bool:
+    """Apply a ``--device`` choice to an Accelerate training run; returns whether to train on the CPU.
+
+    ``cpu`` -> CPU; ``cuda:N`` -> only GPU N is visible to this process (CUDA_VISIBLE_DEVICES, set before CUDA
+    starts); ``cuda`` / ``mps`` / None -> Accelerate's choice. Under a multi-process launch the launcher decides.
+    """
+    import os
+
+    if device is None:
+        return False
+    d = device.lower()
+    if d == "cpu":
+        return True
+    if d.startswith("cuda"):
+        if not torch.cuda.is_available() and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+            raise RuntimeError(f"device '{device}' requested but CUDA is not available on this machine")
+        _, _, idx = d.partition(":")
+        if idx and int(os.environ.get("WORLD_SIZE", "1") or 1) == 1:
+            if torch.cuda.is_initialized():
+                raise RuntimeError(f"--device {device}: CUDA is already initialised in this process; set "
+                                   f"CUDA_VISIBLE_DEVICES={idx} before starting instead")
+            os.environ["CUDA_VISIBLE_DEVICES"] = idx
+    return False

@@ -185,10 +185,10 @@ class ImageChecker:
                 misses.append((p, st))
         if not misses:
             return
-        from tqdm.auto import tqdm
+        from vision.progress import progress_bar
 
-        bar = tqdm(total=len(misses), desc=desc, unit="img", leave=False,
-                   disable=True if not self.progress or len(misses) < 200 else None)
+        bar = progress_bar(len(misses), desc=desc, unit="img", leave=False,
+                           enabled=self.progress and len(misses) >= 200)
 
         def run(chunk: list[tuple[Path, os.stat_result | None]]) -> list[ImageInfo]:
             out = [self._decode(p, st) for p, st in chunk]

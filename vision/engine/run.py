@@ -93,6 +93,20 @@ def prepare_run_dir(out: str | os.PathLike, *, resume: bool | str = False, exist
     return result
 
 
+def write_run_config(out: str | os.PathLike, config: Mapping[str, object]) -> Path:
+    """``config.yaml``: the command's fully resolved options (``negvision ... --config OUT/config.yaml`` replays
+    the run). Resuming keeps the first run's file and writes the new options to ``config.resumed.yaml``."""
+    import yaml
+
+    path = Path(out) / "config.yaml"
+    if path.exists() and config.get("_resumed"):
+        path = Path(out) / "config.resumed.yaml"
+    body = {k: v for k, v in config.items() if not str(k).startswith("_")}
+    write_text_atomic(path, "# negvision run options; replay with --config " + str(path) + "\n"
+                      + yaml.safe_dump(body, sort_keys=False))
+    return path
+
+
 def write_skipped(out: str | os.PathLike, skipped: Mapping[str, Sequence[str]]) -> Path | None:
     """Write ``skipped.txt`` (one ``[split] file[:line]: problem`` per line) when anything was skipped."""
     lines = [f"[{split}] {msg}".replace("\n", " ") for split, msgs in skipped.items() for msg in msgs]

@@ -635,7 +635,8 @@ class Trainer:
         if not self.is_main:
             return
         logger.info(msg)
-        if self._pbar is not None and not self._pbar.disable:
+        cli_logging = bool(logging.getLogger("negvision").handlers)  # the CLI shows logger.info already
+        if not cli_logging and self._pbar is not None and not self._pbar.disable:
             self._pbar.write(msg)
 
     def _open_logs(self, resumed: bool) -> None:
@@ -659,15 +660,10 @@ class Trainer:
             )
         except Exception:  # tensorboard not installed
             self._tb = None
-        from tqdm.auto import tqdm
+        from vision.progress import progress_bar
 
-        self._pbar = tqdm(
-            total=self.total_steps,
-            initial=self.global_step,
-            disable=not self.config.progress,
-            dynamic_ncols=True,
-            desc="train",
-        )
+        self._pbar = progress_bar(self.total_steps, desc="train", unit="step", initial=self.global_step,
+                                  enabled=self.config.progress)
 
     def _close_logs(self) -> None:
         if getattr(self, "_pbar", None) is not None:

@@ -1,0 +1,182 @@
+"""The options every ``negvision`` command shares, with one name each, and the config-file support.
+
+Naming rule (see the README's CLI section): one spelling per concept across groups — ``--out`` (output folder or
+run folder), ``--batch`` (images per step or per forward pass), ``--workers``, ``--device``, ``--amp``, ``--seed``,
+``--resume [PATH]``, ``--exist-ok``, ``--config``, ``--skip-bad``; ``--epochs`` / ``--max-steps`` count training;
+``--steps`` counts sampler (denoising) steps; ``--conf`` is a score threshold on predictions. Choice options are
+enums that click checks while parsing (a wrong value exits 2 with the allowed values, before any heavy import).
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from vision.cli_common import DEVICE_HELP, usage_error
+
+
+class Amp(str, enum.Enum):
+    """Mixed precision: auto = bf16 / fp16 on a GPU, off on the CPU."""
+
+    auto = "auto"
+    no = "no"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class Optimizer(str, enum.Enum):
+    sgd = "sgd"
+    adamw = "adamw"
+    adam = "adam"
+
+
+class Scheduler(str, enum.Enum):
+    cosine = "cosine"
+    step = "step"
+    constant = "constant"
+
+
+def device_option() -> Any:
+    return typer.Option(None, "--device", help=DEVICE_HELP)
+
+
+def cpu_option() -> Any:
+    return typer.Option(False, "--cpu", help="Alias of --device cpu.")
+
+
+def amp_option() -> Any:
+    return typer.Option(Amp.auto, "--amp", help="Mixed precision: auto (bf16/fp16 on a GPU, off on the CPU), no, fp16, "
+                        "bf16.")
+
+
+def batch_option(default: int, what: str = "Images per step per process.") -> Any:
+    return typer.Option(default, "--batch", "--batch-size", min=1, help=what)
+
+
+def workers_option(default: int = 2) -> Any:
+    return typer.Option(default, "--workers", min=0, help="DataLoader worker processes.")
+
+
+def seed_option(default: int = 0) -> Any:
+    return typer.Option(default, "--seed", help="Random seed.")
+
+
+def out_option(default: Path | None, what: str = "Run folder (config, checkpoints, logs, pictures).") -> Any:
+    if default is None:
+        return typer.Option(..., "--out", "--out-dir", help=what)
+    return typer.Option(default, "--out", "--out-dir", help=what)
+
+
+def resume_option() -> Any:
+    return typer.Option(None, "--resume", metavar="[PATH]",
+                        help="Continue OUT's newest checkpoint (verified; falls back to the previous one if damaged), "
+                             "or the checkpoint folder PATH.")
+
+
+def exist_ok_option() -> Any:
+    return typer.Option(False, "--exist-ok", help="Reuse OUT, removing its earlier logs and checkpoints (default: a "
+                        "used OUT makes OUT2, OUT3, ...).")
+
+
+def skip_bad_option(what: str = "Skip bad images/labels (counted, listed in OUT/skipped.txt); default: list the "
+                    "problems and stop.") -> Any:
+    return typer.Option(False, "--skip-bad", help=what)
+
+
+def keep_last_option() -> Any:
+    return typer.Option(2, "--keep-last", min=1, help="Checkpoints kept (the newest and N-1 older ones).")
+
+
+# ------------------------------------------------------------------------------------------ value helpers
+
+RESUME_LAST = "last"  # what a bare --resume means (the root group inserts it: click has no optional values)
+
+
+def parse_resume(value: str | None) -> bool | str:
+    """``--resume`` -> True (OUT's newest checkpoint); ``--resume PATH`` -> PATH; absent -> False."""
+    if value is None or value.lower() in ("false", "no", "0", ""):
+        return False
+    if value.lower() in (RESUME_LAST, "true", "yes", "1"):
+        return True
+    if not Path(value).exists():
+        usage_error(f"--resume {value}: no such checkpoint folder (give no value to continue OUT's newest checkpoint)")
+    return value
+
+
+def resolve_device(device: str | None, cpu: bool = False) -> str | None:
+    """The device string of ``--device`` (``--cpu`` is its alias); exits 2 on a malformed value."""
+    if cpu:
+        if device not in (None, "cpu"):
+            usage_error(f"--cpu and --device {device} contradict each other")
+        return "cpu"
+    if device is None:
+        return None
+    d = device.strip().lower()
+    head, _, idx = d.partition(":")
+    if head not in ("cpu", "cuda", "mps") or (idx and not idx.isdigit()) or (idx and head != "cuda"):
+        usage_error(f"--device '{device}': expected cpu, cuda, cuda:N or mps")
+    return d
+
+
+def enum_value(v: Any) -> Any:
+    """The plain value of an enum option (and of lists / paths) for configs and JSON."""
+    if isinstance(v, enum.Enum):
+        return v.value
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, (list, tuple)):
+        return [enum_value(x) for x in v]
+    return v
+
+
+# ------------------------------------------------------------------------------------------ config files
+
+CONFIG_FILE = "config.yaml"
+NOT_IN_CONFIG = ("config", "resume", "exist_ok", "help")  # options a replayed run should not inherit
+
+
+def _load_config(ctx: typer.Context, param: Any, value: Path | None) -> Path | None:
+    """Eager ``--config`` callback: the YAML's keys become the command's defaults (command-line options win)."""
+    if value is None or ctx.resilient_parsing:
+        return value
+    import yaml
+
+    path = Path(value)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise typer.BadParameter(f"cannot read {path} ({e})", ctx, param) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise typer.BadParameter(f"{where}: invalid YAML", ctx, param) from None
+    if not isinstance(data, dict):
+        raise typer.BadParameter(f"{path}: expected a mapping of option names to values", ctx, param)
+    names = {p.name: p for p in ctx.command.params if getattr(p, "param_type_name", "") == "option"}
+    defaults: dict[str, Any] = {}
+    for key, v in data.items():
+        name = str(key).lstrip("-").replace("-", "_")
+        if name not in names or name in ("config", "help"):
+            import difflib
+
+            close = difflib.get_close_matches(name, [n for n in names if n not in ("config", "help")], n=3)
+            hint = f" (did you mean: {', '.join(c.replace('_', '-') for c in close)}?)" if close else ""
+            raise typer.BadParameter(f"{path}: unknown key '{key}' for 'negvision {ctx.command_path.split(' ', 1)[-1]}'"
+                                     f"{hint}", ctx, param)
+        defaults[name] = v
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+def config_option() -> Any:
+    return typer.Option(None, "--config", callback=_load_config, is_eager=True, exists=True, dir_okay=False,
+                        help="YAML of option values (keys = option names; command-line options override it); "
+                             "every run folder writes its own config.yaml, so --config OUT/config.yaml replays a run.")
+
+
+def run_config(params: dict[str, Any]) -> dict[str, Any]:
+    """The resolved options of a command, as written to the run folder's config.yaml."""
+    return {k: enum_value(v) for k, v in params.items() if k not in NOT_IN_CONFIG}
