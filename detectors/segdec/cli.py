@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import enum
 import json
 from pathlib import Path
 
 import typer
 
+from vision import cli_options as opt
 from vision.cli_common import fail, parse_pretrained
 
 app = typer.Typer(
@@ -17,6 +19,17 @@ app = typer.Typer(
 )
 
 KIND_HELP = "auto | ksdd | ksdd2 | dagm | severstal | folder"
+
+
+class DatasetKind(str, enum.Enum):
+    """The defect layouts (``vision.data.formats``, task "defect"); auto = detect from the folder."""
+
+    auto = "auto"
+    ksdd = "ksdd"
+    ksdd2 = "ksdd2"
+    dagm = "dagm"
+    severstal = "severstal"
+    folder = "folder"
 
 
 _fail = fail
@@ -34,13 +47,15 @@ def _print_metrics(res: dict) -> None:
 
 @app.command("train")
 def train(
+    ctx: typer.Context,
     data: Path = typer.Option(..., "--data", help="Data folder (KolektorSDD, KSDD2, DAGM, Severstal or generic)."),
-    out: Path = typer.Option(Path("runs/defect/exp"), "--out", help="Run folder (config, checkpoints, logs, eval)."),
-    dataset_kind: str = typer.Option("auto", "--dataset-kind", help=KIND_HELP),
+    out: Path = opt.out_option(Path("runs/defect/exp"), "Run folder (config, checkpoints, logs, eval)."),
+    dataset_kind: DatasetKind = typer.Option(DatasetKind.auto, "--dataset-kind", help=KIND_HELP),
     img_size: str | None = typer.Option(None, "--img-size", help="N or WIDTHxHEIGHT, multiples of 8 "
                                            "(default: the dataset's official size; folders: the image size)."),
     epochs: int | None = typer.Option(None, "--epochs", help="Default: the dataset preset (DAGM 70)."),
-    batch: int | None = typer.Option(None, "--batch", help="Images per step per process (preset: 1; Severstal 10)."),
+    batch: int | None = typer.Option(None, "--batch", "--batch-size", min=1,
+                                     help="Images per step per process (preset: 1; Severstal 10)."),
     lr: float | None = typer.Option(None, "--lr", help="Learning rate (preset, e.g. DAGM 0.05)."),
     delta: float | None = typer.Option(None, "--delta", help="Weight of the decision loss (preset)."),
     p: float | None = typer.Option(None, "--p", help="Exponent of the distance weights (preset)."),
@@ -61,43 +76,50 @@ def train(
                                            help="Registry/timm backbone at stride 8 instead of the paper's trunk."),
     pretrained: str = typer.Option("false", "--pretrained", help="Backbone weights: true | false | PATH."),
     width: float = typer.Option(1.0, "--width", help="Channel multiplier of the paper's trunk (1 = the paper)."),
-    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (official, plain) | adamw | adam"),
+    optimizer: opt.Optimizer = typer.Option(opt.Optimizer.sgd, "--optimizer", help="sgd (official, plain) | adamw | adam"),
     momentum: float = typer.Option(0.0, "--momentum"),
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
-    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes."),
-    amp: str = typer.Option("auto", "--amp", help="auto (bf16/fp16 on GPU, off on CPU) | no | fp16 | bf16"),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoints/last (verified; falls back "
-                                "to the previous checkpoint if it is damaged)."),
-    exist_ok: bool = typer.Option(False, "--exist-ok", help="Reuse OUT, removing its earlier logs and checkpoints "
-                                  "(default: a used OUT makes OUT2, OUT3, ...)."),
-    keep_last: int = typer.Option(2, "--keep-last", help="Checkpoints kept (the newest and N-1 older ones)."),
+    workers: int = opt.workers_option(2),
+    device: str | None = opt.device_option(),
+    cpu: bool = opt.cpu_option(),
+    amp: opt.Amp = opt.amp_option(),
+    resume: str | None = opt.resume_option(),
+    exist_ok: bool = opt.exist_ok_option(),
+    keep_last: int = opt.keep_last_option(),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
     eval_every: int | None = typer.Option(None, "--eval-every", help="Evaluate on the test split every N epochs "
                                              "(default 5, as the official code; 0 = never)."),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Also checkpoint every N steps."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images / bad masks (counted, listed in "
-                                  "OUT/skipped.txt); default: list the problems and stop."),
+    skip_bad: bool = opt.skip_bad_option(),
     cache: bool = typer.Option(False, "--cache", help="Keep decoded images in memory (small data sets)."),
     dagm_class: int | None = typer.Option(None, "--dagm-class", help="DAGM: train on ClassN only."),
     fold: int = typer.Option(0, "--fold", help="KolektorSDD: which third of the kos folders is the test set."),
-    seed: int = typer.Option(0, "--seed"),
-    cpu: bool = typer.Option(False, "--cpu", help="Train on the CPU even if a GPU is present."),
+    seed: int = opt.seed_option(),
+    config: Path | None = opt.config_option(),
 ) -> None:
     """Train SegDecNet (multi-GPU: `accelerate launch $(which negvision) defect train ...`)."""
+    from vision.engine import TrainingInterrupted, WeightsMismatchError
+
     from .data import DatasetError
     from .train import train_segdec
 
+    dev = opt.resolve_device(device, cpu)
     try:
         summary = train_segdec(
-            data, out, dataset_kind=dataset_kind, img_size=img_size, epochs=epochs, batch=batch, lr=lr,
+            data, out, dataset_kind=dataset_kind.value, img_size=img_size, epochs=epochs, batch=batch, lr=lr,
             delta=delta, p=p, w_pos=w_pos, dilate=dilate, dynamic=not no_dynamic, grad_adjust=not no_grad_adjust,
             grad_multiplier=grad_multiplier, frequency=not no_frequency, weighted=not no_weighted,
             num_segmented=num_segmented, backbone=backbone, pretrained=_pretrained(pretrained), width=width,
-            optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, workers=workers, resume=resume,
+            optimizer=optimizer.value, momentum=momentum, weight_decay=weight_decay, workers=workers,
+            resume=opt.parse_resume(resume),
             max_steps=max_steps, seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every,
-            skip_bad=skip_bad, cache=cache, exist_ok=exist_ok, keep_last=keep_last, mixed_precision=amp, cpu=cpu, dagm_class=dagm_class, fold=fold,
+            skip_bad=skip_bad, cache=cache, exist_ok=exist_ok, keep_last=keep_last, mixed_precision=amp.value,
+            cpu=dev == "cpu", device=dev, dagm_class=dagm_class, fold=fold, run_config=opt.run_config(ctx.params),
         )
-    except (DatasetError, ValueError, FileNotFoundError) as e:
+    except TrainingInterrupted as e:
+        typer.echo(f"{e} (negvision defect train ... --resume)", err=True)
+        raise typer.Exit(130) from None
+    except (DatasetError, ValueError, FileNotFoundError, WeightsMismatchError) as e:
         _fail(str(e))
         return
     typer.echo(f"trained {summary['steps']} steps; run folder: {summary['out']}")
@@ -113,7 +135,7 @@ def evaluate(
     dataset_kind: str | None = typer.Option(None, "--dataset-kind", help=KIND_HELP + " (default: as trained)"),
     split: str = typer.Option("test", "--split", help="test | train"),
     out: Path | None = typer.Option(None, "--out", help="Output folder (default: RUN/eval or runs/defect/eval)."),
-    batch: int = typer.Option(8, "--batch"),
+    batch: int = opt.batch_option(8, "Images per forward pass."),
     seg_threshold: float = typer.Option(0.5, "--seg-threshold", help="Pixel threshold for Dice / IoU."),
     img_size: str | None = typer.Option(None, "--img-size", help="Only for bare weights files: N or WxH."),
     channels: int | None = typer.Option(None, "--channels", help="Only for bare weights files: 1 or 3."),
@@ -121,7 +143,7 @@ def evaluate(
     fold: int | None = typer.Option(None, "--fold"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images / bad masks (counted)."),
     max_images: int = typer.Option(16, "--max-images", help="Heatmaps drawn into heatmaps.jpg."),
-    device: str | None = typer.Option(None, "--device", help="cpu | cuda | cuda:1 (default: best available)."),
+    device: str | None = opt.device_option(),
 ) -> None:
     """Evaluate: AP, AUROC, FP/FN at the best-F1 threshold, FP at FN=0, detection rate, Dice / IoU; results.csv,
     PR and ROC plots, heatmaps."""
@@ -129,7 +151,7 @@ def evaluate(
     from .train import evaluate_segdec, load_segdec, save_eval_outputs
 
     try:
-        model, spec = load_segdec(weights, device, img_size=img_size, channels=channels)
+        model, spec = load_segdec(weights, opt.resolve_device(device), img_size=img_size, channels=channels)
         train_cfg = spec.get("train", {})
         src = data or (Path(spec["data"]) if spec.get("data") else None)
         if src is None:
@@ -159,20 +181,21 @@ def predict(
     weights: Path = typer.Option(..., "--weights", help="Run folder, checkpoint folder or weights file."),
     source: Path = typer.Option(..., "--source", help="Image file or folder (searched recursively)."),
     out: Path = typer.Option(Path("runs/defect/predict"), "--out", help="Output folder."),
-    threshold: float | None = typer.Option(None, "--threshold",
+    threshold: float | None = typer.Option(None, "--conf", "--threshold",
                                               help="Decision threshold (default: the run's best-F1 threshold, else 0.5)."),
     seg_threshold: float = typer.Option(0.5, "--seg-threshold", help="Pixel threshold of the mask PNGs."),
-    batch: int = typer.Option(4, "--batch"),
+    batch: int = opt.batch_option(4, "Images per forward pass."),
     no_heatmaps: bool = typer.Option(False, "--no-heatmaps", help="Skip the heatmap overlays."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (listed in predictions.json)."),
-    device: str | None = typer.Option(None, "--device", help="cpu | cuda | cuda:1 (default: best available)."),
+    device: str | None = opt.device_option(),
 ) -> None:
     """Per image: defect probability (predictions.csv), full-resolution mask PNG and heatmap overlay."""
     from .train import predict_segdec
 
     try:
         results = predict_segdec(weights, source, out, threshold=threshold, seg_threshold=seg_threshold,
-                                 batch=batch, device=device, heatmaps=not no_heatmaps, skip_bad=skip_bad)
+                                 batch=batch, device=opt.resolve_device(device), heatmaps=not no_heatmaps,
+                                 skip_bad=skip_bad)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
         return

@@ -126,6 +126,8 @@ def train_segdec(
     max_images: int = 16,
     exist_ok: bool = False,
     keep_last: int = 2,
+    device: str | None = None,
+    run_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train SegDecNet end-to-end on a defect data set through the shared engine; writes the run folder ``out``.
 
@@ -134,8 +136,9 @@ def train_segdec(
     multiplier 0, or ``grad_multiplier``); ``frequency``: frequency-of-use negative sampling (else uniform);
     ``weighted``: distance-transform weights of positive pixels. Returns the engine's summary plus ``eval``.
     """
+    from vision.device import training_device
     from vision.engine import LossContext, TrainConfig, Trainer
-    from vision.engine.run import main_process_first, prepare_run_dir, write_skipped
+    from vision.engine.run import main_process_first, prepare_run_dir, write_run_config, write_skipped
 
     from .data import SplitNotFoundError, detect_layout
 
@@ -158,6 +161,9 @@ def train_segdec(
             log.warning("%s; training without evaluation", e)
             eval_ds = None
     out = prepare_run_dir(out, resume=resume, exist_ok=exist_ok)
+    if run_config is not None:
+        write_run_config(out, {**run_config, "_resumed": bool(resume)})
+    cpu = cpu or training_device(device)
     skipped_file = write_skipped(out, {"train": train_ds.bad, **({"test": eval_ds.bad} if eval_ds is not None else {})})
     if skipped_file is not None:
         log.warning("skipped bad samples (listed in %s)", skipped_file)

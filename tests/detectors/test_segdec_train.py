@@ -169,3 +169,22 @@ def test_gpu_forward_backward_bf16_and_short_training(defect_set, tmp_path):
     assert torch.isfinite(dec.float()).all() and m.volume[0][0].weight.grad is not None
     s = train_segdec(defect_set, tmp_path / "gpu", epochs=1, batch=4, progress=False, eval_every=0)
     assert s["steps"] >= 1 and s["eval"]["n_images"] == 8
+
+
+def test_defect_train_writes_a_replayable_config(defect_set, tmp_path):
+    import yaml
+
+    from vision.cli import app as root
+
+    run = tmp_path / "run"
+    r = CliRunner().invoke(root, ["defect", "train", "--data", str(defect_set), "--out", str(run), "--epochs", "1",
+                                  "--eval-every", "0", "--optimizer", "adamw", *FAST])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["optimizer"] == "adamw" and cfg["dataset_kind"] == "auto" and cfg["width"] == 0.25
+    r = CliRunner().invoke(root, ["defect", "train", "--config", str(run / "config.yaml"), "--out", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    again = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())
+    assert {k: v for k, v in again.items() if k != "out"} == {k: v for k, v in cfg.items() if k != "out"}
+    r = CliRunner().invoke(root, ["defect", "train", "--data", str(defect_set), "--dataset-kind", "kdsd"])
+    assert r.exit_code == 2 and "ksdd" in r.output
