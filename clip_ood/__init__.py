@@ -1,3 +1,3 @@
 """Zero-shot OOD scoring with CLIP and negative labels (NegLabel, ANTS). Submodules are imported on use."""
 
-__all__ = ["api", "ants", "cli", "describers", "encoders", "lexicon", "metrics", "scorer", "scores"]
+__all__ = ["api", "ants", "cli", "describers", "encoders", "lexicon", "metrics", "plots", "scorer", "scores"]

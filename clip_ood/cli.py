@@ -239,6 +239,7 @@ def bench(
 
     from clip_ood.data import BadImageError, iter_batches, list_images
     from clip_ood.metrics import ood_metrics, roc_points
+    from clip_ood.plots import plot_roc_logfpr
     from clip_ood.scores import score_spec
     from vision.io import write_text_atomic
     from vision.viz import plot_roc_curve, plot_score_histograms
@@ -287,6 +288,8 @@ def bench(
         fpr, tpr = roc_points(got["ID"], got[k])
         plot_roc_curve(fpr, tpr, out_dir / f"roc_{k}.png", auroc=m["auroc"])
         plot_score_histograms(np.array(got["ID"]), np.array(got[k]), out_dir / f"hist_{k}.png", labels=("ID", k))
+    plot_roc_logfpr({k: (got["ID"], got[k]) for k in results}, out_dir / "roc_logfpr.png",
+                    title=f"{method}: OOD ROC, ID = positive (n_id={len(got['ID'])})")
     avg = {key: float(np.mean([r[key] for r in results.values()])) for key in ("auroc", "fpr95", "aupr_in", "aupr_out")}
     summary = {"method": method, "model": model, "per_set": results, "average": avg}
     if method == "ants":

@@ -63,8 +63,7 @@ def _missing_extra_group(name: str, extra: str, missing: list[str], help_text: s
     """A stand-in group for a command whose optional extra is not installed: any use exits 2 with the hint."""
     app = typer.Typer(help=f"{help_text} (needs: pip install 'negvision[{extra}]')", add_completion=False)
 
-    @app.callback(invoke_without_command=True, context_settings={"ignore_unknown_options": True,
-                                                                  "allow_extra_args": True})
+    @app.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
     def _missing(ctx: typer.Context) -> None:
         typer.echo(f"error: {extra_hint(extra, f'negvision {name}')} (missing: {', '.join(missing)})", err=True)
         raise typer.Exit(2)
@@ -131,9 +130,11 @@ class LazyGroup(TyperGroup):
         except RegistryError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
-        except ModuleNotFoundError as e:
+        except ImportError as e:  # ModuleNotFoundError, or a package that refuses to import
             top = (e.name or "").split(".")[0]
             if top not in PACKAGE_EXTRA:
+                top = next((p for p in PACKAGE_EXTRA if f" {p}" in f" {e}" or f"'{p}'" in str(e)), "")
+            if not top:
                 raise
             typer.echo(f"error: {extra_hint(PACKAGE_EXTRA[top], 'this command')} (missing: {top})", err=True)
             raise typer.Exit(2) from None

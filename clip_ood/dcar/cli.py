@@ -83,10 +83,13 @@ def eval_(
     device: str | None = typer.Option(None, "--device"),
     skip_bad: bool = typer.Option(False, "--skip-bad"),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the metrics as JSON here."),
+    examples: int = typer.Option(6, "--examples", min=0,
+                                 help="Queries shown in top5_examples.jpg, written next to --json (else into the "
+                                      "--prompts folder); 0 = no picture."),
 ) -> None:
-    """Image->text and text->image R@1/5/10 and mean recall, as a table."""
+    """Image->text and text->image R@1/5/10 and mean recall, as a table (and a picture of top-5 examples)."""
     from clip_ood.dcar.data import PairDataset
-    from clip_ood.dcar.evaluate import evaluate_retrieval, format_table
+    from clip_ood.dcar.evaluate import format_table, recall_at_k, retrieval_similarity
     from clip_ood.dcar.prompts import DualPromptCLIP
     from clip_ood.dcar.train import load_prompts
     from vision.io import write_text_atomic
@@ -105,10 +108,21 @@ def eval_(
     cats = learner.categories if learner.class_specific else None
     pairs = _pairs(data, image_root, skip_bad, cats)
     learner.to(enc.device)
-    res = evaluate_retrieval(learner, PairDataset(pairs, enc.preprocess), batch_size=batch_size)
+    sim, texts, gt = retrieval_similarity(learner, PairDataset(pairs, enc.preprocess), batch_size=batch_size)
+    res = recall_at_k(sim, gt)
     typer.echo(format_table({name: res}))
     if json_out is not None:
         write_text_atomic(json_out, json.dumps({name: res}, indent=2))
+    pic_dir = json_out.parent if json_out is not None else (
+        (prompts if prompts.is_dir() else prompts.parent) if prompts is not None else None)
+    if examples > 0 and pic_dir is None:
+        typer.echo("top5_examples.jpg not written: give --json (the picture goes next to it)", err=True)
+    elif examples > 0:
+        from clip_ood.plots import save_retrieval_examples
+
+        pic = save_retrieval_examples(pic_dir / "top5_examples.jpg", sim, gt, texts, [p.image for p in pairs],
+                                      [p.caption for p in pairs], n=examples, k=5, title=name)
+        typer.echo(f"examples written to {pic}", err=True)
 
 
 @retrieval_app.command("make-captions")

@@ -70,9 +70,9 @@ def _device(model) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate_retrieval(model, dataset, batch_size: int = 64, ks: Sequence[int] = KS) -> dict[str, float]:
-    """R@K (in %) of a :class:`~clip_ood.dcar.prompts.DualPromptCLIP` (or its ``disabled()`` baseline) on a
-    :class:`~clip_ood.dcar.data.PairDataset`."""
+def retrieval_similarity(model, dataset, batch_size: int = 64) -> tuple[Tensor, list[str], Tensor]:
+    """(cosine similarity [N_img, N_txt], distinct texts, bool ground truth [N_img, N_txt]) of a model (eval
+    mode while encoding) on a :class:`~clip_ood.dcar.data.PairDataset`."""
     was = model.training
     model.eval()
     try:
@@ -80,7 +80,15 @@ def evaluate_retrieval(model, dataset, batch_size: int = 64, ks: Sequence[int] =
     finally:
         model.train(was)
     _, gt = ground_truth([p.caption for p in dataset.pairs])
-    return recall_at_k(img @ txt.T, gt, ks)
+    return img @ txt.T, texts, gt
+
+
+@torch.no_grad()
+def evaluate_retrieval(model, dataset, batch_size: int = 64, ks: Sequence[int] = KS) -> dict[str, float]:
+    """R@K (in %) of a :class:`~clip_ood.dcar.prompts.DualPromptCLIP` (or its ``disabled()`` baseline) on a
+    :class:`~clip_ood.dcar.data.PairDataset`."""
+    sim, _, gt = retrieval_similarity(model, dataset, batch_size)
+    return recall_at_k(sim, gt, ks)
 
 
 def format_table(results: dict[str, dict[str, float]], ks: Sequence[int] = KS) -> str:

@@ -1,10 +1,14 @@
-"""End to end: make-captions, train coop and dcar through the engine, eval table (tiny random CLIP)."""
+"""End to end: make-captions, train coop and dcar through the engine, eval table and examples picture (tiny random
+CLIP)."""
 
+import csv
 import json
 
+from PIL import Image
 from typer.testing import CliRunner
 
 from clip_ood.dcar.cli import retrieval_app
+from clip_ood.plots import retrieval_examples_size
 
 
 def test_cli_end_to_end(tmp_path, tiny_model_dir):
@@ -29,8 +33,21 @@ def test_cli_end_to_end(tmp_path, tiny_model_dir):
                                        "--device", "cpu", "--json", str(tmp_path / f"{method}.json")])
         assert r.exit_code == 0, r.output
         assert "image->text" in r.output and "text->image" in r.output and method in r.output
+    # top5_examples.jpg next to --json; without --json into the --prompts folder; --examples 0: none
+    n_img, n_txt = 12, len({row["caption"] for row in csv.DictReader(open(test))})
+    with Image.open(tmp_path / "top5_examples.jpg") as im:
+        assert im.format == "JPEG" and im.size == retrieval_examples_size(n_img, n_txt, n=6, k=5)
+    assert not (tmp_path / "coop" / "top5_examples.jpg").exists()
+    r = run.invoke(retrieval_app, ["eval", "--model", model, "--prompts", str(tmp_path / "coop"), "--data", test,
+                                   "--device", "cpu", "--examples", "2"])
+    assert r.exit_code == 0 and "examples written to" in r.output
+    with Image.open(tmp_path / "coop" / "top5_examples.jpg") as im:
+        assert im.size == retrieval_examples_size(n_img, n_txt, n=2, k=5)
+    r = run.invoke(retrieval_app, ["eval", "--model", model, "--prompts", str(tmp_path / "dcar"), "--data", test,
+                                   "--device", "cpu", "--examples", "0"])
+    assert r.exit_code == 0 and not (tmp_path / "dcar" / "top5_examples.jpg").exists()
     r = run.invoke(retrieval_app, ["eval", "--model", model, "--data", test, "--device", "cpu"])
-    assert r.exit_code == 0 and "zero-shot" in r.output
+    assert r.exit_code == 0 and "zero-shot" in r.output and "top5_examples.jpg not written" in r.output
     bad = tmp_path / "bad.csv"
     bad.write_text("image,caption,category,attributes\nmissing.png,a cat,cat,\n")
     r = run.invoke(retrieval_app, ["eval", "--model", model, "--data", str(bad), "--device", "cpu"])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import typer
+from PIL import Image
 from typer.testing import CliRunner
 
 from clip_ood.cli import ood_app
@@ -91,6 +92,8 @@ def test_bench_mcm_and_ants(setup):
     for k in ("auroc", "fpr95", "aupr_in", "aupr_out"):
         assert 0 <= res["average"][k] <= 1
     assert (out / "roc_noise.png").stat().st_size > 0 and (out / "hist_dark.png").is_file()
+    with Image.open(out / "roc_logfpr.png") as im:  # one log-FPR ROC, a curve (and legend line) per OOD set
+        assert im.format == "PNG" and im.size == (640, 520)
     assert len(list(csv.DictReader(open(out / "scores.csv")))) == 16
     # OpenOOD-style list for the OOD set; ANTS on the mixed shuffled stream with the scripted describer
     (d / "ood_list.txt").write_text("".join(f"noise/{i}.png 0\n" for i in range(4)))
