@@ -106,7 +106,8 @@ def evaluate_detector(model: nn.Module, dataset: Any, batch_size: int = 8, devic
 
 def save_eval_outputs(result: dict[str, Any], preds: list[dict[str, Any]], dataset: Any, out: Path,
                       max_images: int = 16, score_thresh: float = 0.25) -> dict[str, str]:
-    """Write metrics.json, pr_curves.png and a grid of validation predictions; returns their paths."""
+    """Write metrics.json, pr_curves.png, confusion_matrix.png, f1/p/r_curve.png and a grid of validation
+    predictions; returns their paths."""
     from vision.viz import draw_boxes, image_grid, plot_pr_curves, save_image
 
     out.mkdir(parents=True, exist_ok=True)
@@ -121,7 +122,10 @@ def save_eval_outputs(result: dict[str, Any], preds: list[dict[str, Any]], datas
         tiles.append(draw_boxes(img, p["boxes"][keep], p["labels"][keep], p["scores"][keep], class_names=dataset.classes))
         titles.append(Path(dataset.image_paths[p["image_id"]]).name)
     grid_path = save_image(image_grid(tiles, titles=titles), out / "val_predictions.jpg") if tiles else None
-    return {"metrics": str(out / "metrics.json"), "pr_curves": str(pr_path), "predictions": str(grid_path)}
+    from detectors.plots import save_detection_plots
+
+    plots = save_detection_plots(dataset, preds, out, list(dataset.classes))  # confusion matrix, F1 / P / R curves
+    return {"metrics": str(out / "metrics.json"), "pr_curves": str(pr_path), "predictions": str(grid_path), **plots}
 
 
 # ----------------------------------------------------------------------------- training

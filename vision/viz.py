@@ -307,3 +307,108 @@ def plot_metric_curve(
         ax.set_title(title)
     ax.grid(alpha=0.3)
     return _save_figure(fig, path)
+
+
+def plot_confusion_matrix(
+    matrix: Any,
+    class_names: Sequence[str] | None,
+    path: str | os.PathLike,
+    normalize: bool = True,
+    title: str | None = None,
+) -> Path:
+    """Draw a detection confusion matrix [C+1, C+1] (rows predicted, columns true, last = background); save a PNG.
+
+    ``normalize`` divides each column by its total (the share of each true class predicted as each class); cells
+    show those shares (or counts); blank cells are zero. Cell text is dropped above 30 classes.
+    """
+    m = _to_numpy(matrix).astype(np.float64)
+    if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] < 2:
+        raise ValueError(f"plot_confusion_matrix: need a square [C+1, C+1] matrix (got shape {tuple(m.shape)})")
+    n = m.shape[0]
+    names = [str(i) for i in range(n - 1)] if class_names is None else [str(c) for c in class_names]
+    if len(names) != n - 1:
+        raise ValueError(f"plot_confusion_matrix: {n - 1} classes in the matrix but {len(names)} class names")
+    names = [*names, "background"]
+    n_gt = int(round(m[:, :-1].sum()))
+    if normalize:
+        col = m.sum(0, keepdims=True)
+        vals = np.divide(m, col, out=np.zeros_like(m), where=col > 0)
+    else:
+        vals = m
+    side = float(np.clip(2.5 + 0.45 * n, 6.0, 24.0))
+    fig = _new_figure((side + 1.2, side))
+    ax = fig.add_subplot()
+    shown = np.where(vals > 0, vals, np.nan)  # zero cells stay white
+    vmax = 1.0 if normalize else max(1.0, float(np.nanmax(vals)) if np.isfinite(shown).any() else 1.0)
+    im = ax.imshow(shown, cmap=_colormap("Blues"), vmin=0.0, vmax=vmax, interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label="share of true class" if normalize else "count")
+    cell_pt = side * 72 * 0.8 / n  # about the size of one cell, in points
+    tick_fs = float(np.clip(0.5 * cell_pt, 5, 10))
+    if n <= 12:
+        ax.set_xticks(range(n), names, rotation=45, ha="right", rotation_mode="anchor", fontsize=tick_fs)
+    else:
+        ax.set_xticks(range(n), names, rotation=90, fontsize=tick_fs)
+    ax.set_yticks(range(n), names, fontsize=tick_fs)
+    ax.set_xlabel("True")
+    ax.set_ylabel("Predicted")
+    ax.set_xticks(np.arange(-0.5, n), minor=True)
+    ax.set_yticks(np.arange(-0.5, n), minor=True)
+    ax.grid(which="minor", color="0.85", lw=0.5)
+    ax.tick_params(which="minor", length=0)
+    if n <= 31:
+        cell_fs = float(np.clip(0.3 * cell_pt, 6, 11))
+        for r in range(n):
+            for c in range(n):
+                v = vals[r, c]
+                if v <= 0:
+                    continue
+                text = (f"{v:.2f}" if v >= 0.005 else "<.01") if normalize else str(int(round(v)))
+                dark = v / vmax > 0.55
+                ax.text(c, r, text, ha="center", va="center", fontsize=cell_fs, color="white" if dark else "black")
+    kind = "normalised per true class" if normalize else "counts"
+    ax.set_title(title or f"Confusion matrix ({kind}; {n_gt} ground-truth boxes)")
+    return _save_figure(fig, path)
+
+
+_CURVE_KINDS = {"f1": ("f1", "F1"), "p": ("precision", "Precision"), "r": ("recall", "Recall")}
+
+
+def plot_confidence_curves(
+    curves: Mapping[str, Any],
+    path: str | os.PathLike,
+    kind: str = "f1",
+) -> Path:
+    """Plot F1, precision or recall against confidence (``vision.metrics.confidence_curves`` output); save a PNG.
+
+    One thin grey line per class (up to 20 classes), a thick blue one for all classes, labelled with its value at the
+    best-F1 confidence (dotted line), e.g. "all classes 0.62 at 0.41".
+    """
+    if kind not in _CURVE_KINDS:
+        raise ValueError(f"plot_confidence_curves: kind must be one of {sorted(_CURVE_KINDS)} (got {kind!r})")
+    key, ylabel = _CURVE_KINDS[kind]
+    x = _to_numpy(curves["conf"]).astype(np.float64).reshape(-1)
+    per_class = _to_numpy(curves[key]).astype(np.float64).reshape(-1, len(x))
+    y_all = _to_numpy(curves[f"{key}_all"]).astype(np.float64).reshape(-1)
+    best_conf = float(curves.get("best_conf", float("nan")))
+    fig = _new_figure((6.0, 4.5))
+    ax = fig.add_subplot()
+    shown = [k for k in range(len(per_class)) if np.isfinite(per_class[k]).any()]
+    if len(shown) <= 20:
+        for j, k in enumerate(shown):
+            ax.plot(x, per_class[k], color="0.6", lw=0.8, label=f"per class ({len(shown)})" if j == 0 else None)
+    if np.isfinite(y_all).any():
+        if math.isfinite(best_conf):
+            i = int(np.argmin(np.abs(x - best_conf)))
+            label = f"all classes {y_all[i]:.2f} at {best_conf:.2f}" + ("" if kind == "f1" else " (best F1)")
+            ax.axvline(best_conf, color="tab:blue", ls=":", lw=1.0)
+        else:
+            label = "all classes"
+        ax.plot(x, y_all, color="tab:blue", lw=3.0, label=label)
+        ax.legend(loc="best", fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no ground truth", ha="center", va="center", transform=ax.transAxes, color="0.4")
+    iou = curves.get("iou_thresh")
+    where = f" (IoU {float(iou):.2f})" if iou is not None else ""
+    ax.set(xlabel="Confidence", ylabel=ylabel, xlim=(0, 1), ylim=(0, 1.02), title=f"{ylabel}-confidence curve{where}")
+    ax.grid(alpha=0.3)
+    return _save_figure(fig, path)

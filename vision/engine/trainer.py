@@ -45,6 +45,7 @@ from .checkpoint import (
     write_json_atomic,
 )
 from .config import TrainConfig
+from .curves import try_plot_training_curves as _plot_curves
 from .logs import CSVLog as _CSVLog
 from .logs import peak_memory_mb as _peak_memory_mb
 from .logs import truncate_csv as _truncate_csv
@@ -612,6 +613,7 @@ class Trainer:
                     self._tb.add_scalar(f"eval/{k}", v, self.global_step)
             msg = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
             self._write(f"eval @ step {self.global_step}: {msg}" + (" (best)" if improved else ""))
+            _plot_curves(self.out_dir)  # curves.png; a failed picture only logs a warning
             if improved:
                 save_checkpoint_atomic(
                     self.ckpt_dir / "best",
@@ -797,6 +799,7 @@ class Trainer:
             summary = self._summary(train_time, samples_total, last_row, False)
             if self.is_main:
                 write_json_atomic(self.out_dir / "summary.json", summary)
+                _plot_curves(self.out_dir)
             self._emit("fit_end", summary)
             return summary
         finally:
