@@ -2,62 +2,48 @@
 
 Božič, Tabernik, Skočaj: "End-to-end training of a two-stage neural network for defect detection" (ICPR 2020)
 and "Mixed supervision for surface-defect detection" (Computers in Industry 2021).
+
+Names are imported lazily (PEP 562), so ``negvision defect ... --help`` and option errors do not import torch.
 """
 
-from .data import (
-    DATASET_KINDS,
-    DatasetError,
-    DefectDataset,
-    DefectSample,
-    detect_layout,
-    load_defect_dataset,
-    parse_img_size,
-    rle_decode,
-)
-from .losses import (
-    dilate_mask,
-    distance_weights,
-    downsample_mask,
-    loss_weights,
-    segdec_loss,
-    segmentation_targets,
-)
-from .model import FeatureNorm, GradientMultiplier, SegDecNet, gradient_multiply
-from .sampler import FrequencySampler, frequency_sampling_probs
-from .train import (
-    PRESETS,
-    evaluate_segdec,
-    image_metrics,
-    load_segdec,
-    predict_segdec,
-    train_segdec,
-)
+from __future__ import annotations
 
-__all__ = [
-    "DATASET_KINDS",
-    "PRESETS",
-    "DatasetError",
-    "DefectDataset",
-    "DefectSample",
-    "FeatureNorm",
-    "FrequencySampler",
-    "GradientMultiplier",
-    "SegDecNet",
-    "detect_layout",
-    "dilate_mask",
-    "distance_weights",
-    "downsample_mask",
-    "evaluate_segdec",
-    "frequency_sampling_probs",
-    "gradient_multiply",
-    "image_metrics",
-    "load_defect_dataset",
-    "load_segdec",
-    "loss_weights",
-    "parse_img_size",
-    "predict_segdec",
-    "rle_decode",
-    "segdec_loss",
-    "segmentation_targets",
-    "train_segdec",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DATASET_KINDS": "data",
+    "DatasetError": "data",
+    "DefectDataset": "data",
+    "DefectSample": "data",
+    "FeatureNorm": "model",
+    "FrequencySampler": "sampler",
+    "GradientMultiplier": "model",
+    "PRESETS": "train",
+    "SegDecNet": "model",
+    "detect_layout": "data",
+    "dilate_mask": "losses",
+    "distance_weights": "losses",
+    "downsample_mask": "losses",
+    "evaluate_segdec": "train",
+    "frequency_sampling_probs": "sampler",
+    "gradient_multiply": "model",
+    "image_metrics": "train",
+    "load_defect_dataset": "data",
+    "load_segdec": "train",
+    "loss_weights": "losses",
+    "parse_img_size": "data",
+    "predict_segdec": "train",
+    "rle_decode": "data",
+    "segdec_loss": "losses",
+    "segmentation_targets": "losses",
+    "train_segdec": "train",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
