@@ -79,9 +79,9 @@ def run_inference(model: nn.Module, dataset: Any, batch_size: int = 8, device: t
     preds: list[dict[str, Any]] = []
     it: Iterable = loader
     if progress:
-        from tqdm import tqdm
+        from vision.progress import track
 
-        it = tqdm(loader, desc="eval", leave=False)
+        it = track(loader, desc="eval", unit="batch")
     for images, targets in it:
         out = model([im.to(device) for im in images])
         for o, t in zip(out, targets, strict=True):

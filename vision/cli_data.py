@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 
 import typer
+
+
+class DigitsFormat(str, enum.Enum):
+    coco = "coco"
+    yolo = "yolo"
+    voc = "voc"
+    labelme = "labelme"
+
 
 app = typer.Typer(help="Data sets: make the sample digits set, check a folder.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -13,7 +22,7 @@ app = typer.Typer(help="Data sets: make the sample digits set, check a folder.",
 @app.command("make-digits")
 def make_digits_cmd(
     out: Path = typer.Option(..., "--out", help="Output folder."),
-    fmt: str = typer.Option("coco", "--format", help="coco | yolo | voc"),
+    fmt: DigitsFormat = typer.Option(DigitsFormat.coco, "--format", help="coco | yolo | voc | labelme"),
     n_train: int = typer.Option(200, "--n-train"),
     n_val: int = typer.Option(50, "--n-val"),
     img_size: int = typer.Option(256, "--img-size"),
@@ -23,12 +32,9 @@ def make_digits_cmd(
     """MNIST digits pasted on real photos/textures: 10 classes, 1-8 objects per image, train + val splits."""
     from vision.data.digits import make_digits
 
-    if fmt not in ("coco", "yolo", "voc"):
-        typer.echo(f"error: --format must be coco, yolo or voc (got '{fmt}')", err=True)
-        raise typer.Exit(1)
-    path = make_digits(out, format=fmt, n_train=n_train, n_val=n_val, img_size=img_size, seed=seed,
+    path = make_digits(out, format=fmt.value, n_train=n_train, n_val=n_val, img_size=img_size, seed=seed,
                        max_objects=max_objects)
-    typer.echo(f"digits set ({fmt}, {n_train} train / {n_val} val, {img_size}px) -> {path}")
+    typer.echo(f"digits set ({fmt.value}, {n_train} train / {n_val} val, {img_size}px) -> {path}")
 
 
 @app.command("make-defects")

@@ -34,9 +34,9 @@ def run_inference(
     loader = DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=num_workers)
     it: Any = loader
     if progress:
-        from tqdm.auto import tqdm
+        from vision.progress import track
 
-        it = tqdm(loader, desc="eval", leave=False)
+        it = track(loader, desc="eval", unit="batch")
     scores: list[float] = []
     segs: list[np.ndarray] = []
     try:

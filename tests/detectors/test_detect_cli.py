@@ -61,7 +61,7 @@ def test_eval_prints_table_and_json(trained, digits):
     assert "AP50" in r.output
     r = runner.invoke(app, ["detect", "eval", "--weights", str(trained), "--data", str(digits), "--json"])
     assert r.exit_code == 0
-    res = json.loads(r.output.strip().splitlines()[-1])
+    res = json.loads(next(ln for ln in r.output.splitlines() if ln.startswith("{")))  # stdout: one JSON line
     assert 0.0 <= res["AP"] <= 1.0 and "per_class" in res
     # the report written at the end of training is the best checkpoint's evaluation
     summary = json.loads((trained / "train_summary.json").read_text())

@@ -39,3 +39,20 @@ def test_help_does_not_import_heavy_libraries():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(caplog):
+    import logging
+
+    from vision.progress import LineProgress, progress_bar, track
+
+    assert isinstance(progress_bar(10), LineProgress)  # pytest's stderr is not a terminal
+    with caplog.at_level(logging.INFO, logger="negvision.progress"):
+        bar = LineProgress(100, desc="work", unit="img", quiet_s=0.0)
+        for _ in range(100):
+            bar.update(1)
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 10 and lines[0].startswith("work:  10% (10/100)") and "100% (100/100)" in lines[-1]
+        caplog.clear()
+        assert list(track(range(5), desc="short")) == [0, 1, 2, 3, 4]
+        assert caplog.records == []  # a task shorter than 5 s prints nothing

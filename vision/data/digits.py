@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .detection import DetectionSample, write_coco, write_voc, write_yolo
+from .detection import DetectionSample
 
 __all__ = [
     "DIGIT_CLASSES",
@@ -242,13 +242,16 @@ def make_digits(
     min_objects: int = 1,
     max_objects: int = 8,
 ) -> Path:
-    """Write a small 10-class digit-detection dataset (train + val) in ``format`` (coco | yolo | voc).
+    """Write a small 10-class digit-detection dataset (train + val) in ``format`` (any detection format of the
+    formats registry: coco | yolo | voc | labelme).
 
     Train and val use disjoint MNIST digit instances; the output is deterministic for a seed. Returns ``out_dir``.
     """
-    writers = {"coco": write_coco, "yolo": write_yolo, "voc": write_voc}
+    from .formats import list_formats
+
+    writers = {f.name: f.write for f in list_formats("detection") if f.write is not None}
     if format not in writers:
-        raise ValueError(f"unknown format {format!r}; choose one of {', '.join(writers)}")
+        raise ValueError(f"unknown format {format!r}; choose one of {', '.join(sorted(writers))}")
     if not 1 <= min_objects <= max_objects:
         raise ValueError(f"need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
     if img_size < 32:
