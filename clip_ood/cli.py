@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 from pathlib import Path
 
@@ -9,10 +10,34 @@ import typer
 from typer.core import TyperCommand
 
 from clip_ood.cli_common import MODEL_HELP, PRETRAINED_HELP, dist_env, load_encoder_or_fail
+from vision import cli_options as opt
 from vision.cli_common import fail, usage_error
 
 ood_app = typer.Typer(help="Zero-shot OOD scoring with CLIP and negative labels (NegLabel, ANTS).",
                       no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+class AntsMode(str, enum.Enum):
+    """Which negatives ANTS uses (``clip_ood.ants.MODES``)."""
+
+    ada = "ada"
+    far_only = "far_only"
+    near_only = "near_only"
+
+
+ANTS_MODE_HELP = "ANTS negatives: ada (far + near, adaptive weight), far_only or near_only."
+CONF_HELP = "Score threshold: is_ood = score < conf."
+
+
+def _continue_csv(resume: str | None, no_resume: bool) -> bool:
+    """``ood score``'s ``--resume`` (the default: skip the images already in --out) / ``--no-resume``."""
+    if no_resume:
+        return False
+    if resume is None or resume.lower() in (opt.RESUME_LAST, "true", "yes", "1"):
+        return True
+    if resume.lower() in ("false", "no", "0"):
+        return False
+    usage_error(f"--resume takes no value here (it continues --out's CSV), got '{resume}'")
 
 
 # ---------------------------------------------------------------------- --method: the scores registry
@@ -124,13 +149,14 @@ def mine_labels(
     words: Path | None = typer.Option(None, "--words", help="Own candidate list instead of WordNet ('adj<TAB>word' or 'word')."),
     exclude: str = typer.Option("noun.person,noun.quantity,noun.group,adj.pert", "--exclude",
                                 help="WordNet lexicographer files to leave out (comma list, '' for none)."),
-    device: str | None = typer.Option(None, "--device"),
+    device: str | None = opt.device_option(),
 ) -> None:
     """Mine NegLabel negative labels far from the ID classes (WordNet nouns + adjectives)."""
     from clip_ood.lexicon import load_wordnet, mine_negative_labels, read_words
 
+    dev = opt.resolve_device(device)
     labels = _id_labels(id_labels)
-    enc = load_encoder_or_fail(model, pretrained, device)
+    enc = load_encoder_or_fail(model, pretrained, dev)
     lex = read_words(words) if words else load_wordnet(exclude=[e for e in exclude.split(",") if e])
     neg = mine_negative_labels(enc, labels, num_negatives, percentile, lexicon=lex)
     neg.save(out)
@@ -149,17 +175,21 @@ def score(
     out: Path = typer.Option(Path("scores.csv"), "--out", help="CSV: path,score,is_ood,top_class,top_prob."),
     neg_labels: Path | None = typer.Option(None, "--neg-labels", help="Mined negatives (else mined now, saved next to --out)."),
     num_negatives: int = typer.Option(10_000, "--num-negatives"),
-    threshold: float = typer.Option(0.5, "--threshold", help="is_ood = score < threshold."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="Skip images already in --out."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images with a warning."),
+    conf: float = typer.Option(0.5, "--conf", "--threshold", help=CONF_HELP),
+    batch: int = opt.batch_option(64, "Images per forward pass."),
+    resume: str | None = typer.Option(None, "--resume", metavar="",
+                                      help="Continue --out: skip the images already in it (the default)."),
+    no_resume: bool = typer.Option(False, "--no-resume", help="Start --out afresh."),
+    skip_bad: bool = opt.skip_bad_option("Skip unreadable images with a warning."),
     describer: str = typer.Option("lexicon", "--describer", help="ANTS: lexicon (offline) | qwen2-vl | llava | blip"),
     describer_model: str | None = typer.Option(None, "--describer-model", help="Hub name or local folder."),
-    ants_mode: str = typer.Option("ada", "--ants-mode", help="ada | far_only | near_only"),
+    ants_mode: AntsMode = typer.Option(AntsMode.ada, "--ants-mode", help=ANTS_MODE_HELP),
     ants_state: Path | None = typer.Option(None, "--ants-state", help="Load/save the ANTS state here."),
-    device: str | None = typer.Option(None, "--device"),
+    device: str | None = opt.device_option(),
 ) -> None:
     """Score images (streamed, resumable); under `accelerate launch` each process takes a shard."""
+    dev = opt.resolve_device(device)
+    resume_csv = _continue_csv(resume, no_resume)
     import csv
 
     from tqdm import tqdm
@@ -175,15 +205,15 @@ def score(
     if world > 1:
         out = out.with_name(f"{out.stem}.rank{rank}{out.suffix}")
     done: set[str] = set()
-    if resume and out.is_file():
+    if resume_csv and out.is_file():
         with open(out, newline="", encoding="utf-8") as f:
             done = {row["path"] for row in csv.DictReader(f)}
     todo = [p for p in paths if str(p) not in done]
     labels = _id_labels(id_labels)
-    enc = load_encoder_or_fail(model, pretrained, device)
+    enc = load_encoder_or_fail(model, pretrained, dev)
     neg = _negatives(enc, labels, method, neg_labels, num_negatives, 0.95, out.with_suffix(".neg.txt"))
-    sc = _scorer(enc, labels, method, neg, describer, describer_model, ants_mode, ants_state)
-    new_file = not out.is_file() or not resume
+    sc = _scorer(enc, labels, method, neg, describer, describer_model, ants_mode.value, ants_state)
+    new_file = not out.is_file() or not resume_csv
     out.parent.mkdir(parents=True, exist_ok=True)
     n = 0
     with open(out, "w" if new_file else "a", newline="", encoding="utf-8") as f:
@@ -191,13 +221,13 @@ def score(
         if new_file:
             w.writerow(["path", "score", "is_ood", "top_class", "top_prob"])
         try:
-            for bp, ims in tqdm(iter_batches(todo, batch_size, skip_bad), total=-(-len(todo) // batch_size),
+            for bp, ims in tqdm(iter_batches(todo, batch, skip_bad), total=-(-len(todo) // batch),
                                 desc="scoring", unit="batch", disable=None):
                 r = sc.score_images(ims)
                 p, c = r.id_probs.max(dim=-1)
                 for i, path in enumerate(bp):
                     s = float(r.scores[i])
-                    w.writerow([str(path), f"{s:.6f}", int(s < threshold), labels[int(c[i])], f"{float(p[i]):.6f}"])
+                    w.writerow([str(path), f"{s:.6f}", int(s < conf), labels[int(c[i])], f"{float(p[i]):.6f}"])
                 f.flush()  # results are on disk as they come (resumable)
                 n += len(bp)
         except BadImageError as e:
@@ -219,17 +249,18 @@ def bench(
     method: str = _method_option(),
     neg_labels: Path | None = typer.Option(None, "--neg-labels"),
     num_negatives: int = typer.Option(10_000, "--num-negatives"),
-    out_dir: Path = typer.Option(Path("runs/ood_bench"), "--out-dir", help="metrics.json/csv, scores.csv, plots."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    out: Path = opt.out_option(Path("runs/ood_bench"), "Output folder: metrics.json/csv, scores.csv, plots."),
+    batch: int = opt.batch_option(64, "Images per forward pass."),
     max_images: int | None = typer.Option(None, "--max-images", help="At most this many images per set."),
     seed: int = typer.Option(0, "--seed", help="Shuffle seed of the ANTS mixed stream."),
-    skip_bad: bool = typer.Option(False, "--skip-bad"),
+    skip_bad: bool = opt.skip_bad_option("Skip unreadable images with a warning."),
     describer: str = typer.Option("lexicon", "--describer"),
     describer_model: str | None = typer.Option(None, "--describer-model"),
-    ants_mode: str = typer.Option("ada", "--ants-mode"),
-    device: str | None = typer.Option(None, "--device"),
+    ants_mode: AntsMode = typer.Option(AntsMode.ada, "--ants-mode", help=ANTS_MODE_HELP),
+    device: str | None = opt.device_option(),
 ) -> None:
     """FPR95 / AUROC / AUPR per OOD set and averaged, with score histograms and ROC plots."""
+    dev = opt.resolve_device(device)
     import csv
     import io
     import random
@@ -258,10 +289,10 @@ def bench(
         if not v:
             fail(f"set '{k}' has no images")
     labels = _id_labels(id_labels, id_dir)
-    enc = load_encoder_or_fail(model, pretrained, device)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    neg = _negatives(enc, labels, method, neg_labels, num_negatives, 0.95, out_dir / "neg.txt")
-    sc = _scorer(enc, labels, method, neg, describer, describer_model, ants_mode, None, seed)
+    enc = load_encoder_or_fail(model, pretrained, dev)
+    out.mkdir(parents=True, exist_ok=True)
+    neg = _negatives(enc, labels, method, neg_labels, num_negatives, 0.95, out / "neg.txt")
+    sc = _scorer(enc, labels, method, neg, describer, describer_model, ants_mode.value, None, seed)
     stream = [(p, k) for k, v in sets.items() for p in v]
     if score_spec(method).state is not None:  # test-time adaptation sees one mixed, shuffled ID+OOD stream
         random.Random(seed).shuffle(stream)
@@ -269,8 +300,8 @@ def bench(
     got: dict[str, list[float]] = {k: [] for k in sets}
     rows = []
     try:
-        for bp, ims in tqdm(iter_batches([p for p, _ in stream], batch_size, skip_bad),
-                            total=-(-len(stream) // batch_size), desc="bench", unit="batch", disable=None):
+        for bp, ims in tqdm(iter_batches([p for p, _ in stream], batch, skip_bad),
+                            total=-(-len(stream) // batch), desc="bench", unit="batch", disable=None):
             r = sc.score_images(ims)
             for path, s in zip(bp, r.scores.tolist(), strict=False):
                 k = set_of[str(path)]
@@ -286,30 +317,30 @@ def bench(
         m["n_id"], m["n_ood"] = len(got["ID"]), len(got[k])
         results[k] = m
         fpr, tpr = roc_points(got["ID"], got[k])
-        plot_roc_curve(fpr, tpr, out_dir / f"roc_{k}.png", auroc=m["auroc"])
-        plot_score_histograms(np.array(got["ID"]), np.array(got[k]), out_dir / f"hist_{k}.png", labels=("ID", k))
-    plot_roc_logfpr({k: (got["ID"], got[k]) for k in results}, out_dir / "roc_logfpr.png",
+        plot_roc_curve(fpr, tpr, out / f"roc_{k}.png", auroc=m["auroc"])
+        plot_score_histograms(np.array(got["ID"]), np.array(got[k]), out / f"hist_{k}.png", labels=("ID", k))
+    plot_roc_logfpr({k: (got["ID"], got[k]) for k in results}, out / "roc_logfpr.png",
                     title=f"{method}: OOD ROC, ID = positive (n_id={len(got['ID'])})")
     avg = {key: float(np.mean([r[key] for r in results.values()])) for key in ("auroc", "fpr95", "aupr_in", "aupr_out")}
     summary = {"method": method, "model": model, "per_set": results, "average": avg}
     if method == "ants":
         summary["ants"] = {"lambda": sc.ants.lambda_, "tau": sc.ants.tau, "far_bank": len(sc.ants.far_texts),
                            "near_labels": len(sc.ants.near_texts)}
-    write_text_atomic(out_dir / "metrics.json", json.dumps(summary, indent=2))
+    write_text_atomic(out / "metrics.json", json.dumps(summary, indent=2))
     buf = io.StringIO(newline="")
     w = csv.writer(buf)
     w.writerow(["set", "auroc", "fpr95", "aupr_in", "aupr_out"])
     for k, m in list(results.items()) + [("average", avg)]:
         w.writerow([k] + [f"{m[c]:.6f}" for c in ("auroc", "fpr95", "aupr_in", "aupr_out")])
-    write_text_atomic(out_dir / "metrics.csv", buf.getvalue())
+    write_text_atomic(out / "metrics.csv", buf.getvalue())
     buf = io.StringIO(newline="")
     w = csv.writer(buf)
     w.writerow(["path", "set", "score"])
     w.writerows((p, k, f"{s:.6f}") for p, k, s in rows)
-    write_text_atomic(out_dir / "scores.csv", buf.getvalue())
+    write_text_atomic(out / "scores.csv", buf.getvalue())
     for k, m in list(results.items()) + [("average", avg)]:
         typer.echo(f"{k:>16}  AUROC {100 * m['auroc']:6.2f}  FPR95 {100 * m['fpr95']:6.2f}", err=True)
-    typer.echo(json.dumps({"out_dir": str(out_dir), "average": avg}))
+    typer.echo(json.dumps({"out_dir": str(out), "average": avg}))
 
 
 @ood_app.command("serve", cls=_MethodCommand)
@@ -324,7 +355,7 @@ def serve(
                                        help="Require this key (X-API-Key or Authorization: Bearer)."),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),
-    threshold: float = typer.Option(0.5, "--threshold", help="is_ood = score < threshold."),
+    conf: float = typer.Option(0.5, "--conf", "--threshold", help=CONF_HELP),
     max_images: int = typer.Option(32, "--max-images", help="Images per request."),
     max_request_mb: float = typer.Option(32.0, "--max-request-mb", help="Bytes per request (MiB)."),
     max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Pixels per image (decompression bombs)."),
@@ -332,20 +363,21 @@ def serve(
     batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", help="How long to gather concurrent requests."),
     describer: str = typer.Option("lexicon", "--describer"),
     describer_model: str | None = typer.Option(None, "--describer-model"),
-    ants_mode: str = typer.Option("ada", "--ants-mode"),
-    device: str | None = typer.Option(None, "--device"),
+    ants_mode: AntsMode = typer.Option(AntsMode.ada, "--ants-mode", help=ANTS_MODE_HELP),
+    device: str | None = opt.device_option(),
 ) -> None:
     """Serve the scoring API (FastAPI; OpenAPI docs at /docs)."""
+    dev = opt.resolve_device(device)
     import uvicorn
 
     from clip_ood.api import ApiLimits, create_app
 
     labels = _id_labels(id_labels)
-    enc = load_encoder_or_fail(model, pretrained, device)
+    enc = load_encoder_or_fail(model, pretrained, dev)
     neg = _negatives(enc, labels, method, neg_labels, num_negatives, 0.95, None)
-    sc = _scorer(enc, labels, method, neg, describer, describer_model, ants_mode, None)
+    sc = _scorer(enc, labels, method, neg, describer, describer_model, ants_mode.value, None)
     limits = ApiLimits(max_images=max_images, max_request_bytes=int(max_request_mb * 1024 * 1024),
                        max_pixels=max_pixels)
-    app = create_app(sc, api_key=api_key, threshold=threshold, limits=limits, max_batch=max_batch,
+    app = create_app(sc, api_key=api_key, threshold=conf, limits=limits, max_batch=max_batch,
                      batch_wait_ms=batch_wait_ms)
     uvicorn.run(app, host=host, port=port, log_level="info")

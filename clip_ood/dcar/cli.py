@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import enum
 import json
 from pathlib import Path
 
 import typer
 
 from clip_ood.cli_common import MODEL_HELP, PRETRAINED_HELP, load_encoder_or_fail
-from vision.cli_common import fail, usage_error
+from vision import cli_options as opt
+from vision.cli_common import EXIT_INTERRUPTED, fail
 
 retrieval_app = typer.Typer(help="DCAR dual prompt learning for image-text retrieval (and the CoOp baseline).",
                             no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+class Method(str, enum.Enum):
+    """The prompt learners of ``clip_ood.dcar.train.METHODS``."""
+
+    dcar = "dcar"
+    coop = "coop"
+
 
 _DATA_HELP = "FDRD JSON ({file_name, file_path, positive, negative}) or CSV/JSONL (image, caption, category, attributes)."
 
@@ -27,15 +37,20 @@ def _pairs(path: Path, image_root: Path | None, skip_bad: bool, categories=None)
 
 @retrieval_app.command()
 def train(
+    ctx: typer.Context,
     model: str = typer.Option(..., "--model", help=MODEL_HELP),
     data: Path = typer.Option(..., "--data", help=_DATA_HELP),
-    method: str = typer.Option("dcar", "--method", help="dcar | coop"),
-    out: Path = typer.Option(..., "--out", help="Output folder (logs, checkpoints, prompts.safetensors/.json)."),
+    method: Method = typer.Option(Method.dcar, "--method", help="dcar (text + visual prompts, weighted negatives, "
+                                  "attribute loss) or coop (text context only)."),
+    out: Path = opt.out_option(None, "Run folder (config.yaml, logs, checkpoints, prompts.safetensors/.json); a used "
+                               "one makes OUT2, OUT3, ... unless --resume or --exist-ok."),
     pretrained: str = typer.Option("", "--pretrained", help=PRETRAINED_HELP),
     val_data: Path | None = typer.Option(None, "--val-data", help="Held-out pairs evaluated after each epoch."),
     image_root: Path | None = typer.Option(None, "--image-root", help="Folder image paths are relative to."),
-    epochs: int = typer.Option(10, "--epochs"),
-    batch_size: int = typer.Option(32, "--batch-size"),
+    epochs: int = typer.Option(10, "--epochs", min=1),
+    max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimizer steps "
+                                         "(overrides --epochs)."),
+    batch: int = opt.batch_option(32, "Image-caption pairs per optimizer step."),
     lr: float = typer.Option(2e-3, "--lr"),
     n_ctx: int = typer.Option(4, "--n-ctx", help="Text context vectors (ignored with --ctx-init)."),
     ctx_init: str = typer.Option("", "--ctx-init", help='Initialise the context from words, e.g. "a photo of a".'),
@@ -48,27 +63,41 @@ def train(
     attr_text_grad: bool = typer.Option(False, "--attr-text-grad",
                                         help="Let the attribute loss train the text context too (default: visual "
                                              "prompts only)."),
-    seed: int = typer.Option(0, "--seed"),
-    device: str | None = typer.Option(None, "--device"),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip malformed lines with a warning."),
+    workers: int = opt.workers_option(0),
+    seed: int = opt.seed_option(),
+    device: str | None = opt.device_option(),
+    amp: opt.Amp = opt.amp_option(),
+    resume: str | None = opt.resume_option(),
+    exist_ok: bool = opt.exist_ok_option(),
+    skip_bad: bool = opt.skip_bad_option("Skip malformed lines with a warning."),
+    config: Path | None = opt.config_option(),
 ) -> None:
     """Learn prompts (DCAR: text + visual + reweighting; CoOp: text context) on a frozen CLIP."""
+    dev = opt.resolve_device(device)
+    resume_from = opt.parse_resume(resume)
     from clip_ood.dcar.data import categories_of
-    from clip_ood.dcar.train import METHODS, DCARConfig, train_retrieval
+    from clip_ood.dcar.train import DCARConfig, train_retrieval
+    from vision.engine import CheckpointCorruptError, TrainingInterrupted, WeightsMismatchError
 
-    if method not in METHODS:
-        usage_error(f"--method must be {' or '.join(METHODS)}, got '{method}'")
     tr = _pairs(data, image_root, skip_bad)
     va = _pairs(val_data, image_root, skip_bad, categories_of(tr) if class_specific else None) if val_data else None
-    enc = load_encoder_or_fail(model, pretrained, device)
-    cfg = DCARConfig(method=method, n_ctx=n_ctx, ctx_init=ctx_init or None, class_specific=class_specific,
+    enc = load_encoder_or_fail(model, pretrained, dev)
+    cfg = DCARConfig(method=method.value, n_ctx=n_ctx, ctx_init=ctx_init or None, class_specific=class_specific,
                      n_vis=n_vis, vis_depth=vis_depth or None, alpha=alpha, k_neg=k_neg, lambda_attr=lambda_attr,
                      attr_text_grad=attr_text_grad)
-    _, summary = train_retrieval(enc.model, enc.tokenizer, enc.preprocess, tr, out, cfg, va, epochs=epochs,
-                                 batch_size=batch_size, lr=lr, seed=seed, cpu=enc.device.type == "cpu",
-                                 extra_config={"model": model, "pretrained": pretrained or None})
+    try:
+        _, summary = train_retrieval(enc.model, enc.tokenizer, enc.preprocess, tr, out, cfg, va, epochs=epochs,
+                                     batch_size=batch, lr=lr, seed=seed, cpu=enc.device.type == "cpu",
+                                     max_steps=max_steps, mixed_precision=amp.value, num_workers=workers,
+                                     resume=resume_from, exist_ok=exist_ok, run_config=opt.run_config(ctx.params),
+                                     extra_config={"model": model, "pretrained": pretrained or None})
+    except TrainingInterrupted as e:
+        typer.echo(f"{e} (negvision retrieval train ... --resume)", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except (FileNotFoundError, CheckpointCorruptError, WeightsMismatchError) as e:
+        fail(str(e))
     typer.echo(json.dumps({k: summary.get(k) for k in ("steps", "last_loss", "best_metric", "last_metrics")}))
-    typer.echo(f"prompts written to {out / 'prompts.safetensors'}")
+    typer.echo(f"prompts written to {Path(summary['out']) / 'prompts.safetensors'}")
 
 
 @retrieval_app.command("eval")
@@ -79,22 +108,23 @@ def eval_(
                                         "without it the frozen (zero-shot) model is evaluated."),
     pretrained: str = typer.Option("", "--pretrained", help=PRETRAINED_HELP),
     image_root: Path | None = typer.Option(None, "--image-root"),
-    batch_size: int = typer.Option(64, "--batch-size"),
-    device: str | None = typer.Option(None, "--device"),
-    skip_bad: bool = typer.Option(False, "--skip-bad"),
+    batch: int = opt.batch_option(64, "Images / captions per forward pass."),
+    device: str | None = opt.device_option(),
+    skip_bad: bool = opt.skip_bad_option("Skip malformed lines with a warning."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the metrics as JSON here."),
     examples: int = typer.Option(6, "--examples", min=0,
                                  help="Queries shown in top5_examples.jpg, written next to --json (else into the "
                                       "--prompts folder); 0 = no picture."),
 ) -> None:
     """Image->text and text->image R@1/5/10 and mean recall, as a table (and a picture of top-5 examples)."""
+    dev = opt.resolve_device(device)
     from clip_ood.dcar.data import PairDataset
     from clip_ood.dcar.evaluate import format_table, recall_at_k, retrieval_similarity
     from clip_ood.dcar.prompts import DualPromptCLIP
     from clip_ood.dcar.train import load_prompts
     from vision.io import write_text_atomic
 
-    enc = load_encoder_or_fail(model, pretrained, device)
+    enc = load_encoder_or_fail(model, pretrained, dev)
     if prompts is not None:
         try:
             learner = load_prompts(prompts, enc.model, enc.tokenizer)
@@ -108,7 +138,7 @@ def eval_(
     cats = learner.categories if learner.class_specific else None
     pairs = _pairs(data, image_root, skip_bad, cats)
     learner.to(enc.device)
-    sim, texts, gt = retrieval_similarity(learner, PairDataset(pairs, enc.preprocess), batch_size=batch_size)
+    sim, texts, gt = retrieval_similarity(learner, PairDataset(pairs, enc.preprocess), batch_size=batch)
     res = recall_at_k(sim, gt)
     typer.echo(format_table({name: res}))
     if json_out is not None:
@@ -127,11 +157,11 @@ def eval_(
 
 @retrieval_app.command("make-captions")
 def make_captions(
-    out: Path = typer.Option(..., "--out", help="Folder for images/, train.csv, test.csv."),
+    out: Path = opt.out_option(None, "Folder for images/, train.csv, test.csv."),
     n_train: int = typer.Option(400, "--n-train"),
     n_test: int = typer.Option(200, "--n-test"),
     size: int = typer.Option(32, "--size", help="Image side in pixels."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = opt.seed_option(),
 ) -> None:
     """Generate the digits-on-textures caption set (digit, colour, background)."""
     from clip_ood.dcar.synthetic import make_caption_set

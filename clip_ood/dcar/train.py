@@ -173,6 +173,8 @@ class AttributeReweighting:
         return nmi
 
     def __call__(self, trainer, event: str, info: dict) -> None:
+        if event == "fit_start" and info.get("resumed_from"):
+            return  # a resumed run has the weights of its checkpoint (a buffer of the learner)
         if event in ("fit_start", "epoch_end") and trainer.is_main:
             self.update(trainer.unwrapped_model)
 
@@ -218,14 +220,28 @@ def train_retrieval(clip: torch.nn.Module, tokenizer, preprocess, train_pairs: S
                     cfg: DCARConfig | None = None, val_pairs: Sequence[Pair] | None = None, *,
                     epochs: int = 10, batch_size: int = 32, lr: float = 2e-3, optimizer: str = "adamw",
                     weight_decay: float = 0.0, seed: int = 0, cpu: bool = False, progress: bool = True,
-                    max_steps: int | None = None, extra_config: dict | None = None
-                    ) -> tuple[DualPromptCLIP, dict]:
-    """Train the prompts with ``vision.engine.Trainer``; writes the engine's logs and prompts.* to ``out_dir``."""
+                    max_steps: int | None = None, extra_config: dict | None = None, mixed_precision: str = "auto",
+                    num_workers: int = 0, resume: bool | str = False, exist_ok: bool = False,
+                    run_config: dict | None = None) -> tuple[DualPromptCLIP, dict]:
+    """Train the prompts with ``vision.engine.Trainer``; writes the engine's logs and prompts.* to the run folder.
+
+    The run folder follows ``vision.engine.run``: ``out_dir``, or ``out_dir2``, ... when ``out_dir`` already holds a
+    run, unless ``resume`` (True: continue its newest checkpoint; a path: that checkpoint folder) or ``exist_ok``
+    (reuse it, removing the earlier logs and checkpoints); ``summary["out"]`` is the folder used. ``run_config``
+    (the command's options) is written to its ``config.yaml``.
+    """
     from vision.engine import TrainConfig, Trainer
+    from vision.engine.run import prepare_run_dir, write_run_config
 
     from .evaluate import evaluate_retrieval
 
     cfg = cfg or DCARConfig()
+    if resume is True and not (Path(out_dir) / "checkpoints").is_dir():
+        raise FileNotFoundError(f"cannot resume {out_dir}: it holds no checkpoints ({Path(out_dir) / 'checkpoints'}); "
+                                "start without --resume")
+    out_dir = prepare_run_dir(out_dir, resume=resume, exist_ok=exist_ok)
+    if run_config is not None:
+        write_run_config(out_dir, {**run_config, "_resumed": bool(resume)})
     torch.manual_seed(seed)
     categories = categories_of(train_pairs)
     model = build_learner(clip, tokenizer, cfg, categories)
@@ -242,15 +258,17 @@ def train_retrieval(clip: torch.nn.Module, tokenizer, preprocess, train_pairs: S
     eval_fn = (lambda m: evaluate_retrieval(m, val_ds)) if val_ds is not None else None
     tcfg = TrainConfig(out_dir=str(out_dir), epochs=epochs, max_steps=max_steps, optimizer=optimizer, lr=lr,
                        weight_decay=weight_decay, scheduler="cosine", seed=seed, cpu=cpu, progress=progress,
-                       log_every=5, eval_every=1 if val_ds is not None else 0)
+                       mixed_precision=mixed_precision, log_every=5, eval_every=1 if val_ds is not None else 0)
     extra = {"dcar": asdict(cfg), **(extra_config or {})}
     trainer = Trainer(model, dataset, tcfg, loss_fn=loss_fn, eval_fn=eval_fn,
-                      metric="mean_recall" if eval_fn else None, batch_size=batch_size, collate_fn=collate_pairs,
+                      metric="mean_recall" if eval_fn else None, batch_size=batch_size, num_workers=num_workers,
+                      collate_fn=collate_pairs,
                       batch_size_fn=lambda b: len(b["captions"]), extra_config=extra, callbacks=callbacks)
-    summary = trainer.fit()
+    summary = trainer.fit(resume=resume)
     model = trainer.unwrapped_model
     hist = callbacks[0].history if callbacks else []
     save_prompts(model, out_dir, {"method": cfg.method, **(extra_config or {}),
                                   "attr_history": hist[-1:] if hist else []})
     summary["attr_history"] = hist
+    summary["out"] = str(out_dir)
     return model, summary

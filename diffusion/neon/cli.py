@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import warnings
 from pathlib import Path
 
 import typer
 
-from vision.cli_common import DEVICE_HELP, fail, usage_error
+from vision import cli_options as opt
+from vision.cli_common import EXIT_INTERRUPTED, fail, usage_error
 
 neon_app = typer.Typer(
     help="Neon: self-train a diffusion model, then merge weights in the negative direction "
@@ -20,6 +22,14 @@ neon_app = typer.Typer(
 )
 
 _USER_ERRORS = (ValueError, FileNotFoundError, NotImplementedError, ImportError)
+
+
+class EmaMode(str, enum.Enum):
+    """Which weights ``neon merge`` uses when a checkpoint carries EMA weights (``diffusion.neon.files.EMA_MODES``)."""
+
+    ema = "ema"
+    model = "model"
+    both = "both"
 
 
 def _call(fn, *args, show_warnings: bool = False, usage: tuple[type[Exception], ...] = (), **kwargs):
@@ -75,50 +85,67 @@ def merge_cmd(
     base: Path = typer.Option(..., "--base", help="Base checkpoint: .safetensors/.pt file, model folder or pipeline folder."),
     selftrained: Path = typer.Option(..., "--selftrained", help="Self-trained checkpoint (same kinds, or a Trainer checkpoint dir)."),
     w: float = typer.Option(1.0, "--w", help="Extrapolation weight w (> 0 moves away from the self-trained model)."),
-    out: Path = typer.Option(..., "--out", help="Output file or folder (same format as --base)."),
+    out: Path = opt.out_option(None, "Output file or folder (same format as --base)."),
     component: str = typer.Option(None, "--component", help="Pipeline component to merge (default: unet/transformer)."),
-    ema: str = typer.Option("ema", "--ema", help="With EMA weights present, merge 'ema' (default), 'model' or 'both'."),
+    ema: EmaMode = typer.Option(EmaMode.ema, "--ema", help="With EMA weights present, merge the EMA weights (default), "
+                                "the model's, or both."),
 ) -> None:
     """Merge two checkpoints tensor by tensor: theta_neon = (1 + w) * base - w * selftrained."""
 
-    from .files import EMA_MODES, merge_checkpoints
+    from .files import merge_checkpoints
     from .merge import check_w
 
     _option(check_w, w)
-    if ema not in EMA_MODES:
-        usage_error(f"ema must be one of {EMA_MODES}, got '{ema}'")
     if out.resolve() in (base.resolve(), selftrained.resolve()):
         usage_error(f"--out '{out}' must differ from the inputs")
-    info = _call(merge_checkpoints, base, selftrained, out, w, component=component, ema=ema, show_warnings=True)
+    info = _call(merge_checkpoints, base, selftrained, out, w, component=component, ema=ema.value, show_warnings=True)
     typer.echo(json.dumps(info))
 
 
 @neon_app.command("selftrain")
 def selftrain_cmd(
+    ctx: typer.Context,
     model: Path = typer.Option(..., "--model", help="Base diffusers pipeline folder."),
     num_samples: int = typer.Option(1000, "--num-samples", min=1, help="Images to sample from the base model."),
-    steps: int = typer.Option(1000, "--steps", min=1, help="Fine-tuning optimizer steps."),
-    out: Path = typer.Option(..., "--out", help="Output folder (samples grid, train/ logs + checkpoints, pipeline/)."),
+    max_steps: int = typer.Option(1000, "--max-steps", "--steps", min=1,
+                                  help="Fine-tuning optimizer steps. --steps is its old spelling, still accepted "
+                                       "(elsewhere --steps counts sampler steps: here that is --num-inference-steps)."),
+    out: Path = opt.out_option(None, "Run folder (config.yaml, samples grid, train/ logs + checkpoints, pipeline/); "
+                               "a used one makes OUT2, OUT3, ... unless --resume or --exist-ok."),
     save_every: int = typer.Option(0, "--save-every", min=0, help="Keep a checkpoint every k steps (0: end only)."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
-    sample_batch_size: int = typer.Option(64, "--sample-batch-size", min=1),
+    batch: int = opt.batch_option(32, "Fine-tuning images per optimizer step."),
+    sample_batch_size: int = typer.Option(64, "--sample-batch-size", min=1, help="Images per sampling call."),
     lr: float = typer.Option(1e-4, "--lr"),
-    num_inference_steps: int = typer.Option(None, "--num-inference-steps", help="Sampler steps (pipeline default if unset)."),
+    num_inference_steps: int = typer.Option(None, "--num-inference-steps", min=1,
+                                            help="Sampler (denoising) steps per sample (pipeline default if unset)."),
     prompts: Path = typer.Option(None, "--prompts", help="Text file, one prompt a line (text-to-image pipelines)."),
     class_labels: str = typer.Option(None, "--class-labels", help="Comma-separated class ids (class-conditional; default: every class in turn)."),
     guidance_scale: float = typer.Option(None, "--guidance-scale"),
-    seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option(None, "--device", help=DEVICE_HELP),
+    seed: int = opt.seed_option(),
+    device: str | None = opt.device_option(),
+    amp: opt.Amp = opt.amp_option(),
+    resume: str | None = opt.resume_option(),
+    exist_ok: bool = opt.exist_ok_option(),
+    config: Path | None = opt.config_option(),
 ) -> None:
     """Sample N images from the base model and fine-tune it on them with the denoising loss."""
+    dev = opt.resolve_device(device)
+    resume_from = opt.parse_resume(resume)
+    from vision.engine import TrainingInterrupted
+
     from .selftrain import ConditioningError, self_train
 
-    info = _call(
-        self_train, model, out, num_samples=num_samples, steps=steps, save_every=save_every, batch_size=batch_size,
-        sample_batch_size=sample_batch_size, lr=lr, num_inference_steps=num_inference_steps,
-        prompts=_lines(prompts), class_labels=_ints(class_labels), guidance_scale=guidance_scale,
-        seed=seed, device=device, usage=(ConditioningError,),
-    )
+    try:
+        info = _call(
+            self_train, model, out, num_samples=num_samples, steps=max_steps, save_every=save_every,
+            batch_size=batch, sample_batch_size=sample_batch_size, lr=lr, num_inference_steps=num_inference_steps,
+            prompts=_lines(prompts), class_labels=_ints(class_labels), guidance_scale=guidance_scale,
+            seed=seed, device=dev, mixed_precision=amp.value, resume=resume_from, exist_ok=exist_ok,
+            run_config=opt.run_config(ctx.params), usage=(ConditioningError,),
+        )
+    except TrainingInterrupted as e:
+        typer.echo(f"{e} (negvision neon selftrain ... --resume)", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     typer.echo(json.dumps(info))
 
 
@@ -128,23 +155,25 @@ def sweep_cmd(
     selftrained: Path = typer.Option(..., "--selftrained", help="Self-trained pipeline/model folder or weights file."),
     w: str = typer.Option("0,0.5,1,1.5,2", "--w", help="Comma-separated w values."),
     reference: Path = typer.Option(..., "--reference", help="Folder of real images to compare against."),
-    out: Path = typer.Option(..., "--out", help="Output folder (sweep.csv, fid_vs_w.png, samples/)."),
+    out: Path = opt.out_option(None, "Output folder (sweep.csv, fid_vs_w.png, samples/)."),
     features: str = typer.Option(
         "pixels", "--features",
         help="Feature extractor: inception:PATH, torch-fidelity:PATH, export:PATH (.pt2), torchscript:PATH, module:factory, pixels[:N].",
     ),
     num_samples: int = typer.Option(1000, "--num-samples", min=2),
-    batch_size: int = typer.Option(64, "--batch-size", min=1),
-    num_inference_steps: int = typer.Option(None, "--num-inference-steps"),
+    batch: int = opt.batch_option(64, "Images per sampling call and per feature batch."),
+    num_inference_steps: int = typer.Option(None, "--steps", "--num-inference-steps", min=1,
+                                            help="Sampler (denoising) steps per sample (pipeline default if unset)."),
     guidance_scale: str = typer.Option(None, "--guidance-scale", help="Comma-separated guidance scales to sweep too."),
     prompts: Path = typer.Option(None, "--prompts"),
     class_labels: str = typer.Option(None, "--class-labels"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = opt.seed_option(),
     k: int = typer.Option(3, "--k", min=1, help="k of the k-NN precision/recall."),
     max_reference: int = typer.Option(None, "--max-reference", help="Use at most this many reference images."),
-    device: str = typer.Option(None, "--device", help=DEVICE_HELP),
+    device: str | None = opt.device_option(),
 ) -> None:
     """For each w: merge, sample, score (FID, precision, recall); write a CSV and a plot; print the best w."""
+    dev = opt.resolve_device(device)
     from .metrics import FeatureSpecError
     from .selftrain import ConditioningError
     from .sweep import neon_sweep, parse_floats
@@ -153,9 +182,9 @@ def sweep_cmd(
     gss = _option(parse_floats, guidance_scale, "guidance scale") if guidance_scale else None
     info = _call(
         neon_sweep, base, selftrained, ws, out, reference=reference, features=features, num_samples=num_samples,
-        batch_size=batch_size, num_inference_steps=num_inference_steps, guidance_scales=gss,
+        batch_size=batch, num_inference_steps=num_inference_steps, guidance_scales=gss,
         prompts=_lines(prompts), class_labels=_ints(class_labels), seed=seed, k=k,
-        max_reference=max_reference, device=device, usage=(ConditioningError, FeatureSpecError),
+        max_reference=max_reference, device=dev, usage=(ConditioningError, FeatureSpecError),
     )
     for r in info["rows"]:
         gs = f" gs={r['guidance_scale']}" if r["guidance_scale"] != "" else ""

@@ -1,7 +1,9 @@
 """Neon self-training: sample from the base diffusion model, then fine-tune it on its own samples.
 
 The fine-tuning uses the standard denoising loss (the scheduler's ``prediction_type``: epsilon, v or x0) through
-the shared engine ``vision.engine.Trainer``, which saves a checkpoint every ``save_every`` steps.
+the shared engine ``vision.engine.Trainer``, which saves a checkpoint every ``save_every`` steps. The run folder
+follows ``vision.engine.run``: a used folder makes ``NAME2`` unless ``resume`` (continue ``train/``'s checkpoints)
+or ``exist_ok`` (reuse it, removing the earlier run's logs and checkpoints).
 """
 
 from __future__ import annotations
@@ -271,22 +273,28 @@ def self_train(
     device: str | None = None,
     progress: bool = True,
     samples: Tensor | None = None,
+    mixed_precision: str = "auto",
+    resume: bool | str = False,
+    exist_ok: bool = False,
+    run_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Sample ``num_samples`` images from pipeline ``model``, fine-tune its denoiser on them for ``steps`` steps.
 
     Writes ``out_dir/samples.png`` (a grid), ``out_dir/train/`` (engine logs and checkpoints every
-    ``save_every`` steps), and ``out_dir/pipeline/`` (the self-trained pipeline, ready for ``neon merge``).
+    ``save_every`` steps), and ``out_dir/pipeline/`` (the self-trained pipeline, ready for ``neon merge``);
+    ``info["out"]`` is the run folder used (``out_dir``, or ``out_dir2``... when ``out_dir`` already holds a run).
+    ``resume``: True continues ``train/checkpoints/last`` (the samples are drawn again with the same seed), a path
+    continues that checkpoint folder. ``run_config`` (the command's options) is written to ``config.yaml``.
     """
     from torch.utils.data import TensorDataset
 
     from vision.device import pick_device
     from vision.engine import TrainConfig, Trainer
+    from vision.engine.run import clear_run_outputs, prepare_run_dir, write_run_config
     from vision.viz import image_grid, save_image
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
     pipe = load_pipeline(model, dev)
     name, denoiser = trainable_component(pipe, component)
@@ -320,6 +328,16 @@ def self_train(
             )
     class_cond = dit or getattr(denoiser.config, "num_class_embeds", None) is not None
 
+    # the run folder, decided once the model and its conditioning are known to work
+    if resume is True and not (Path(out_dir) / "train" / "checkpoints").is_dir():
+        raise FileNotFoundError(f"cannot resume {out_dir}: it holds no checkpoints "
+                                f"({Path(out_dir) / 'train' / 'checkpoints'}); start without --resume")
+    out = prepare_run_dir(out_dir, resume=resume, exist_ok=exist_ok)
+    if exist_ok and not resume and (out / "train").is_dir():
+        clear_run_outputs(out / "train")
+    if run_config is not None:
+        write_run_config(out, {**run_config, "_resumed": bool(resume)})
+
     if samples is None:
         samples, conds = sample_images(
             pipe, num_samples, batch_size=sample_batch_size, num_inference_steps=num_inference_steps,
@@ -335,6 +353,7 @@ def self_train(
             conds = [None] * len(samples)
     save_image(image_grid(list(samples[:64])), out / "samples.png")
     x0 = samples.to(torch.float32) * 2.0 - 1.0  # pipelines output [0, 1]; the model is trained on [-1, 1]
+    torch.manual_seed(seed)  # the VAE posterior samples below: the same latents when a run is resumed
     if text_cond:
         x0, emb, idx = _encode_text_to_image_data(pipe, x0, conds, batch_size=sample_batch_size)
         data = _TextCondData(x0, emb, idx)
@@ -359,6 +378,7 @@ def self_train(
         lr=lr,
         weight_decay=0.0,
         scheduler="constant",
+        mixed_precision=mixed_precision,
         checkpoint_every=int(save_every),
         keep_last=10**6 if save_every else 1,  # keep every saved step as checkpoints/step-XXXXXXX
         seed=seed,
@@ -373,7 +393,7 @@ def self_train(
         loss_fn=denoising_loss(train_sched, class_conditional=class_cond, text_conditional=text_cond),
         batch_size=batch_size, extra_config={"neon": {"model": str(model), "num_samples": len(x0)}},
     )
-    summary = trainer.fit()
+    summary = trainer.fit(resume=resume)
     tuned = trainer.unwrapped_model
     tuned.eval()
     setattr(pipe, name, tuned)
@@ -381,6 +401,7 @@ def self_train(
     pipe.to("cpu")
     pipe.save_pretrained(str(out / "pipeline"), safe_serialization=True)
     info = {
+        "out": str(out),
         "base": str(model),
         "pipeline": str(out / "pipeline"),
         "component": name,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import enum
 import json
 from pathlib import Path
 
 import typer
 
-from vision.cli_common import DEVICE_HELP, fail, usage_error
+from vision import cli_options as opt
+from vision.cli_common import fail, usage_error
 
 generate_app = typer.Typer(
     help="Perp-Neg guided generation: text-to-image with negative prompts, view-conditioned images, text-to-3D.",
@@ -16,6 +18,16 @@ generate_app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+
+class ViewSchedule(str, enum.Enum):
+    """How the view prompts' Perp-Neg weights follow the azimuth (``diffusion.perpneg.views``)."""
+
+    threestudio = "threestudio"
+    dreamfusion = "dreamfusion"
+
+
+SCHEDULE_HELP = "Negative-weight schedule over the azimuth: threestudio or dreamfusion (stable-dreamfusion)."
+AMP_HELP = ("Pipeline precision: auto (fp16 on a GPU, fp32 on the CPU), no (fp32), fp16 (GPU only), bf16.")
 
 MODEL_HELP = ("Stable Diffusion 1.x/2.x checkpoint (SDXL too for `image`): hub id (in the local HF cache) or a local "
               "pipeline folder.")
@@ -33,9 +45,10 @@ def _pipeline_class(path: Path, model: str, offline: bool) -> str:
         return ""
 
 
-def load_pipeline(model: str, device: str | None = None, allow_xl: bool = False):
+def load_pipeline(model: str, device: str | None = None, allow_xl: bool = False, amp: str = "auto"):
     """Load PerpNegStableDiffusionPipeline (or the SDXL variant where ``allow_xl``) from a local folder or a cached
-    hub id; one clear error (exit 1) when missing, exit 2 for SDXL where ``allow_xl`` is False."""
+    hub id, in the precision ``amp`` (auto: fp16 on a GPU, fp32 otherwise); one clear error (exit 1) when missing,
+    exit 2 for SDXL where ``allow_xl`` is False or for fp16 on the CPU."""
     import os
 
     import torch
@@ -49,7 +62,11 @@ def load_pipeline(model: str, device: str | None = None, allow_xl: bool = False)
         fail(f"'{model}' is a folder without model_index.json; pass a diffusers pipeline folder "
              "(e.g. one saved with save_pretrained or downloaded with `huggingface-cli download ID --local-dir DIR`)")
     dev = torch.device(device) if device else pick_device()
-    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    amp = getattr(amp, "value", amp)
+    if amp == "fp16" and dev.type == "cpu":
+        usage_error("--amp fp16 needs a GPU; on the CPU use --amp bf16 or --amp no")
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        amp, torch.float16 if dev.type == "cuda" else torch.float32)
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
     xl = "XL" in _pipeline_class(path, model, offline)
     if xl and not allow_xl:
@@ -119,16 +136,17 @@ def image_cmd(
     positive: list[str] = typer.Option([], "--positive", help="Extra positive prompt (perpendicular part added)."),
     positive_weight: list[float] = typer.Option([], "--positive-weight", help="Weight per --positive (default 1)."),
     uncond: str = typer.Option("", "--uncond", help="Unconditional text (diffusers' negative_prompt)."),
-    steps: int = typer.Option(30, "--steps"),
+    steps: int = typer.Option(30, "--steps", min=1, help="Sampler (denoising) steps."),
     guidance: float = typer.Option(7.5, "--guidance", help="Guidance scale s."),
     guidance_rescale: float = typer.Option(0.0, "--guidance-rescale"),
     num_images: int = typer.Option(1, "--num-images"),
     height: int = typer.Option(None, "--height"),
     width: int = typer.Option(None, "--width"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = opt.seed_option(),
     unet_batch_size: int = typer.Option(None, "--unet-batch-size", help="Chunk the batched UNet call (memory)."),
-    device: str = typer.Option(None, "--device", help=DEVICE_HELP),
-    out: Path = typer.Option(..., "--out", help="Output folder: image_*.png, grid.png, settings.json."),
+    device: str | None = opt.device_option(),
+    amp: opt.Amp = typer.Option(opt.Amp.auto, "--amp", help=AMP_HELP),
+    out: Path = opt.out_option(None, "Output folder: image_*.png, grid.png, settings.json."),
 ) -> None:
     """Text-to-image with Perp-Neg negative prompts; PNGs + grid + a JSON of every setting (seeded)."""
     import torch
@@ -137,7 +155,8 @@ def image_cmd(
     pos_w = _weights(positive, positive_weight, "positive")
     if any(w < 0 for w in neg_w):
         usage_error("--negative-weight must be >= 0")
-    pipe = load_pipeline(model, device, allow_xl=True)
+    dev = opt.resolve_device(device)
+    pipe = load_pipeline(model, dev, allow_xl=True, amp=amp.value)
     gen = torch.Generator("cpu").manual_seed(seed)
     images = pipe(
         prompt, negative_prompt=uncond, negative_prompts=negative or None, negative_weights=neg_w or None,
@@ -148,7 +167,7 @@ def image_cmd(
     settings = {"command": "image", "model": model, "prompt": prompt, "negative": negative, "negative_weight": neg_w,
                 "positive": positive, "positive_weight": pos_w, "uncond": uncond, "steps": steps, "guidance": guidance,
                 "guidance_rescale": guidance_rescale, "num_images": num_images, "height": height, "width": width,
-                "seed": seed, "scheduler": type(pipe.scheduler).__name__}
+                "seed": seed, "amp": amp.value, "scheduler": type(pipe.scheduler).__name__}
     _save(out, images, settings)
     typer.echo(f"wrote {len(images)} image(s) to {out}")
 
@@ -158,13 +177,14 @@ def views_cmd(
     model: str = typer.Option(..., "--model", help=MODEL_HELP),
     prompt: str = typer.Option(..., "--prompt"),
     views: str = typer.Option("front,side,back", "--views", help="Comma list of front, side, back or azimuths in degrees."),
-    schedule: str = typer.Option("threestudio", "--schedule", help="threestudio | dreamfusion"),
+    schedule: ViewSchedule = typer.Option(ViewSchedule.threestudio, "--schedule", help=SCHEDULE_HELP),
     elevation: float = typer.Option(0.0, "--elevation"),
-    steps: int = typer.Option(30, "--steps"),
+    steps: int = typer.Option(30, "--steps", min=1, help="Sampler (denoising) steps."),
     guidance: float = typer.Option(7.5, "--guidance"),
-    seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option(None, "--device", help=DEVICE_HELP),
-    out: Path = typer.Option(Path("runs/perpneg_views"), "--out"),
+    seed: int = opt.seed_option(),
+    device: str | None = opt.device_option(),
+    amp: opt.Amp = typer.Option(opt.Amp.auto, "--amp", help=AMP_HELP),
+    out: Path = opt.out_option(Path("runs/perpneg_views"), "Output folder: view_*.png, grid.png, settings.json."),
 ) -> None:
     """One image per view from the view-interpolated prompt, with the other views as Perp-Neg negatives."""
     import torch
@@ -176,13 +196,12 @@ def views_cmd(
         azimuths = [VIEW_AZIMUTH[v] if v in VIEW_AZIMUTH else float(v) for v in names]
     except ValueError:
         usage_error(f"bad --views '{views}' (use front, side, back or azimuths in degrees)")
-    if schedule not in ("threestudio", "dreamfusion"):
-        usage_error(f"unknown --schedule '{schedule}' (threestudio | dreamfusion)")
-    pipe = load_pipeline(model, device)
+    dev = opt.resolve_device(device)
+    pipe = load_pipeline(model, dev, amp=amp.value)
     emb = encode_view_prompts(pipe, prompt)
     images, weights = [], {}
     for name, az in zip(names, azimuths, strict=True):
-        pos, negs, w = view_conditioned_embeddings(emb, [elevation], [az], schedule)
+        pos, negs, w = view_conditioned_embeddings(emb, [elevation], [az], schedule.value)
         gen = torch.Generator("cpu").manual_seed(seed)  # same noise for every view
         images += pipe(
             prompt_embeds=pos, negative_prompt_embeds=emb["uncond"], negative_prompts_embeds=list(negs),
@@ -190,8 +209,8 @@ def views_cmd(
         ).images
         weights[name] = [round(float(x), 6) for x in w[:, 0]]
     settings = {"command": "views", "model": model, "prompt": prompt, "views": names, "azimuths": azimuths,
-                "elevation": elevation, "schedule": schedule, "negative_weights": weights, "steps": steps,
-                "guidance": guidance, "seed": seed}
+                "elevation": elevation, "schedule": schedule.value, "negative_weights": weights, "steps": steps,
+                "guidance": guidance, "seed": seed, "amp": amp.value}
     _save(out, images, settings, names=[f"view_{n}" for n in names])
     typer.echo(f"wrote {len(images)} view(s) to {out}")
 
@@ -200,18 +219,20 @@ def views_cmd(
 def threed_cmd(
     model: str = typer.Option(..., "--model", help=MODEL_HELP),
     prompt: str = typer.Option(..., "--prompt"),
-    iters: int = typer.Option(1000, "--iters"),
-    out: Path = typer.Option(Path("runs/perpneg_3d"), "--out"),
-    schedule: str = typer.Option("threestudio", "--schedule", help="threestudio | dreamfusion"),
+    iters: int = typer.Option(1000, "--iters", min=1, help="Optimisation iterations of the voxel grid."),
+    out: Path = opt.out_option(Path("runs/perpneg_3d"), "Output folder: turntable.gif, mesh.obj/.ply, grid "
+                               "checkpoint, settings.json, log.csv."),
+    schedule: ViewSchedule = typer.Option(ViewSchedule.threestudio, "--schedule", help=SCHEDULE_HELP),
     guidance: float = typer.Option(100.0, "--guidance"),
     grid_res: int = typer.Option(64, "--grid-res", help="Voxel grid resolution."),
     render_res: int = typer.Option(64, "--render-res"),
     samples: int = typer.Option(64, "--samples", help="Samples per ray."),
-    batch: int = typer.Option(1, "--batch", help="Cameras per iteration."),
+    batch: int = opt.batch_option(1, "Cameras per iteration."),
     lr: float = typer.Option(1e-2, "--lr"),
     preview_every: int = typer.Option(100, "--preview-every"),
-    seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option(None, "--device", help=DEVICE_HELP),
+    seed: int = opt.seed_option(),
+    device: str | None = opt.device_option(),
+    amp: opt.Amp = typer.Option(opt.Amp.auto, "--amp", help=AMP_HELP + " The VAE stays fp32."),
 ) -> None:
     """Text-to-3D: a density/albedo voxel grid trained with Perp-Neg SDS; GIF, mesh (.obj/.ply), checkpoint."""
     from vision.io import write_text_atomic
@@ -219,16 +240,15 @@ def threed_cmd(
     from .grid3d import DensityColorGrid, train_text_to_3d
     from .sds import PerpNegSDS
 
-    if schedule not in ("threestudio", "dreamfusion"):
-        usage_error(f"unknown --schedule '{schedule}' (threestudio | dreamfusion)")
-    pipe = load_pipeline(model, device)
+    dev = opt.resolve_device(device)
+    pipe = load_pipeline(model, dev, amp=amp.value)
     pipe.vae.float()  # gradients through the VAE encoder in fp32
-    sds = PerpNegSDS.from_pipeline(pipe, prompt, guidance_scale=guidance, schedule=schedule)
+    sds = PerpNegSDS.from_pipeline(pipe, prompt, guidance_scale=guidance, schedule=schedule.value)
     grid = DensityColorGrid(resolution=grid_res).to(pipe.device)
     res = train_text_to_3d(sds, grid, iters=iters, batch_size=batch, render_resolution=render_res, n_samples=samples,
                            lr=lr, out_dir=out, preview_every=preview_every, seed=seed)
-    settings = {"command": "3d", "model": model, "prompt": prompt, "iters": iters, "schedule": schedule,
+    settings = {"command": "3d", "model": model, "prompt": prompt, "iters": iters, "schedule": schedule.value,
                 "guidance": guidance, "grid_res": grid_res, "render_res": render_res, "samples": samples,
-                "batch": batch, "lr": lr, "seed": seed}
+                "batch": batch, "lr": lr, "seed": seed, "amp": amp.value}
     write_text_atomic(Path(out) / "settings.json", json.dumps(settings, indent=2))
     typer.echo(f"wrote {res['gif']}, {res['mesh_obj']}, {res['mesh_ply']}, {res['checkpoint']}")

@@ -52,3 +52,64 @@ def test_cli_end_to_end(tmp_path, tiny_model_dir):
     bad.write_text("image,caption,category,attributes\nmissing.png,a cat,cat,\n")
     r = run.invoke(retrieval_app, ["eval", "--model", model, "--data", str(bad), "--device", "cpu"])
     assert r.exit_code == 1 and "line 2" in r.output
+
+
+def _summary_steps(run) -> int:
+    return json.loads((run / "summary.json").read_text())["steps"]
+
+
+def test_train_config_yaml_resume_and_run_folders(tmp_path, tiny_model_dir):
+    import yaml
+
+    from vision.cli import app
+
+    run = CliRunner()
+    r = run.invoke(app, ["retrieval", "make-captions", "--out", str(tmp_path / "d"), "--n-train", "16",
+                         "--n-test", "4"])
+    assert r.exit_code == 0, r.output
+    args = ["retrieval", "train", "--model", f"local-dir:{tiny_model_dir}", "--data", str(tmp_path / "d" / "train.csv"),
+            "--method", "coop", "--batch", "8", "--device", "cpu", "--workers", "0"]
+    out = tmp_path / "r"
+    r = run.invoke(app, [*args, "--max-steps", "1", "--lr", "0.001", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert _summary_steps(out) == 1 and (out / "prompts.safetensors").is_file()
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["method"] == "coop" and cfg["max_steps"] == 1 and cfg["lr"] == 0.001 and cfg["amp"] == "auto"
+    assert cfg["batch"] == 8 and "resume" not in cfg and "config" not in cfg
+    # replay the run from its config.yaml into another folder; command-line options win
+    cfg["out"] = str(tmp_path / "b")
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(cfg))
+    r = run.invoke(app, ["retrieval", "train", "--config", str(tmp_path / "b.yaml"), "--seed", "5"])
+    assert r.exit_code == 0, r.output
+    replay = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())
+    assert {k: v for k, v in replay.items() if k != "seed"} == {k: v for k, v in cfg.items() if k != "seed"}
+    assert replay["seed"] == 5 and json.loads((tmp_path / "b" / "config.json").read_text())["train"]["lr"] == 0.001
+    # bare --resume continues OUT's newest checkpoint; --resume PATH that checkpoint folder
+    r = run.invoke(app, [*args, "--max-steps", "2", "--out", str(out), "--resume"])
+    assert r.exit_code == 0, r.output
+    assert _summary_steps(out) == 2 and (out / "config.resumed.yaml").is_file()
+    assert yaml.safe_load((out / "config.yaml").read_text())["max_steps"] == 1
+    r = run.invoke(app, [*args, "--max-steps", "3", "--out", str(out), "--resume", str(out / "checkpoints" / "last")])
+    assert r.exit_code == 0, r.output
+    assert _summary_steps(out) == 3
+    r = run.invoke(app, [*args, "--out", str(tmp_path / "fresh"), "--resume"])
+    assert r.exit_code == 1 and "holds no checkpoints" in r.output
+    # a new run into a used folder goes to NAME2; --exist-ok reuses it from scratch
+    r = run.invoke(app, [*args, "--max-steps", "1", "--out", str(out)])
+    assert r.exit_code == 0 and f"prompts written to {tmp_path / 'r2'}" in r.output, r.output
+    r = run.invoke(app, [*args, "--max-steps", "1", "--out", str(out), "--exist-ok"])
+    assert r.exit_code == 0, r.output
+    assert _summary_steps(out) == 1 and not (tmp_path / "r3").exists()
+
+
+def test_train_wrong_choices_exit_2_listing_the_allowed_values(tmp_path):
+    from vision.cli import app
+
+    base = ["retrieval", "train", "--model", "m", "--data", str(tmp_path / "x.csv"), "--out", str(tmp_path / "o")]
+    r = CliRunner().invoke(app, [*base, "--amp", "half"])
+    assert r.exit_code == 2 and "'half' is not one of 'auto', 'no', 'fp16', 'bf16'" in r.output, r.output
+    r = CliRunner().invoke(app, [*base, "--method", "clip"])
+    assert r.exit_code == 2 and "'clip' is not one of 'dcar', 'coop'" in r.output, r.output
+    r = CliRunner().invoke(app, [*base, "--device", "gpu0"])
+    assert r.exit_code == 2 and "expected cpu, cuda, cuda:N or mps" in r.output
+    assert not (tmp_path / "o").exists()

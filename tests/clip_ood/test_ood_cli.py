@@ -104,3 +104,38 @@ def test_bench_mcm_and_ants(setup):
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["per_set"]) == {"ood_list"} and "lambda" in m["ants"]
     assert m["ants"]["far_bank"] >= 1  # the 0.8 initial threshold caught some images
+
+
+def test_score_shared_option_names_through_the_root_group(setup, tmp_path):
+    """--conf (old spelling --threshold), --batch, a bare --resume (the root group passes it as "last")."""
+    from vision.cli import app
+
+    d, model = setup["dir"], setup["model"]
+    out = tmp_path / "s.csv"
+    args = ["ood", "score", "--model", model, "--id-labels", str(d / "classes.txt"), "--method", "mcm", "--source",
+            str(setup["img"] / "id"), "--out", str(out), "--batch", "4", "--device", "cpu"]
+    r = runner.invoke(app, [*args, "--conf", "2"])  # MCM scores are <= 1: every image is OOD
+    assert r.exit_code == 0, r.output
+    assert {row["is_ood"] for row in csv.DictReader(open(out))} == {"1"}
+    r = runner.invoke(app, [*args, "--threshold", "0", "--resume"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.strip().splitlines()[-1])["skipped_done"] == 8
+    r = runner.invoke(app, [*args, "--threshold", "0", "--no-resume"])
+    assert r.exit_code == 0, r.output
+    assert {row["is_ood"] for row in csv.DictReader(open(out))} == {"0"} and len(list(csv.DictReader(open(out)))) == 8
+    r = runner.invoke(app, [*args, "--resume", "maybe"])
+    assert r.exit_code == 2 and "--resume takes no value here" in r.output
+
+
+@pytest.mark.parametrize("cmd, extra", [
+    ("score", ["--id-labels", "x", "--source", "s"]),
+    ("bench", ["--id-dir", "i", "--ood-dir", "o"]),
+    ("serve", ["--id-labels", "x"]),
+])
+def test_wrong_ants_mode_or_device_exits_2(cmd, extra):
+    from vision.cli import app
+
+    r = runner.invoke(app, ["ood", cmd, "--model", "m", *extra, "--ants-mode", "near"])
+    assert r.exit_code == 2 and "'near' is not one of 'ada', 'far_only', 'near_only'" in r.output, r.output
+    r = runner.invoke(app, ["ood", cmd, "--model", "m", *extra, "--device", "tpu"])
+    assert r.exit_code == 2 and "expected cpu, cuda, cuda:N or mps" in r.output, r.output

@@ -86,7 +86,7 @@ def test_merge_cli_errors(workdir, tmp_path):
 def test_merge_cli_usage_errors_exit_2(workdir, tmp_path):
     args = ["merge", "--base", str(workdir / "base"), "--selftrained", str(workdir / "base")]
     r = runner.invoke(neon_app, [*args, "--ema", "all", "--out", str(tmp_path / "o")])
-    assert r.exit_code == 2 and "ema must be one of" in r.output
+    assert r.exit_code == 2 and "'all' is not one of 'ema', 'model', 'both'" in r.output  # an enum: click lists them
     r = runner.invoke(neon_app, [*args, "--out", str(workdir / "base")])
     assert r.exit_code == 2 and "must differ from the inputs" in r.output
     assert not (tmp_path / "o").exists()
@@ -137,3 +137,81 @@ def test_help_does_not_import_torch():
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------- the shared options (vision.cli_options)
+def _selftrain_args(workdir):
+    return ["neon", "selftrain", "--model", str(workdir / "base"), "--num-samples", "4", "--batch", "2",
+            "--sample-batch-size", "4", "--num-inference-steps", "2", "--device", "cpu"]
+
+
+def test_selftrain_writes_config_yaml_and_replays_it(workdir, tmp_path):
+    import yaml
+
+    from vision.cli import app
+
+    run = tmp_path / "a"
+    info = _json(runner.invoke(app, [*_selftrain_args(workdir), "--steps", "2", "--lr", "0.0003", "--out", str(run)]))
+    assert info["steps"] == 2 and info["out"] == str(run)  # --steps: the old spelling of --max-steps
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["max_steps"] == 2 and cfg["lr"] == 0.0003 and cfg["batch"] == 2 and cfg["amp"] == "auto"
+    assert cfg["model"] == str(workdir / "base") and "resume" not in cfg and "config" not in cfg and "steps" not in cfg
+    cfg["out"] = str(tmp_path / "b")
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(cfg))
+    info = _json(runner.invoke(app, ["neon", "selftrain", "--config", str(tmp_path / "b.yaml"), "--seed", "3"]))
+    assert info["steps"] == 2 and info["out"] == str(tmp_path / "b")
+    replay = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())
+    assert {k: v for k, v in replay.items() if k != "seed"} == {k: v for k, v in cfg.items() if k != "seed"}
+    assert replay["seed"] == 3  # the command line wins over the file
+    meta = json.loads((tmp_path / "b" / "train" / "config.json").read_text())
+    assert meta["train"]["lr"] == 0.0003 and meta["train"]["max_steps"] == 2
+
+
+def test_selftrain_resume_exist_ok_and_next_free_folder(workdir, tmp_path):
+    import yaml
+
+    from vision.cli import app
+
+    run = tmp_path / "r"
+    args = _selftrain_args(workdir)
+    assert _json(runner.invoke(app, [*args, "--max-steps", "2", "--out", str(run)]))["steps"] == 2
+    # bare --resume (the root group makes it "last"): continue train/checkpoints/last up to the new --max-steps
+    info = _json(runner.invoke(app, [*args, "--max-steps", "4", "--out", str(run), "--resume"]))
+    assert info["steps"] == 4 and info["out"] == str(run)
+    assert json.loads((run / "train" / "summary.json").read_text())["steps"] == 4
+    assert yaml.safe_load((run / "config.yaml").read_text())["max_steps"] == 2  # the first run's options stay
+    assert yaml.safe_load((run / "config.resumed.yaml").read_text())["max_steps"] == 4
+    # --resume PATH: that checkpoint folder
+    ck = run / "train" / "checkpoints" / "last"
+    assert _json(runner.invoke(app, [*args, "--max-steps", "5", "--out", str(run), "--resume", str(ck)]))["steps"] == 5
+    r = runner.invoke(app, [*args, "--out", str(run), "--resume", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and "no such checkpoint folder" in r.output
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "empty"), "--resume"])
+    assert r.exit_code == 1 and "holds no checkpoints" in r.output
+    # a new run into a used folder goes to NAME2; --exist-ok reuses the folder, starting afresh
+    info = _json(runner.invoke(app, [*args, "--max-steps", "1", "--out", str(run)]))
+    assert info["out"] == str(tmp_path / "r2") and info["steps"] == 1
+    info = _json(runner.invoke(app, [*args, "--max-steps", "1", "--out", str(run), "--exist-ok"]))
+    assert info["out"] == str(run) and info["steps"] == 1
+    assert json.loads((run / "train" / "summary.json").read_text())["steps"] == 1
+    assert yaml.safe_load((run / "config.yaml").read_text())["max_steps"] == 1
+
+
+@pytest.mark.parametrize("args, allowed", [
+    (["merge", "--base", "b", "--selftrained", "s", "--ema", "all"], "'ema', 'model', 'both'"),
+    (["selftrain", "--model", "m", "--amp", "maybe"], "'auto', 'no', 'fp16', 'bf16'"),
+])
+def test_a_wrong_choice_exits_2_listing_the_allowed_values(tmp_path, args, allowed):
+    from vision.cli import app
+
+    r = runner.invoke(app, ["neon", *args, "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and allowed in r.output, r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_selftrain_bad_device_is_a_usage_error(workdir, tmp_path):
+    from vision.cli import app
+
+    r = runner.invoke(app, [*_selftrain_args(workdir)[:-2], "--device", "tpu", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "expected cpu, cuda, cuda:N or mps" in r.output
+    assert not (tmp_path / "o").exists()

@@ -36,6 +36,7 @@ def test_image_command_is_reproducible(model_dir, tmp_path):
     _ok([*args, "--out", str(tmp_path / "b")])
     s = json.loads((tmp_path / "a" / "settings.json").read_text())
     assert s["negative"] == ["a dog", "grass"] and s["negative_weight"] == [1.5, 0.5] and s["seed"] == 3
+    assert s["amp"] == "auto"
     assert (tmp_path / "a" / "grid.png").read_bytes() == (tmp_path / "b" / "grid.png").read_bytes()
     assert (tmp_path / "a" / "image_001.png").is_file()
 
@@ -69,8 +70,11 @@ def test_missing_weights_clear_error(tmp_path, monkeypatch):
       "--negative-weight", "3"], "3 --negative-weight values for 2 --negative prompts"),
     (["image", "--negative", "a", "--negative-weight", "-1"], "--negative-weight must be >= 0"),
     (["views", "--views", "front,upside"], "bad --views 'front,upside'"),
-    (["views", "--schedule", "other"], "unknown --schedule 'other'"),
-    (["3d", "--schedule", "other"], "unknown --schedule 'other'"),
+    (["views", "--schedule", "other"], "'other' is not one of 'threestudio', 'dreamfusion'"),  # an enum
+    (["3d", "--schedule", "other"], "'other' is not one of 'threestudio', 'dreamfusion'"),
+    (["image", "--amp", "half"], "'half' is not one of 'auto', 'no', 'fp16', 'bf16'"),
+    (["image", "--device", "cpu", "--amp", "fp16"], "--amp fp16 needs a GPU"),
+    (["views", "--device", "tpu"], "expected cpu, cuda, cuda:N or mps"),
 ])
 def test_bad_option_values_exit_2(tmp_path, args, message):
     res = runner.invoke(generate_app, [args[0], "--model", str(tmp_path / "unused"), "--prompt", "x", *args[1:],

@@ -22,7 +22,9 @@ log = logging.getLogger("negvision.engine")
 
 # what a reused run folder (--exist-ok) loses: the earlier run's logs, reports and checkpoints
 RUN_OUTPUTS = ("log.csv", "metrics.csv", "tb", "summary.json", "train_summary.json", "config.json", "metrics.json",
-               "skipped.txt", "checkpoints", "eval", "pr_curves.png", "val_predictions.jpg", "training_curves.png")
+               "config.yaml", "config.resumed.yaml", "skipped.txt", "checkpoints", "eval", "pr_curves.png",
+               "val_predictions.jpg", "curves.png", "confusion_matrix.png", "f1_curve.png", "p_curve.png",
+               "r_curve.png")
 SKIPPED_FILE = "skipped.txt"
 
 
