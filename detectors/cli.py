@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 from pathlib import Path
 
@@ -132,7 +133,8 @@ def evaluate(
 
 @detect_app.command("predict")
 def predict(
-    weights: Path = typer.Option(..., "--weights"),
+    weights: Path = typer.Option(..., "--weights", help="Run folder, checkpoint, model.safetensors or an exported "
+                                 ".onnx file."),
     source: Path = typer.Option(..., "--source", help="An image or a folder of images."),
     out: Path = opt.out_option(Path("runs/detect/predict"), "Output folder."),
     conf: float = typer.Option(0.3, "--conf", "--threshold", min=0.0, max=1.0, help="Minimum score to keep and draw."),
@@ -142,18 +144,65 @@ def predict(
     skip_bad: bool = opt.skip_bad_option("Skip unreadable images (listed in OUT/skipped.txt)."),
 ) -> None:
     """One JSON per image (boxes, scores, labels, class names) and the image with boxes drawn; outputs mirror the
-    source's sub-folders and never overwrite each other."""
+    source's sub-folders and never overwrite each other. ``--weights model.onnx`` runs an exported model with
+    onnxruntime (CUDA provider when present)."""
     from detectors.detect import predict_images
     from vision.engine import WeightsMismatchError
 
     dev = opt.resolve_device(device)
     try:
-        res = predict_images(weights, source, out, score_thresh=conf, batch=batch, device=dev, draw=not no_draw,
-                             skip_bad=skip_bad)
+        if weights.suffix.lower() == ".onnx":  # an exported model: onnxruntime, same outputs
+            from detectors.export import predict_images_onnx
+
+            providers = ["CPUExecutionProvider"] if dev == "cpu" else None
+            res = predict_images_onnx(weights, source, out, score_thresh=conf, batch=batch, draw=not no_draw,
+                                      skip_bad=skip_bad, providers=providers)
+        else:
+            res = predict_images(weights, source, out, score_thresh=conf, batch=batch, device=dev, draw=not no_draw,
+                                 skip_bad=skip_bad)
+    except ImportError as e:
+        usage_error(str(e))
     except (FileNotFoundError, ValueError, WeightsMismatchError) as e:
         _fail(str(e))
     n = sum(len(r["detections"]) for r in res)
     typer.echo(f"{len(res)} images, {n} detections -> {out}")
+
+
+class ExportFormat(str, enum.Enum):
+    onnx = "onnx"
+    pt2 = "pt2"
+
+
+@detect_app.command("export")
+def export(
+    weights: Path = typer.Option(..., "--weights", help="Run folder, checkpoint folder or model.safetensors."),
+    fmt: ExportFormat = typer.Option(ExportFormat.onnx, "--format", help="onnx (onnxruntime, TensorRT...) | pt2 "
+                                     "(torch.export program)."),
+    out: Path | None = typer.Option(None, "--out", help="Output file (default: RUN/model.onnx or model.pt2)."),
+    img_size: int | None = typer.Option(None, "--img-size", min=32, help="Input size (default: the trained one)."),
+    dynamic: bool = typer.Option(True, "--dynamic/--static", help="Dynamic batch and input size (default) or a "
+                                 "fixed img-size square input."),
+    half: bool = typer.Option(False, "--half", help="fp16 weights and compute (for the CUDA provider / TensorRT)."),
+    opset: int = typer.Option(18, "--opset", min=17, help="ONNX opset."),
+    no_nms: bool = typer.Option(False, "--no-nms", help="Raw per-level outputs (and anchors) instead of detections "
+                                "after NMS."),
+    simplify: bool = typer.Option(False, "--simplify", help="Simplify the graph (needs onnxslim or onnxsim)."),
+) -> None:
+    """Export a trained detector: ONNX (the graph takes the normalised, resized, padded batch and returns boxes,
+    scores, labels after NMS; class names, input size and normalisation in the file's metadata) or .pt2."""
+    from detectors.export import export_detector
+
+    target = out or ((weights if weights.is_dir() else weights.parent) / f"model.{fmt.value}")
+    if target.suffix.lower() != f".{fmt.value}":
+        usage_error(f"--out {target}: the file name must end in .{fmt.value} for --format {fmt.value}")
+    try:
+        path = export_detector(weights, target, img_size=img_size, dynamic=dynamic, half=half, opset=opset,
+                               nms=not no_nms, simplify=simplify)
+    except ImportError as e:
+        usage_error(str(e))
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        _fail(str(e))
+    typer.echo(f"exported -> {path} ({path.stat().st_size / 2**20:.1f} MB)")
 
 
 @demo_app.command()

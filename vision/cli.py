@@ -34,7 +34,7 @@ EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
 # top-level package of an import -> the extra that brings it
 PACKAGE_EXTRA = {"diffusers": "diffusion", "transformers": "diffusion", "imageio": "diffusion", "open_clip": "ood",
                  "fastapi": "api", "uvicorn": "api", "multipart": "api", "prometheus_client": "api",
-                 "tensorboard": "tb"}
+                 "tensorboard": "tb", "onnx": "export", "onnxruntime": "export", "onnxscript": "export"}
 
 VERBOSITY_FLAGS = {"-q": -1, "--quiet": -1, "-v": 1, "--verbose": 1, "-vv": 2}
 

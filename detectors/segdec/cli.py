@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from vision import cli_options as opt
-from vision.cli_common import fail, parse_pretrained
+from vision.cli_common import fail, parse_pretrained, usage_error
 
 app = typer.Typer(
     help="Two-stage surface-defect network (SegDecNet): train, eval, predict on defect image folders.",
@@ -193,11 +193,46 @@ def predict(
     from .train import predict_segdec
 
     try:
-        results = predict_segdec(weights, source, out, threshold=threshold, seg_threshold=seg_threshold,
-                                 batch=batch, device=opt.resolve_device(device), heatmaps=not no_heatmaps,
-                                 skip_bad=skip_bad)
+        if weights.suffix.lower() == ".onnx":  # an exported model: onnxruntime, same outputs
+            from detectors.export import predict_segdec_onnx
+
+            providers = ["CPUExecutionProvider"] if opt.resolve_device(device) == "cpu" else None
+            results = predict_segdec_onnx(weights, source, out, threshold=threshold, seg_threshold=seg_threshold,
+                                          batch=batch, heatmaps=not no_heatmaps, skip_bad=skip_bad,
+                                          providers=providers)
+        else:
+            results = predict_segdec(weights, source, out, threshold=threshold, seg_threshold=seg_threshold,
+                                     batch=batch, device=opt.resolve_device(device), heatmaps=not no_heatmaps,
+                                     skip_bad=skip_bad)
+    except ImportError as e:
+        usage_error(str(e))
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
         return
     n_def = sum(r["defective"] for r in results)
     typer.echo(f"{len(results)} images, {n_def} defective; written to {out}")
+
+
+@app.command("export")
+def export(
+    weights: Path = typer.Option(..., "--weights", help="Run folder, checkpoint folder or weights file."),
+    out: Path | None = typer.Option(None, "--out", help="Output .onnx or .pt2 (default: RUN/model.onnx)."),
+    dynamic: bool = typer.Option(True, "--dynamic/--static", help="Dynamic batch (default) or a fixed batch of 1."),
+    half: bool = typer.Option(False, "--half", help="fp16 weights and compute (for the CUDA provider / TensorRT)."),
+    opset: int = typer.Option(18, "--opset", min=17, help="ONNX opset."),
+    simplify: bool = typer.Option(False, "--simplify", help="Simplify the graph (needs onnxslim or onnxsim)."),
+) -> None:
+    """Export a trained SegDecNet to ONNX (input [B, C, H, W] in 0..1 at the run's size; decision and segmentation
+    logits out; size, channels and the run's decision threshold in the metadata) or .pt2."""
+    from detectors.export import export_segdec
+
+    target = out or ((weights if weights.is_dir() else weights.parent) / "model.onnx")
+    if target.suffix.lower() not in (".onnx", ".pt2"):
+        usage_error(f"--out {target}: use a .onnx or .pt2 file name")
+    try:
+        path = export_segdec(weights, target, dynamic=dynamic, half=half, opset=opset, simplify=simplify)
+    except ImportError as e:
+        usage_error(str(e))
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        _fail(str(e))
+    typer.echo(f"exported -> {path} ({path.stat().st_size / 2**20:.1f} MB)")

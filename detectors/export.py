@@ -1,0 +1,847 @@
+"""Deploy trained detectors: ONNX export of ATSS and SegDecNet, and onnxruntime inference with the same
+pre- and post-processing as the PyTorch path.
+
+Exporter: ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript), which handles the whole graph
+here, dynamic batch / height / width included. The one op without a stock translation is the batched,
+class-wise NMS: it is the custom op ``negvision::nms_keep`` (eager: ``torchvision.ops.nms`` per image),
+translated to ONNX ``NonMaxSuppression`` over the batch dimension plus a ``ScatterND`` that turns the selected
+indices back into a fixed-size keep mask, so every tensor after it has a static size (no data-dependent shapes
+reach torch.export). The legacy TorchScript exporter (``dynamo=False``) is not needed and not used; it is faster
+to run (about 3 s against 20 s for the tiny test model on one CPU core), but would need a second NMS path.
+
+The exported detector takes the batch the PyTorch model builds internally (torchvision's
+``GeneralizedRCNNTransform``: normalised with the backbone's mean / std, longest side resized to ``img_size``,
+padded bottom / right with zeros to a multiple of 32) plus the size of each resized image inside it:
+
+    images       float32 [B, 3, H, W]      H, W multiples of 32 (dynamic=True) or ceil32(img_size) (dynamic=False)
+    image_sizes  int64   [B, 2]            (height, width) of the resized image; boxes are clipped to it
+
+and returns, with ``nms=True``, ``boxes [B, K, 4]`` (xyxy in the input's pixels), ``scores [B, K]``,
+``labels [B, K]`` (int64) and ``num_detections [B]``, K = detections_per_img, padded rows with score 0 and
+label -1. ``image_sizes`` is an input because the PyTorch model clips boxes to the resized image, not to the
+padded batch, before NMS; feed ``[H, W]`` for images that fill the input. With ``nms=False`` the input is
+``images`` only and the outputs are the raw head outputs, levels P3-P7 concatenated: ``cls_logits [B, A, C]``,
+``box_deltas [B, A, 4]``, ``centerness [B, A]`` and ``anchors [A, 4]`` (decode with
+``detectors.atss.box_coder.BoxCoder``; weights in the metadata).
+
+Why dynamic height and width: the head's GroupNorm pools statistics over the whole padded map, so the PyTorch
+results depend on how far a batch is padded; ``OnnxDetector`` pads exactly as torchvision does (to the batch's
+largest side, rounded up to 32), which reproduces the PyTorch detections. A ``dynamic=False`` file is padded
+to ``img_size`` square, which changes the scores of non-square images (GroupNorm sees the extra padding).
+
+``half=True`` stores fp16 weights and runs backbone, FPN and head in fp16 (inputs, outputs and
+post-processing stay fp32). Only sensible on CUDA (``CUDAExecutionProvider``, TensorRT): the export works on a
+CPU and onnxruntime's CPU provider runs the file, but there it is no faster than fp32 (same speed for the tiny
+test model) and less exact.
+
+Two details of the trace: it runs at a size where every level (P7 = 1/128) is at least 2 x 2, since
+torch.export specialises sizes of 0 and 1 (a 96-px trace would hard-wire a 1 x 1 P7); and timm's TF-"same"
+convolutions (EfficientNet-Lite0) get their constant padding for multiple-of-32 inputs, since their
+size-dependent padding makes the symbolic shapes grow layer by layer (200 s for the backbone alone).
+
+An ``out`` ending in ``.pt2`` writes the same wrapper as a ``torch.export`` program instead
+(``torch.export.load(path).module()(images, image_sizes)``; ``import detectors.export`` first, it registers the
+NMS op), with a dynamic batch but a fixed ceil32(img_size) square input: the program checks torch.export's
+guards at run time, and with a dynamic height / width those refuse the 1 x 1 levels of small inputs. The
+metadata is stored in the archive as ``extra/negvision.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import types
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from detectors.atss.model import ATSS, STRIDES, grid_anchors
+
+log = logging.getLogger(__name__)
+
+FORMAT = "negvision.onnx"
+FORMAT_VERSION = "1"
+INSTALL_HINT = "pip install 'negvision[export]'"
+DET_OUTPUTS = ["boxes", "scores", "labels", "num_detections"]
+RAW_OUTPUTS = ["cls_logits", "box_deltas", "centerness", "anchors"]
+SEGDEC_OUTPUTS = ["decision_logits", "seg_logits"]
+MAX_SIDE_BLOCKS = 128  # dynamic height / width: up to 128 x 32 = 4096 pixels
+
+__all__ = [
+    "ATSSExport",
+    "OnnxDetector",
+    "OnnxSegDec",
+    "SegDecExport",
+    "export_detector",
+    "export_segdec",
+    "nms_keep",
+    "predict_images_onnx",
+    "predict_segdec_onnx",
+    "read_metadata",
+]
+
+
+def _require_onnx(runtime: bool = True, exporter: bool = False) -> Any:
+    """Import onnx (+ onnxruntime / onnxscript); an ImportError saying how to install them otherwise."""
+    names = ["onnx"] + (["onnxruntime"] if runtime else []) + (["onnxscript"] if exporter else [])
+    try:
+        mods = [__import__(n) for n in names]
+    except ImportError as e:
+        raise ImportError(f"ONNX export / inference needs {', '.join(names)} ({e}); {INSTALL_HINT}") from None
+    return mods
+
+
+# ----------------------------------------------------------------------------- NMS that exports
+@torch.library.custom_op("negvision::nms_keep", mutates_args=())
+def nms_keep(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Keep mask [B, N] of NMS run per image on ``boxes`` [B, N, 4] (xyxy) / ``scores`` [B, N]; entries with a
+    negative score take no part. Exports to ONNX NonMaxSuppression (see ``_nms_keep_onnx``)."""
+    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    for b in range(scores.shape[0]):
+        valid = torch.nonzero(scores[b] >= 0).squeeze(1)
+        k = torchvision.ops.nms(boxes[b, valid].float(), scores[b, valid].float(), iou_threshold)
+        keep[b, valid[k]] = True
+    return keep
+
+
+@nms_keep.register_fake
+def _nms_keep_fake(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    return torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+
+
+def _nms_keep_onnx(boxes: Any, scores: Any, iou_threshold: float) -> Any:
+    """ONNX translation of ``nms_keep``: NonMaxSuppression over the batch (one 'class'), indices -> keep mask."""
+    from onnx import TensorProto, helper
+    from onnxscript import opset18 as op
+
+    max_out = op.Constant(value=helper.make_tensor("max_out", TensorProto.INT64, [1], [2**62]))
+    sel = op.NonMaxSuppression(boxes, op.Unsqueeze(scores, [1]), max_out, op.Constant(value_float=iou_threshold),
+                               op.Constant(value_float=-0.5))  # [M, 3] (batch, class, box); negatives excluded
+    idx = op.Concat(op.Slice(sel, [0], [1], [1]), op.Slice(sel, [2], [3], [1]), axis=1)
+    ones = op.ConstantOfShape(op.Shape(sel, start=0, end=1),
+                              value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]))
+    return op.Cast(op.ScatterND(op.ConstantOfShape(op.Shape(scores)), idx, ones), to=TensorProto.BOOL)
+
+
+# ----------------------------------------------------------------------------- export wrappers
+class _StaticSamePad(nn.Module):
+    """timm's TF-"same" ``Conv2dSame`` / ``MaxPool2dSame`` with constant padding: for inputs divisible by the layer's
+    stride (any multiple of 32 up to C5) the "same" padding is max((k - 1) d + 1 - s, 0) whatever the size, and a
+    constant keeps torch.export from tracing size-dependent padding, whose symbolic shapes grow with every layer
+    (minutes for EfficientNet-Lite0 with dynamic height and width)."""
+
+    def __init__(self, inner: nn.Module, pool: bool) -> None:
+        super().__init__()
+        self.inner, self.pool = inner, pool
+        k = tuple(inner.kernel_size) if pool else tuple(inner.weight.shape[-2:])
+        s, d = tuple(inner.stride), tuple(inner.dilation)
+        ph, pw = (max((k[i] - 1) * d[i] + 1 - s[i], 0) for i in range(2))
+        self.pad = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)  # as timm's pad_same: the extra pixel after
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = self.inner
+        x = torch.nn.functional.pad(x, self.pad, value=-float("inf") if self.pool else 0.0)
+        if self.pool:
+            return torch.nn.functional.max_pool2d(x, m.kernel_size, m.stride, 0, m.dilation, m.ceil_mode)
+        return torch.nn.functional.conv2d(x, m.weight, m.bias, m.stride, 0, m.dilation, m.groups)
+
+
+def _static_same_padding(module: nn.Module) -> nn.Module:
+    """``module`` with every timm Conv2dSame / MaxPool2dSame wrapped in ``_StaticSamePad`` (a copy when any)."""
+    import copy
+
+    try:
+        from timm.layers.conv2d_same import Conv2dSame
+        from timm.layers.pool2d_same import MaxPool2dSame
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return module
+    if not any(isinstance(m, (Conv2dSame, MaxPool2dSame)) for m in module.modules()):
+        return module
+    module = copy.deepcopy(module)
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (Conv2dSame, MaxPool2dSame)):
+                setattr(parent, name, _StaticSamePad(child, pool=isinstance(child, MaxPool2dSame)))
+    return module
+
+
+class ATSSExport(nn.Module):
+    """ATSS from the normalised, padded batch to fixed-size detections (``nms=True``) or raw head outputs.
+
+    The post-processing is ``ATSS.postprocess`` written over the batch with static shapes: per level the
+    candidates (sigmoid(cls) > score_thresh) keep their score sigmoid(cls) * sigmoid(ctr), the others -1; the
+    top ``pre_nms_top_n`` of each level are decoded, clipped to the image and dropped when smaller than 0.01;
+    class-wise NMS uses torchvision's ``batched_nms`` offset trick (boxes + label * (max coordinate + 1)).
+
+    Args:
+        model: a trained ``ATSS`` (its score / NMS settings are used).
+        nms: True: boxes / scores / labels / num_detections; False: cls_logits / box_deltas / centerness / anchors.
+        half: run backbone, FPN and head in fp16 (inputs, outputs and post-processing stay fp32).
+    """
+
+    def __init__(self, model: ATSS, nms: bool = True, half: bool = False) -> None:
+        super().__init__()
+        self.backbone = _static_same_padding(model.backbone)  # inputs are multiples of 32: constant padding
+        self.fpn, self.head = model.fpn, model.head
+        self.num_classes = model.num_classes
+        self.anchor_sizes = model.anchor_sizes
+        self.box_coder = model.box_coder
+        self.score_thresh, self.nms_thresh = float(model.score_thresh), float(model.nms_thresh)
+        self.pre_nms_top_n, self.detections_per_img = int(model.pre_nms_top_n), int(model.detections_per_img)
+        self.nms = nms
+        self.half_precision = half
+
+    def raw(self, images: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor], Tensor]:
+        """Per level: cls [B, A_l, C], box deltas [B, A_l, 4], centerness [B, A_l] (fp32); anchors [A, 4]."""
+        x = images.half() if self.half_precision else images
+        feats = self.fpn(self.backbone(x))
+        cls, box, ctr = self.head(feats)
+        n, C = images.shape[0], self.num_classes
+        anchors = grid_anchors([(f.shape[-2], f.shape[-1]) for f in feats], STRIDES, self.anchor_sizes,
+                               device=images.device)
+        cls = [c.permute(0, 2, 3, 1).reshape(n, -1, C).float() for c in cls]
+        box = [b.permute(0, 2, 3, 1).reshape(n, -1, 4).float() for b in box]
+        ctr = [c.permute(0, 2, 3, 1).reshape(n, -1).float() for c in ctr]
+        return cls, box, ctr, anchors
+
+    def forward(self, images: Tensor, image_sizes: Tensor | None = None) -> tuple[Tensor, ...]:
+        cls, box, ctr, anchors = self.raw(images)
+        if not self.nms:
+            return torch.cat(cls, 1), torch.cat(box, 1), torch.cat(ctr, 1), anchors
+        if image_sizes is None:
+            raise ValueError("ATSSExport with nms=True needs image_sizes [B, 2] (height, width of each image)")
+        n, C, k = images.shape[0], self.num_classes, self.pre_nms_top_n
+        h_img = image_sizes[:, 0].to(torch.float32)[:, None, None]
+        w_img = image_sizes[:, 1].to(torch.float32)[:, None, None]
+        all_boxes, all_scores, all_labels = [], [], []
+        start = 0
+        for c, b, t in zip(cls, box, ctr, strict=True):
+            a_l = c.shape[1]
+            anc = anchors[start:start + a_l]
+            start = start + a_l
+            prob = c.sigmoid()
+            score = prob * t.sigmoid()[:, :, None]  # score = sigmoid(cls) * sigmoid(ctr)
+            score = torch.where(prob > self.score_thresh, score, -1.0).reshape(n, -1)
+            # pad with k non-candidates so that topk(k) is static whatever the level's size
+            score = torch.cat([score, score.new_full((n, k), -1.0)], 1)
+            top_s, top_i = score.topk(k, dim=1)
+            a_idx = torch.clamp(torch.div(top_i, C, rounding_mode="floor"), max=a_l - 1)
+            labels = top_i % C
+            deltas = torch.gather(b, 1, a_idx[:, :, None].expand(-1, -1, 4))
+            boxes = self.box_coder.decode_single(deltas.reshape(-1, 4), anc[a_idx.reshape(-1)]).reshape(n, -1, 4)
+            xs = torch.minimum(boxes[:, :, 0::2].clamp(min=0), w_img)  # clip_boxes_to_image
+            ys = torch.minimum(boxes[:, :, 1::2].clamp(min=0), h_img)
+            boxes = torch.stack((xs[..., 0], ys[..., 0], xs[..., 1], ys[..., 1]), dim=2)
+            ok = (top_s >= 0) & (boxes[..., 2] - boxes[..., 0] >= 1e-2) & (boxes[..., 3] - boxes[..., 1] >= 1e-2)
+            all_boxes.append(boxes)
+            all_scores.append(torch.where(ok, top_s, -1.0))
+            all_labels.append(labels)
+        boxes, scores, labels = torch.cat(all_boxes, 1), torch.cat(all_scores, 1), torch.cat(all_labels, 1)
+        # batched_nms: boxes of different classes never overlap once shifted by label * (max coordinate + 1)
+        max_coord = torch.where((scores >= 0)[..., None], boxes, 0.0).amax(dim=(1, 2))
+        offsets = labels.to(boxes.dtype) * (max_coord[:, None] + 1)
+        keep = nms_keep(boxes + offsets[..., None], scores, self.nms_thresh)
+        final = torch.where(keep, scores, -1.0)
+        top_s, top_i = final.topk(min(self.detections_per_img, final.shape[1]), dim=1)
+        det = top_s >= 0
+        out_boxes = torch.gather(boxes, 1, top_i[:, :, None].expand(-1, -1, 4)) * det[..., None].to(boxes.dtype)
+        out_scores = torch.where(det, top_s, 0.0)
+        out_labels = torch.where(det, torch.gather(labels, 1, top_i), -1)
+        pad = self.detections_per_img - top_s.shape[1]
+        if pad > 0:  # fewer candidates than detections_per_img in all: pad to K
+            out_boxes = torch.cat([out_boxes, out_boxes.new_zeros((n, pad, 4))], 1)
+            out_scores = torch.cat([out_scores, out_scores.new_zeros((n, pad))], 1)
+            out_labels = torch.cat([out_labels, out_labels.new_full((n, pad), -1)], 1)
+        return out_boxes, out_scores, out_labels, det.sum(1)
+
+
+class SegDecExport(nn.Module):
+    """SegDecNet with fp32 outputs: ``forward(x [B, C, H, W] in 0..1) -> (decision_logits [B], seg_logits [B, 1,
+    H/8, W/8])``; ``half`` runs the network in fp16."""
+
+    def __init__(self, model: nn.Module, half: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.half_precision = half
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        dec, seg = self.model(x.half() if self.half_precision else x)
+        return dec.float(), seg.float()
+
+
+# ----------------------------------------------------------------------------- writing files
+def _simplifier() -> Any:
+    """onnxslim, else onnx-simplifier; ImportError saying how to get one when neither is installed."""
+    import importlib
+
+    for name in ("onnxslim", "onnxsim"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise ImportError("simplify needs onnxslim (pip install onnxslim) or onnx-simplifier (pip install onnxsim); "
+                      "without it the exporter's own optimizer has already folded constants")
+
+
+def _simplify(proto: Any, out: Path) -> Any:
+    """The model after onnxslim (else onnx-simplifier)."""
+    tool = _simplifier()
+    if tool.__name__ == "onnxslim":
+        return tool.slim(proto)
+    proto, ok = tool.simplify(proto)
+    if not ok:
+        raise ValueError(f"{out}: onnx-simplifier could not validate the simplified model")
+    return proto
+
+
+def _write_onnx(program: Any, out: Path, metadata: dict[str, Any], simplify: bool) -> Path:
+    """Add ``metadata`` to the exported model, optionally simplify, check with onnx.checker, write atomically."""
+    import onnx
+
+    from vision.io import write_bytes_atomic
+
+    proto = program.model_proto
+    if simplify:
+        proto = _simplify(proto, out)
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
+    if proto.ByteSize() >= 2**31:
+        raise ValueError(f"{out}: the model is over 2 GB, which one .onnx file cannot hold")
+    onnx.checker.check_model(proto)
+    write_bytes_atomic(out, proto.SerializeToString())
+    return out
+
+
+def _write_pt2(module: nn.Module, args: tuple, dynamic_shapes: Any, out: Path, metadata: dict[str, Any]) -> Path:
+    """``torch.export`` program of ``module`` with the metadata as an extra file; written atomically."""
+    import io
+
+    from vision.io import write_bytes_atomic
+
+    ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+    buf = io.BytesIO()
+    torch.export.save(ep, buf, extra_files={"negvision.json": json.dumps(metadata)})
+    write_bytes_atomic(out, buf.getvalue())
+    return out
+
+
+def _export(module: nn.Module, args: tuple, input_names: list[str], output_names: list[str], dynamic_shapes: Any,
+            out: Path, metadata: dict[str, Any], opset: int, simplify: bool) -> Path:
+    out = Path(out)
+    if out.suffix != ".pt2":
+        _require_onnx(runtime=False, exporter=True)
+        if opset < 17:
+            raise ValueError(f"opset {opset}: the exporter needs opset 17 or later (18 is the default)")
+        if simplify:
+            _simplifier()  # before the export, which takes a while
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log.info("exporting %s (torch.export; about half a minute on a CPU)", out)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if out.suffix == ".pt2":
+            path = _write_pt2(module, args, dynamic_shapes, out, metadata)
+        else:
+            with warnings.catch_warnings():  # images and image_sizes share the batch Dim: a harmless notice
+                warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape")
+                program = torch.onnx.export(
+                    module, args, dynamo=True, opset_version=opset, input_names=input_names,
+                    output_names=output_names, dynamic_shapes=dynamic_shapes, verbose=False,
+                    custom_translation_table={torch.ops.negvision.nms_keep.default: _nms_keep_onnx})
+            path = _write_onnx(program, out, metadata, simplify)
+    log.debug("exported %s in %.1f s (%.1f MB)", path, time.perf_counter() - t0, path.stat().st_size / 2**20)
+    return path
+
+
+def _ceil_to(x: int, m: int) -> int:
+    return int(math.ceil(x / m) * m)
+
+
+def _common_metadata(task: str, source: Path, opset: int, half: bool, dynamic: bool) -> dict[str, Any]:
+    return {"negvision_format": FORMAT, "format_version": FORMAT_VERSION, "task": task, "source": str(source),
+            "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}", "opset": opset,
+            "half": half, "dynamic": dynamic}
+
+
+def export_detector(weights: str | Path, out: str | Path, img_size: int | None = None, dynamic: bool = True,
+                    half: bool = False, opset: int = 18, nms: bool = True, simplify: bool = False,
+                    batch: int = 1) -> Path:
+    """Export a trained ATSS run (run folder, checkpoint or weights file) to ONNX (or ``.pt2``); returns ``out``.
+
+    Args:
+        weights: what ``detectors.detect.load_detector`` takes.
+        out: the ``.onnx`` file to write (``.pt2``: a torch.export program instead).
+        img_size: longest side the images are resized to (default: the run's ``max_size``, its --img-size).
+        dynamic: dynamic batch, height and width (multiples of 32); False: fixed [batch, 3, S, S], S =
+            img_size rounded up to 32.
+        half: fp16 weights and graph (for CUDA; see the module docstring).
+        opset: ONNX opset (18 or later).
+        nms: in-graph NMS and fixed-size detections (True) or the raw head outputs (False).
+        simplify: run onnxslim (else onnx-simplifier) on the result.
+        batch: the fixed batch size of a ``dynamic=False`` export.
+    """
+    from detectors.detect import find_weights_file, load_detector
+
+    model, spec = load_detector(weights, "cpu")
+    if not isinstance(model, ATSS):
+        raise ValueError(f"{weights}: export supports ATSS detectors; this run is a '{spec.get('model')}'")
+    size = int(img_size or spec["kwargs"].get("max_size", model.transform.max_size))
+    div = int(model.transform.size_divisible)
+    side = _ceil_to(size, div)
+    wrapper = ATSSExport(model, nms=nms, half=half).eval()
+    if half:
+        wrapper = wrapper.half()
+    pt2 = Path(out).suffix == ".pt2"
+    dynamic_hw = dynamic and not pt2
+    n = 2 if dynamic else batch
+    # trace at a size where every level (P7 = 1/128) is at least 2 x 2: torch.export specialises sizes of 0 and 1
+    example = max(side, 8 * div) if dynamic_hw else side
+    images = torch.randn(n, 3, example, example)
+    args: tuple = (images, torch.full((n, 2), size, dtype=torch.int64)) if nms else (images,)
+    shapes: Any = None
+    if dynamic:
+        b = torch.export.Dim("batch", min=1, max=1024)
+        shapes = {"images": {0: b}}
+        if dynamic_hw:
+            hb = torch.export.Dim("height_div32", min=1, max=MAX_SIDE_BLOCKS)
+            wb = torch.export.Dim("width_div32", min=1, max=MAX_SIDE_BLOCKS)
+            shapes["images"].update({2: div * hb, 3: div * wb})
+        if nms:
+            shapes["image_sizes"] = {0: b}
+    meta = _common_metadata("detect", find_weights_file(weights), opset, half, dynamic)
+    meta.update({
+        "model": spec.get("model", "atss"), "classes": list(spec["classes"]), "img_size": size,
+        "input_size": None if dynamic_hw else [side, side], "size_divisible": div,
+        "mean": list(model.transform.image_mean), "std": list(model.transform.image_std),
+        "score_thresh": wrapper.score_thresh, "nms_thresh": wrapper.nms_thresh,
+        "pre_nms_top_n": wrapper.pre_nms_top_n, "detections_per_img": wrapper.detections_per_img,
+        "nms": nms, "box_coder_weights": list(model.box_coder.weights), "bbox_xform_clip": model.box_coder.clip,
+        "inputs": ["images", "image_sizes"] if nms else ["images"], "outputs": DET_OUTPUTS if nms else RAW_OUTPUTS,
+    })
+    return _export(wrapper, args, meta["inputs"], meta["outputs"], shapes, Path(out), meta, opset, simplify)
+
+
+def _eval_threshold(weights: Path) -> float | None:
+    """The best-F1 decision threshold of the run's evaluation (eval/metrics.json), when there is one."""
+    start = weights if weights.is_dir() else weights.parent
+    for p in [start, *start.parents][:4]:
+        f = p / "eval" / "metrics.json"
+        if f.is_file():
+            try:
+                return float(json.loads(f.read_text())["threshold"])
+            except (KeyError, ValueError, TypeError, OSError):
+                return None
+    return None
+
+
+def export_segdec(weights: str | Path, out: str | Path, dynamic: bool = True, half: bool = False, opset: int = 18,
+                  simplify: bool = False, batch: int = 1) -> Path:
+    """Export a trained SegDecNet run to ONNX (or ``.pt2``): input ``[B, C, H, W]`` in 0..1 at the run's
+    img_size, outputs ``decision_logits [B]`` and ``seg_logits [B, 1, H/8, W/8]``; ``dynamic``: the batch."""
+    from detectors.segdec.spec import find_weights_file, load_segdec
+
+    model, spec = load_segdec(weights, "cpu")
+    h, w = (int(v) for v in spec["img_size"])
+    channels = int(model.in_channels)
+    wrapper = SegDecExport(model, half=half).eval()
+    if half:
+        wrapper = wrapper.half()
+    n = 2 if dynamic else batch
+    shapes = {"x": {0: torch.export.Dim("batch", min=1, max=1024)}} if dynamic else None
+    meta = _common_metadata("segdec", find_weights_file(weights), opset, half, dynamic)
+    meta.update({"img_size": [h, w], "channels": channels, "model": model.config, "inputs": ["images"],
+                 "outputs": SEGDEC_OUTPUTS})
+    thr = _eval_threshold(Path(weights))
+    if thr is not None:
+        meta["threshold"] = thr
+    return _export(wrapper, (torch.rand(n, channels, h, w),), ["images"], SEGDEC_OUTPUTS, shapes, Path(out), meta,
+                   opset, simplify)
+
+
+# ----------------------------------------------------------------------------- onnxruntime inference
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The negvision metadata of an exported ``.onnx`` file (values JSON-decoded); ValueError naming the file when
+    it is not a readable ONNX model or has none."""
+    onnx = _require_onnx(runtime=False)[0]
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: ONNX file not found")
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except Exception as e:
+        raise ValueError(f"{p}: not a readable ONNX model ({type(e).__name__}: {_one_line(e)})") from None
+    return _decode_meta(p, {m.key: m.value for m in proto.metadata_props})
+
+
+def _decode_meta(p: Path, raw: dict[str, str]) -> dict[str, Any]:
+    if raw.get("negvision_format") != FORMAT:
+        raise ValueError(f"{p}: no negvision metadata (not written by 'negvision detect export' / 'negvision defect "
+                         "export'); re-export the run with negvision")
+    meta: dict[str, Any] = {}
+    for k, v in raw.items():
+        try:
+            meta[k] = json.loads(v)
+        except json.JSONDecodeError:
+            meta[k] = v
+    meta["negvision_format"], meta["format_version"] = raw["negvision_format"], raw.get("format_version", "")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"{p}: negvision ONNX format version {meta['format_version']!r}, this negvision reads "
+                         f"{FORMAT_VERSION!r}; re-export the run")
+    return meta
+
+
+def _cuda_available(ort: Any) -> bool:
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def _open_session(path: str | Path, providers: Sequence[str] | None, threads: int | None,
+                  task: str) -> tuple[Any, dict[str, Any]]:
+    """(onnxruntime session, metadata) of an exported file; one-line ValueError naming it when it is unusable."""
+    _, ort = _require_onnx()
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: ONNX file not found")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    if providers is None:
+        providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if _cuda_available(ort)
+                     else ["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(str(p), sess_options=opts, providers=list(providers))
+    except Exception as e:
+        raise ValueError(f"{p}: cannot load the ONNX model ({type(e).__name__}: {_one_line(e)})") from None
+    meta = _decode_meta(p, dict(sess.get_modelmeta().custom_metadata_map))
+    if meta.get("task") != task:
+        want = {"detect": "a detector", "segdec": "a SegDecNet"}[task]
+        raise ValueError(f"{p}: exported {meta.get('task')!r} model, expected {want}")
+    if meta.get("half") and "CUDAExecutionProvider" not in sess.get_providers():
+        log.warning("%s is an fp16 export, meant for the CUDA provider; on the CPU an fp32 export (without "
+                    "--half) is the one to use", p)
+    return sess, meta
+
+
+def _fixed(dim: Any) -> int | None:
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
+class OnnxDetector:
+    """An exported detector in onnxruntime; ``predict`` takes HWC uint8 RGB arrays and returns the PyTorch path's
+    ``[{"boxes", "scores", "labels"}]`` (numpy; boxes xyxy in original image coordinates).
+
+    Args:
+        path: the ``.onnx`` file written by ``export_detector``.
+        providers: onnxruntime providers (default: CUDA when available, else CPU).
+        threads: intra-op threads of the CPU provider (default: onnxruntime's choice).
+    """
+
+    def __init__(self, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None) -> None:
+        from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+        self.path = Path(path)
+        self.session, self.meta = _open_session(path, providers, threads, "detect")
+        m = self.meta
+        self.classes: list[str] = list(m["classes"])
+        self.img_size = int(m["img_size"])
+        self.nms = bool(m.get("nms", True))
+        self.score_thresh = float(m["score_thresh"])
+        # torchvision's own resize / normalise / pad: the same pixels as the PyTorch model's transform
+        self.transform = GeneralizedRCNNTransform(self.img_size, self.img_size, list(m["mean"]), list(m["std"]),
+                                                  size_divisible=int(m.get("size_divisible", 32))).eval()
+        inp = self.session.get_inputs()[0]
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.fixed_batch = _fixed(inp.shape[0])
+        self.fixed_hw = (_fixed(inp.shape[2]), _fixed(inp.shape[3]))
+        self.input_dtype = np.float16 if "float16" in inp.type else np.float32
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.session.get_providers())
+
+    def preprocess(self, images: Sequence[Any]) -> tuple[np.ndarray, list[tuple[int, int]], list[tuple[int, int]]]:
+        """(batch [B, 3, H, W], resized sizes, original sizes) from HWC uint8 RGB arrays, as the PyTorch model."""
+        tensors, originals = [], []
+        for i, im in enumerate(images):
+            a = np.asarray(im)
+            if a.ndim != 3 or a.shape[2] != 3:
+                raise ValueError(f"image {i}: expected an HWC RGB array, got shape {tuple(a.shape)}")
+            t = torch.from_numpy(np.array(a)).permute(2, 0, 1)  # a copy: the input may be read-only
+            tensors.append(t.float().div(255) if a.dtype == np.uint8 else t.float())
+            originals.append((int(a.shape[0]), int(a.shape[1])))
+        with torch.no_grad():
+            batch, _ = self.transform(tensors)
+        x = batch.tensors
+        fh, fw = self.fixed_hw
+        if fh is not None and fw is not None:  # a fixed-size export: pad to its square input
+            if x.shape[-2] > fh or x.shape[-1] > fw:
+                raise ValueError(f"{self.path}: resized batch {tuple(x.shape[-2:])} exceeds the input size ({fh}, {fw})")
+            x = torch.nn.functional.pad(x, (0, fw - x.shape[-1], 0, fh - x.shape[-2]))
+        return x.numpy(), [tuple(s) for s in batch.image_sizes], originals
+
+    def _run_exact(self, x: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
+        feed = {self.input_names[0]: x.astype(self.input_dtype, copy=False)}
+        if len(self.input_names) > 1:
+            feed[self.input_names[1]] = sizes
+        return self.session.run(None, feed)
+
+    def _run(self, x: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
+        """Session outputs for the batch ``x``; a fixed-batch export runs in chunks, the last one zero-padded."""
+        n, fb = x.shape[0], self.fixed_batch
+        if fb is None or fb == n:
+            return self._run_exact(x, sizes)
+        parts: list[tuple[int, list[np.ndarray]]] = []
+        for i in range(0, n, fb):
+            xs, ss = x[i:i + fb], sizes[i:i + fb]
+            m = xs.shape[0]
+            if m < fb:
+                xs = np.concatenate([xs, np.zeros((fb - m, *xs.shape[1:]), xs.dtype)])
+                ss = np.concatenate([ss, np.repeat(ss[:1], fb - m, 0)])
+            parts.append((m, self._run_exact(xs, ss)))
+        return [parts[0][1][j] if name == "anchors" else np.concatenate([o[j][:m] for m, o in parts])
+                for j, name in enumerate(self.output_names)]
+
+    def _postprocess_raw(self, outs: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        """ATSS.postprocess on the raw outputs of an ``nms=False`` export (the PyTorch code itself)."""
+        from detectors.atss.box_coder import BoxCoder
+
+        cls, box, ctr, anchors = (torch.from_numpy(np.asarray(o)) for o in outs)
+        widths = (anchors[:, 2] - anchors[:, 0]).tolist()
+        num_per_level, last = [], None
+        for wv in widths:  # one anchor size per level: consecutive runs of equal width are the levels
+            if wv != last:
+                num_per_level.append(0)
+                last = wv
+            num_per_level[-1] += 1
+        m = self.meta
+        ns = types.SimpleNamespace(num_classes=len(self.classes), score_thresh=float(m["score_thresh"]),
+                                   nms_thresh=float(m["nms_thresh"]), pre_nms_top_n=int(m["pre_nms_top_n"]),
+                                   detections_per_img=int(m["detections_per_img"]),
+                                   box_coder=BoxCoder(tuple(m["box_coder_weights"]), float(m["bbox_xform_clip"])))
+        return ATSS.postprocess(ns, cls, box, ctr, anchors, num_per_level, sizes)  # type: ignore[arg-type]
+
+    def predict(self, images: Sequence[Any]) -> list[dict[str, np.ndarray]]:
+        """Detections per image: boxes [N, 4] float32 (xyxy, original pixels), scores [N] float32, labels [N] int64."""
+        from torchvision.models.detection.transform import resize_boxes
+
+        if len(images) == 0:
+            return []
+        x, sizes, originals = self.preprocess(images)
+        size_arr = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+        outs = self._run(x, size_arr)
+        if self.nms:
+            boxes, scores, labels, num = outs
+            dets = [{"boxes": torch.from_numpy(np.asarray(boxes[i, :int(num[i])], np.float32)),
+                     "scores": torch.from_numpy(np.asarray(scores[i, :int(num[i])], np.float32)),
+                     "labels": torch.from_numpy(np.asarray(labels[i, :int(num[i])], np.int64))}
+                    for i in range(len(sizes))]
+        else:
+            dets = self._postprocess_raw(outs, sizes)
+        results = []
+        for d, s, o in zip(dets, sizes, originals, strict=True):
+            b = resize_boxes(d["boxes"].float(), s, o)  # torchvision's own mapping back to the original image
+            results.append({"boxes": b.numpy().astype(np.float32), "scores": d["scores"].numpy().astype(np.float32),
+                            "labels": d["labels"].numpy().astype(np.int64)})
+        return results
+
+    __call__ = predict
+
+
+class OnnxSegDec:
+    """An exported SegDecNet in onnxruntime; ``predict`` takes uint8 arrays (HW grey or HWC RGB, any size) and
+    returns per image the defect probability and the segmentation probability at the image's size, with the
+    pre-processing of ``negvision defect predict`` (PIL bilinear resize to the run's img_size, / 255).
+
+    Args:
+        path: the ``.onnx`` file written by ``export_segdec``.
+        providers: onnxruntime providers (default: CUDA when available, else CPU).
+        threads: intra-op threads of the CPU provider.
+    """
+
+    def __init__(self, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None) -> None:
+        self.path = Path(path)
+        self.session, self.meta = _open_session(path, providers, threads, "segdec")
+        self.img_size = tuple(int(v) for v in self.meta["img_size"])  # (height, width)
+        self.channels = int(self.meta["channels"])
+        self.threshold = float(self.meta.get("threshold", 0.5))
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.fixed_batch = _fixed(inp.shape[0])
+        self.input_dtype = np.float16 if "float16" in inp.type else np.float32
+
+    def preprocess(self, images: Sequence[Any]) -> np.ndarray:
+        """[B, C, H, W] float32 in 0..1 from PIL images or uint8 arrays."""
+        from PIL import Image
+
+        h, w = self.img_size
+        mode = "L" if self.channels == 1 else "RGB"
+        out = []
+        for im in images:
+            pil = im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im))
+            if pil.mode != mode:
+                pil = pil.convert(mode)
+            small = np.asarray(pil.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+            out.append(small[None] if mode == "L" else small.transpose(2, 0, 1))
+        return np.ascontiguousarray(np.stack(out))
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(decision_logits [B], seg_logits [B, 1, H/8, W/8]) of a preprocessed batch."""
+        fb, n = self.fixed_batch, x.shape[0]
+        if fb is None or fb == n:
+            dec, seg = self.session.run(None, {self.input_name: x.astype(self.input_dtype, copy=False)})
+            return dec, seg
+        decs, segs = [], []
+        for i in range(0, n, fb):
+            xs = x[i:i + fb]
+            m = xs.shape[0]
+            if m < fb:
+                xs = np.concatenate([xs, np.zeros((fb - m, *xs.shape[1:]), xs.dtype)])
+            d, s = self.session.run(None, {self.input_name: xs.astype(self.input_dtype, copy=False)})
+            decs.append(d[:m])
+            segs.append(s[:m])
+        return np.concatenate(decs), np.concatenate(segs)
+
+    def predict(self, images: Sequence[Any]) -> list[dict[str, Any]]:
+        """Per image: probability, decision_logit, defective (probability >= the run's threshold) and ``seg``, the
+        segmentation probability [H0, W0] upsampled to the image's own size."""
+        from detectors.segdec.evaluate import _upsample
+
+        if len(images) == 0:
+            return []
+        dec, seg = self.run(self.preprocess(images))
+        prob = 1.0 / (1.0 + np.exp(-dec.astype(np.float64)))
+        seg_p = torch.sigmoid(torch.from_numpy(np.asarray(seg, np.float32)))[:, 0].numpy()
+        res = []
+        for im, d, p, sp in zip(images, dec, prob, seg_p, strict=True):
+            size = (im.height, im.width) if hasattr(im, "height") else tuple(np.asarray(im).shape[:2])
+            res.append({"probability": float(p), "decision_logit": float(d), "defective": bool(p >= self.threshold),
+                        "seg": _upsample(sp, size)})
+        return res
+
+    __call__ = predict
+
+
+# ----------------------------------------------------------------------------- folder prediction
+# Copied from detectors.detect.predict_images (the same files and fields), with the model swapped for onnxruntime
+def predict_images_onnx(model_path: str | Path, source: str | Path | list[Path], out: str | Path, *,
+                        score_thresh: float = 0.3, batch: int = 4, draw: bool = True, skip_bad: bool = False,
+                        providers: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """``detectors.detect.predict_images`` with an exported ``.onnx`` detector: one JSON per image and (optionally)
+    the image with boxes drawn; same names, fields and bad-image policy."""
+    from vision.engine.run import write_skipped
+    from vision.io import list_images, open_image_or_skip, output_names, write_json_atomic
+    from vision.viz import draw_boxes, save_image
+
+    det = OnnxDetector(model_path, providers=providers)
+    classes = det.classes
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [Path(f) for f in source] if isinstance(source, (list, tuple)) else list_images(source)
+    names = output_names(files, None if isinstance(source, (list, tuple)) else source)
+    results, skipped = [], []
+    for i in range(0, len(files), batch):
+        chunk, stems, arrs = [], [], []
+        for f, stem in zip(files[i:i + batch], names[i:i + batch], strict=True):
+            pil = open_image_or_skip(f, "RGB", skip_bad, skipped)
+            if pil is None:
+                continue
+            chunk.append(f)
+            stems.append(stem)
+            arrs.append(np.asarray(pil))
+        if not chunk:
+            continue
+        dets = det.predict(arrs)
+        for f, stem, arr, d in zip(chunk, stems, arrs, dets, strict=True):
+            keep = d["scores"] >= score_thresh
+            boxes, scores, labels = d["boxes"][keep], d["scores"][keep], d["labels"][keep]
+            rec = {"image": str(f), "width": int(arr.shape[1]), "height": int(arr.shape[0]),
+                   "detections": [{"box": [round(float(v), 2) for v in b], "score": round(float(s), 4),
+                                   "label": int(lab), "class_name": classes[int(lab)]}
+                                  for b, s, lab in zip(boxes, scores, labels, strict=True)]}
+            rec["json"] = str(out / f"{stem}.json")
+            write_json_atomic(out / f"{stem}.json", rec)
+            if draw:
+                rec["picture"] = str(out / f"{stem}.jpg")
+                save_image(draw_boxes(arr, boxes, labels, scores, class_names=classes), out / f"{stem}.jpg")
+            results.append(rec)
+    write_skipped(out, {"predict": skipped})
+    return results
+
+
+# Copied from detectors.segdec.predict.predict_segdec (the same files and fields), with onnxruntime as the model
+def predict_segdec_onnx(model_path: str | Path, source: str | Path, out: str | Path, *, threshold: float | None = None,
+                        seg_threshold: float = 0.5, batch: int = 4, heatmaps: bool = True, skip_bad: bool = False,
+                        providers: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """``detectors.segdec.predict.predict_segdec`` with an exported ``.onnx`` SegDecNet: predictions.csv / .json,
+    mask PNGs and heatmaps; ``threshold`` defaults to the one stored at export (the run's best-F1), else 0.5."""
+    import csv
+    import io
+
+    from PIL import Image
+
+    from vision.io import list_images, open_image_or_skip, output_names, write_bytes_atomic, write_json_atomic
+    from vision.viz import overlay_heatmap, save_image
+
+    net = OnnxSegDec(model_path, providers=providers)
+    thr = net.threshold if threshold is None else float(threshold)
+    grey = net.channels == 1
+    out = Path(out)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    if heatmaps:
+        (out / "heatmaps").mkdir(parents=True, exist_ok=True)
+    files = list_images(source)
+    names = dict(zip(files, output_names(files, source), strict=True))
+    results: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    for i in range(0, len(files), batch):
+        chunk, originals = [], []
+        for f in files[i:i + batch]:
+            im = open_image_or_skip(f, "L" if grey else "RGB", skip_bad, skipped)
+            if im is None:
+                continue
+            chunk.append(f)
+            originals.append(im)
+        if not chunk:
+            continue
+        preds = net.predict(originals)
+        for f, im, p in zip(chunk, originals, preds, strict=True):
+            orig = np.asarray(im)
+            full = p["seg"]
+            mask = full >= seg_threshold
+            stem = names[f].as_posix()
+            mpath = out / "masks" / f"{stem}.png"
+            buf_png = io.BytesIO()
+            Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(buf_png, format="PNG")
+            write_bytes_atomic(mpath, buf_png.getvalue())
+            prob = p["probability"]
+            rec = {"image": str(f), "probability": round(float(prob), 6), "defective": bool(prob >= thr),
+                   "defect_pixels": int(mask.sum()), "width": int(orig.shape[1]), "height": int(orig.shape[0]),
+                   "mask": str(mpath)}
+            if heatmaps:
+                hpath = out / "heatmaps" / f"{stem}.jpg"
+                save_image(overlay_heatmap(orig, np.clip(full, 0, 1)), hpath)
+                rec["heatmap"] = str(hpath)
+            results.append(rec)
+    buf = io.StringIO()
+    wr = csv.writer(buf, lineterminator="\n")
+    wr.writerow(["image", "probability", "defective", "defect_pixels", "mask"])
+    for r in results:
+        wr.writerow([r["image"], f"{r['probability']:.6f}", int(r["defective"]), r["defect_pixels"], r["mask"]])
+    write_bytes_atomic(out / "predictions.csv", buf.getvalue().encode())
+    write_json_atomic(out / "predictions.json", {"threshold": thr, "seg_threshold": seg_threshold,
+                                                 "skipped": skipped, "predictions": results})
+    return results
