@@ -272,6 +272,27 @@ def train_detector(
 
 
 # ----------------------------------------------------------------------------- prediction
+def write_detections(out: Path, image: Path, stem: Path, picture: Any, width: int, height: int,
+                     dets: dict[str, Any], classes: Sequence[str], score_thresh: float, draw: bool) -> dict[str, Any]:
+    """One image's ``predict`` outputs: ``OUT/STEM.json`` (detections scoring >= ``score_thresh``) and, with
+    ``draw``, ``OUT/STEM.jpg`` with the boxes drawn on ``picture``; returns the JSON record. Shared by the
+    PyTorch and the onnxruntime path."""
+    from vision.viz import draw_boxes, save_image
+
+    keep = dets["scores"] >= score_thresh
+    boxes, scores, labels = dets["boxes"][keep], dets["scores"][keep], dets["labels"][keep]
+    rec = {"image": str(image), "width": width, "height": height,
+           "detections": [{"box": [round(float(v), 2) for v in b], "score": round(float(s), 4),
+                           "label": int(lab), "class_name": classes[int(lab)]}
+                          for b, s, lab in zip(boxes, scores, labels, strict=True)]}
+    rec["json"] = str(out / f"{stem}.json")
+    write_json_atomic(out / f"{stem}.json", rec)
+    if draw:
+        rec["picture"] = str(out / f"{stem}.jpg")
+        save_image(draw_boxes(picture, boxes, labels, scores, class_names=classes), out / f"{stem}.jpg")
+    return rec
+
+
 @torch.no_grad()
 def predict_images(weights: str | Path, source: str | Path | list[Path], out: str | Path, *, score_thresh: float = 0.3,
                    batch: int = 4, device: str | None = None, draw: bool = True,
@@ -284,7 +305,6 @@ def predict_images(weights: str | Path, source: str | Path | list[Path], out: st
 
     from vision.engine.run import write_skipped
     from vision.io import open_image_or_skip, output_names
-    from vision.viz import draw_boxes, save_image
 
     model, spec = load_detector(weights, device)
     dev = next(model.parameters()).device
@@ -308,17 +328,8 @@ def predict_images(weights: str | Path, source: str | Path | list[Path], out: st
             continue
         dets = model([im.to(dev) for im in imgs])
         for f, stem, im, d in zip(chunk, stems, imgs, dets, strict=True):
-            keep = d["scores"] >= score_thresh
-            boxes, scores, labels = d["boxes"][keep].cpu(), d["scores"][keep].cpu(), d["labels"][keep].cpu()
-            rec = {"image": str(f), "width": int(im.shape[-1]), "height": int(im.shape[-2]),
-                   "detections": [{"box": [round(float(v), 2) for v in b], "score": round(float(s), 4),
-                                   "label": int(lab), "class_name": classes[int(lab)]}
-                                  for b, s, lab in zip(boxes, scores, labels, strict=True)]}
-            rec["json"] = str(out / f"{stem}.json")
-            write_json_atomic(out / f"{stem}.json", rec)
-            if draw:
-                rec["picture"] = str(out / f"{stem}.jpg")
-                save_image(draw_boxes(im, boxes, labels, scores, class_names=classes), out / f"{stem}.jpg")
-            results.append(rec)
+            d = {k: v.cpu() for k, v in d.items()}
+            results.append(write_detections(out, f, stem, im, int(im.shape[-1]), int(im.shape[-2]), d, classes,
+                                            score_thresh, draw))
     write_skipped(out, {"predict": skipped})
     return results

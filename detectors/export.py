@@ -742,9 +742,9 @@ def predict_images_onnx(model_path: str | Path, source: str | Path | list[Path],
                         providers: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """``detectors.detect.predict_images`` with an exported ``.onnx`` detector: one JSON per image and (optionally)
     the image with boxes drawn; same names, fields and bad-image policy."""
+    from detectors.detect import write_detections
     from vision.engine.run import write_skipped
-    from vision.io import list_images, open_image_or_skip, output_names, write_json_atomic
-    from vision.viz import draw_boxes, save_image
+    from vision.io import list_images, open_image_or_skip, output_names
 
     det = OnnxDetector(model_path, providers=providers)
     classes = det.classes
@@ -766,35 +766,20 @@ def predict_images_onnx(model_path: str | Path, source: str | Path | list[Path],
             continue
         dets = det.predict(arrs)
         for f, stem, arr, d in zip(chunk, stems, arrs, dets, strict=True):
-            keep = d["scores"] >= score_thresh
-            boxes, scores, labels = d["boxes"][keep], d["scores"][keep], d["labels"][keep]
-            rec = {"image": str(f), "width": int(arr.shape[1]), "height": int(arr.shape[0]),
-                   "detections": [{"box": [round(float(v), 2) for v in b], "score": round(float(s), 4),
-                                   "label": int(lab), "class_name": classes[int(lab)]}
-                                  for b, s, lab in zip(boxes, scores, labels, strict=True)]}
-            rec["json"] = str(out / f"{stem}.json")
-            write_json_atomic(out / f"{stem}.json", rec)
-            if draw:
-                rec["picture"] = str(out / f"{stem}.jpg")
-                save_image(draw_boxes(arr, boxes, labels, scores, class_names=classes), out / f"{stem}.jpg")
-            results.append(rec)
+            results.append(write_detections(out, f, stem, arr, int(arr.shape[1]), int(arr.shape[0]), d, classes,
+                                            score_thresh, draw))
     write_skipped(out, {"predict": skipped})
     return results
 
 
-# Copied from detectors.segdec.predict.predict_segdec (the same files and fields), with onnxruntime as the model
+# The loop of detectors.segdec.predict.predict_segdec with onnxruntime as the model; the files come from its writers
 def predict_segdec_onnx(model_path: str | Path, source: str | Path, out: str | Path, *, threshold: float | None = None,
                         seg_threshold: float = 0.5, batch: int = 4, heatmaps: bool = True, skip_bad: bool = False,
                         providers: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """``detectors.segdec.predict.predict_segdec`` with an exported ``.onnx`` SegDecNet: predictions.csv / .json,
     mask PNGs and heatmaps; ``threshold`` defaults to the one stored at export (the run's best-F1), else 0.5."""
-    import csv
-    import io
-
-    from PIL import Image
-
-    from vision.io import list_images, open_image_or_skip, output_names, write_bytes_atomic, write_json_atomic
-    from vision.viz import overlay_heatmap, save_image
+    from detectors.segdec.predict import write_defect_prediction, write_prediction_summary
+    from vision.io import list_images, open_image_or_skip, output_names
 
     net = OnnxSegDec(model_path, providers=providers)
     thr = net.threshold if threshold is None else float(threshold)
@@ -819,29 +804,7 @@ def predict_segdec_onnx(model_path: str | Path, source: str | Path, out: str | P
             continue
         preds = net.predict(originals)
         for f, im, p in zip(chunk, originals, preds, strict=True):
-            orig = np.asarray(im)
-            full = p["seg"]
-            mask = full >= seg_threshold
-            stem = names[f].as_posix()
-            mpath = out / "masks" / f"{stem}.png"
-            buf_png = io.BytesIO()
-            Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(buf_png, format="PNG")
-            write_bytes_atomic(mpath, buf_png.getvalue())
-            prob = p["probability"]
-            rec = {"image": str(f), "probability": round(float(prob), 6), "defective": bool(prob >= thr),
-                   "defect_pixels": int(mask.sum()), "width": int(orig.shape[1]), "height": int(orig.shape[0]),
-                   "mask": str(mpath)}
-            if heatmaps:
-                hpath = out / "heatmaps" / f"{stem}.jpg"
-                save_image(overlay_heatmap(orig, np.clip(full, 0, 1)), hpath)
-                rec["heatmap"] = str(hpath)
-            results.append(rec)
-    buf = io.StringIO()
-    wr = csv.writer(buf, lineterminator="\n")
-    wr.writerow(["image", "probability", "defective", "defect_pixels", "mask"])
-    for r in results:
-        wr.writerow([r["image"], f"{r['probability']:.6f}", int(r["defective"]), r["defect_pixels"], r["mask"]])
-    write_bytes_atomic(out / "predictions.csv", buf.getvalue().encode())
-    write_json_atomic(out / "predictions.json", {"threshold": thr, "seg_threshold": seg_threshold,
-                                                 "skipped": skipped, "predictions": results})
+            results.append(write_defect_prediction(out, f, names[f].as_posix(), np.asarray(im), p["seg"],
+                                                   float(p["probability"]), thr, seg_threshold, heatmaps))
+    write_prediction_summary(out, results, thr, seg_threshold, skipped)
     return results
