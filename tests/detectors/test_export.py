@@ -109,6 +109,21 @@ def _assert_same(onnx_dets, torch_dets):
         assert np.abs(o["scores"] - r["scores"]).max() < 1e-5  # in fact the same ranking, to float precision
 
 
+def _assert_same_json(got: list[dict], want: list[dict]) -> None:
+    """The JSON detections of two predict runs: a one-to-one matching with equal labels and class names,
+    scores within 1e-4 and box corners within 0.02 px."""
+    from scipy.optimize import linear_sum_assignment
+
+    box_g, box_w = np.array([d["box"] for d in got]), np.array([d["box"] for d in want])
+    dist = np.abs(box_g[:, None] - box_w[None]).max(-1)
+    ok = ((dist <= 0.02)
+          & (np.abs(np.array([d["score"] for d in got])[:, None] - np.array([d["score"] for d in want])[None]) <= 1e-4)
+          & (np.array([d["label"] for d in got])[:, None] == np.array([d["label"] for d in want])[None]))
+    rows, cols = linear_sum_assignment(-ok.astype(float))
+    assert ok[rows, cols].all() and len(rows) == len(want)
+    assert all(got[r]["class_name"] == want[c]["class_name"] for r, c in zip(rows, cols, strict=True))
+
+
 def test_onnx_matches_pytorch_for_both_image_sizes_and_batches(run, onnx_file, images):
     model, _ = load_detector(run, "cpu")
     det = OnnxDetector(onnx_file, threads=1)
@@ -224,10 +239,9 @@ def test_predict_images_onnx_writes_what_predict_images_writes(run, onnx_file, d
         assert {k: g[k] for k in ("width", "height")} == {k: w[k] for k in ("width", "height")}
         assert Path(g["picture"]).is_file()
         assert json.loads(Path(g["json"]).read_text())["detections"] == g["detections"]
-        assert len(g["detections"]) == len(w["detections"])
-        for a, b in zip(g["detections"], w["detections"], strict=True):
-            assert a["label"] == b["label"] and a["class_name"] == b["class_name"]
-            assert abs(a["score"] - b["score"]) <= 1e-4 and np.abs(np.subtract(a["box"], b["box"])).max() <= 0.02
+        assert len(g["detections"]) == len(w["detections"]) > 0
+        # matched one-to-one, not by position: a barely trained model has near-tied scores whose order may swap
+        _assert_same_json(g["detections"], w["detections"])
 
 
 def test_raw_outputs_get_the_pytorch_post_processing(run, onnx_file, images):
