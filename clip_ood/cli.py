@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -26,7 +27,7 @@ class AntsMode(str, enum.Enum):
 
 
 ANTS_MODE_HELP = "ANTS negatives: ada (far + near, adaptive weight), far_only or near_only."
-CONF_HELP = "Score threshold: is_ood = score < conf."
+CONF_HELP = "A fixed score threshold: is_ood = score < conf (prefer --calibration)."
 
 
 def _continue_csv(resume: str | None, no_resume: bool) -> bool:
@@ -117,23 +118,15 @@ def _negatives(encoder, labels: list[str], method: str, neg_labels: Path | None,
 
 def _scorer(encoder, labels, method, negatives, describer: str, describer_model: str | None, mode: str,
             ants_state: Path | None, seed: int = 0):
-    from clip_ood.scorer import OODScorer
+    from clip_ood.serve import make_scorer
 
+    had_state = ants_state is not None and ants_state.with_suffix(".json").is_file()
     try:
-        sc = OODScorer(encoder, labels, method=method, negatives=negatives, seed=seed)
-    except ValueError as e:
-        fail(str(e))
-    if method == "ants":
-        from clip_ood.describers import create_describer
-
-        kw = {"encoder": encoder} if describer == "lexicon" else {}
-        if describer_model and describer != "lexicon":
-            kw["model"] = describer_model
-        sc.ants.describer = create_describer(describer, **kw)
-        sc.ants.mode = mode
-        if ants_state is not None and ants_state.with_suffix(".json").is_file():
-            sc.ants.load(ants_state)
-            typer.echo(f"ANTS state loaded from {ants_state.with_suffix('.json')}", err=True)
+        sc = make_scorer(encoder, labels, method, negatives, describer, describer_model, mode, ants_state, seed)
+    except (ValueError, KeyError) as e:
+        fail(str(e).strip("'\""))
+    if had_state and sc.ants is not None:
+        typer.echo(f"ANTS state loaded from {ants_state.with_suffix('.json')}", err=True)
     return sc
 
 
@@ -175,7 +168,9 @@ def score(
     out: Path = typer.Option(Path("scores.csv"), "--out", help="CSV: path,score,is_ood,top_class,top_prob."),
     neg_labels: Path | None = typer.Option(None, "--neg-labels", help="Mined negatives (else mined now, saved next to --out)."),
     num_negatives: int = typer.Option(10_000, "--num-negatives"),
-    conf: float = typer.Option(0.5, "--conf", "--threshold", help=CONF_HELP),
+    conf: float | None = typer.Option(None, "--conf", "--threshold", help=CONF_HELP),
+    calibration: Path | None = typer.Option(None, "--calibration", help="calibration.json of `ood bench`: "
+                                            "is_ood uses its threshold (neither this nor --conf: is_ood is empty)."),
     batch: int = opt.batch_option(64, "Images per forward pass."),
     resume: str | None = typer.Option(None, "--resume", metavar="",
                                       help="Continue --out: skip the images already in it (the default)."),
@@ -190,6 +185,8 @@ def score(
     """Score images (streamed, resumable); under `accelerate launch` each process takes a shard."""
     dev = opt.resolve_device(device)
     resume_csv = _continue_csv(resume, no_resume)
+    if conf is not None and calibration is not None:
+        usage_error("give --calibration or --conf, not both")
     import csv
 
     from tqdm import tqdm
@@ -213,6 +210,11 @@ def score(
     enc = load_encoder_or_fail(model, pretrained, dev)
     neg = _negatives(enc, labels, method, neg_labels, num_negatives, 0.95, out.with_suffix(".neg.txt"))
     sc = _scorer(enc, labels, method, neg, describer, describer_model, ants_mode.value, ants_state)
+    if calibration is not None:
+        conf = _calibrated_threshold(calibration, sc)
+    elif conf is None:
+        typer.echo("no threshold given: the is_ood column stays empty (give --calibration from `ood bench`, "
+                   "or --conf)", err=True)
     new_file = not out.is_file() or not resume_csv
     out.parent.mkdir(parents=True, exist_ok=True)
     n = 0
@@ -227,7 +229,8 @@ def score(
                 p, c = r.id_probs.max(dim=-1)
                 for i, path in enumerate(bp):
                     s = float(r.scores[i])
-                    w.writerow([str(path), f"{s:.6f}", int(s < conf), labels[int(c[i])], f"{float(p[i]):.6f}"])
+                    w.writerow([str(path), f"{s:.6f}", "" if conf is None else int(s < conf), labels[int(c[i])],
+                                f"{float(p[i]):.6f}"])
                 f.flush()  # results are on disk as they come (resumable)
                 n += len(bp)
         except BadImageError as e:
@@ -235,7 +238,18 @@ def score(
     if ants_state is not None and sc.ants is not None:
         sc.ants.save(ants_state)
     typer.echo(json.dumps({"out": str(out), "scored": n, "skipped_done": len(paths) - len(todo),
-                           "rank": rank, "world_size": world, "method": method}))
+                           "rank": rank, "world_size": world, "method": method,
+                           "threshold": "uncalibrated" if conf is None else conf}))
+
+
+def _calibrated_threshold(path: Path, scorer) -> float:
+    """The threshold of a calibration file made for ``scorer``, else exit 1 naming what differs."""
+    from clip_ood.calibration import CalibrationError, check_calibration, read_calibration
+
+    try:
+        return float(check_calibration(read_calibration(path), scorer, path)["threshold"])
+    except CalibrationError as e:
+        fail(str(e))
 
 
 @ood_app.command("bench", cls=_MethodCommand)
@@ -268,6 +282,7 @@ def bench(
     import numpy as np
     from tqdm import tqdm
 
+    from clip_ood.calibration import CALIBRATION_FILE, make_calibration, write_calibration
     from clip_ood.data import BadImageError, iter_batches, list_images
     from clip_ood.metrics import ood_metrics, roc_points
     from clip_ood.plots import plot_roc_logfpr
@@ -326,6 +341,10 @@ def bench(
     if method == "ants":
         summary["ants"] = {"lambda": sc.ants.lambda_, "tau": sc.ants.tau, "far_bank": len(sc.ants.far_texts),
                            "near_labels": len(sc.ants.near_texts)}
+    cal = make_calibration(sc, got["ID"], model_name=model, pretrained=pretrained or None,
+                           fpr_at_threshold={k: results[k]["fpr95"] for k in results})
+    write_calibration(cal, out / CALIBRATION_FILE)
+    summary["calibration"] = {"file": str(out / CALIBRATION_FILE), "threshold": cal["threshold"], "tpr": cal["tpr"]}
     write_text_atomic(out / "metrics.json", json.dumps(summary, indent=2))
     buf = io.StringIO(newline="")
     w = csv.writer(buf)
@@ -351,33 +370,119 @@ def serve(
     method: str = _method_option(),
     neg_labels: Path | None = typer.Option(None, "--neg-labels"),
     num_negatives: int = typer.Option(10_000, "--num-negatives"),
-    api_key: str | None = typer.Option(None, "--api-key", envvar="NEGVISION_API_KEY",
-                                       help="Require this key (X-API-Key or Authorization: Bearer)."),
+    api_key: list[str] = typer.Option([], "--api-key", help="Accept this key (repeat for several). Visible in `ps`: "
+                                      "prefer --api-key-file or $NEGVISION_API_KEY (comma-separated) outside tests."),
+    api_key_file: Path | None = typer.Option(None, "--api-key-file", help="Accepted keys, one a line; re-read when "
+                                             "it changes (rotate keys without a restart)."),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),
-    conf: float = typer.Option(0.5, "--conf", "--threshold", help=CONF_HELP),
-    max_images: int = typer.Option(32, "--max-images", help="Images per request."),
-    max_request_mb: float = typer.Option(32.0, "--max-request-mb", help="Bytes per request (MiB)."),
-    max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Pixels per image (decompression bombs)."),
-    max_batch: int = typer.Option(64, "--max-batch", help="Images per micro-batched encoder call."),
-    batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", help="How long to gather concurrent requests."),
+    workers: int = typer.Option(1, "--workers", min=1, help="uvicorn worker processes, each with its own model copy."),
+    calibration: Path | None = typer.Option(None, "--calibration", help="calibration.json of `ood bench` (same "
+                                            "model and labels): is_ood uses its threshold."),
+    conf: float | None = typer.Option(None, "--conf", "--threshold", help="A fixed threshold instead: is_ood = "
+                                      "score < conf. Neither: is_ood is null, threshold 'uncalibrated'."),
+    max_images: int = typer.Option(32, "--max-images", min=1, help="Images per request."),
+    max_request_mb: float = typer.Option(32.0, "--max-request-mb", min=0.001, help="Bytes per request (MiB)."),
+    max_pixels: int = typer.Option(40_000_000, "--max-pixels", min=1, help="Pixels per image (decompression bombs)."),
+    max_request_mp: float = typer.Option(64.0, "--max-request-mp", min=0.000001,
+                                         help="Decoded megapixels per request, all images together."),
+    max_batch: int = typer.Option(64, "--max-batch", min=1, help="Images per micro-batched encoder call."),
+    batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", min=0.0, help="How long to gather concurrent requests."),
+    max_queue: int = typer.Option(256, "--max-queue", min=1, help="Images waiting for the encoder; more -> 503."),
+    timeout: float = typer.Option(30.0, "--timeout", min=0.001, help="Seconds per request; more -> 504."),
+    max_failures: int = typer.Option(3, "--max-failures", min=1, help="Model errors in a row before /readyz is 503."),
+    decode_threads: int = typer.Option(2, "--decode-threads", min=1, help="Threads decoding uploads per worker."),
     describer: str = typer.Option("lexicon", "--describer"),
     describer_model: str | None = typer.Option(None, "--describer-model"),
     ants_mode: AntsMode = typer.Option(AntsMode.ada, "--ants-mode", help=ANTS_MODE_HELP),
+    ants_state: Path | None = typer.Option(None, "--ants-state", help="ANTS: load the state at start, save it at "
+                                           "shutdown (--workers 1 only: each worker has its own state)."),
     device: str | None = opt.device_option(),
 ) -> None:
-    """Serve the scoring API (FastAPI; OpenAPI docs at /docs)."""
+    """Serve the scoring API (FastAPI; OpenAPI docs at /docs; /healthz, /readyz, /metrics)."""
+    import logging
+
+    from clip_ood.api import ApiKeys, is_loopback
+    from clip_ood.serve import ServeConfig
+
+    log = logging.getLogger("negvision.api")
     dev = opt.resolve_device(device)
+    if conf is not None and calibration is not None:
+        usage_error("give --calibration or --conf, not both")
+    if ants_state is not None and workers > 1:
+        usage_error("--ants-state needs --workers 1: each worker process keeps its own ANTS state")
+    try:
+        keys = ApiKeys(api_key, api_key_file)
+    except ValueError as e:
+        fail(str(e))
+    if not keys.enabled and not is_loopback(host):
+        log.warning("WARNING: serving on %s without an API key: anyone who can reach this port can use it "
+                    "(set --api-key-file or $NEGVISION_API_KEY)", host)
     import uvicorn
 
-    from clip_ood.api import ApiLimits, create_app
+    from clip_ood.calibration import CalibrationError
+    from clip_ood.serve import build_app
 
     labels = _id_labels(id_labels)
     enc = load_encoder_or_fail(model, pretrained, dev)
     neg = _negatives(enc, labels, method, neg_labels, num_negatives, 0.95, None)
-    sc = _scorer(enc, labels, method, neg, describer, describer_model, ants_mode.value, None)
-    limits = ApiLimits(max_images=max_images, max_request_bytes=int(max_request_mb * 1024 * 1024),
-                       max_pixels=max_pixels)
-    app = create_app(sc, api_key=api_key, threshold=conf, limits=limits, max_batch=max_batch,
-                     batch_wait_ms=batch_wait_ms)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    sc = _scorer(enc, labels, method, neg, describer, describer_model, ants_mode.value, ants_state)
+    cfg = ServeConfig(model=model, pretrained=pretrained or None, id_labels=labels, method=method,
+                      neg_labels_file=str(neg_labels) if neg_labels else None, describer=describer,
+                      describer_model=describer_model, ants_mode=ants_mode.value,
+                      ants_state=str(ants_state) if ants_state else None, device=dev, api_keys=keys.static,
+                      api_key_file=str(api_key_file) if api_key_file else None, threshold=conf,
+                      calibration_file=str(calibration) if calibration else None,
+                      limits={"max_images": max_images, "max_request_bytes": int(max_request_mb * 1024 * 1024),
+                              "max_pixels": max_pixels, "max_request_pixels": int(max_request_mp * 1_000_000)},
+                      serve={"max_queue": max_queue, "timeout_s": timeout, "max_failures": max_failures,
+                             "decode_threads": decode_threads},
+                      max_batch=max_batch, batch_wait_ms=batch_wait_ms)
+    try:
+        app = build_app(cfg, scorer=sc)
+    except (CalibrationError, ValueError) as e:
+        fail(str(e))
+    mode = "calibrated threshold" if calibration else "fixed threshold" if conf is not None else "no threshold"
+    log.info("serving %s / %s on http://%s:%d (%s, %d worker%s, auth %s)", model, method, host, port, mode, workers,
+             "s" if workers > 1 else "", "on" if keys.enabled else "off")
+    if workers == 1:
+        uvicorn.run(app, host=host, port=port, log_level="info")
+        if ants_state is not None and sc.ants is not None:
+            sc.ants.save(ants_state)
+            typer.echo(f"ANTS state saved to {ants_state.with_suffix('.json')}", err=True)
+        return
+    del app, sc, enc  # checked: the workers load their own copies
+    _serve_workers(cfg, neg, host, port, workers)
+
+
+def _serve_workers(cfg, negatives, host: str, port: int, workers: int) -> None:
+    """uvicorn with ``workers`` processes building the app from ``cfg`` (negatives saved for them), metrics summed."""
+    import gc
+    import shutil
+    import tempfile
+
+    import uvicorn
+
+    from clip_ood.serve import CONFIG_ENV
+
+    tmp = Path(tempfile.mkdtemp(prefix="negvision-serve-"))  # 0700: the config holds the keys
+    try:
+        if negatives is not None and cfg.neg_labels_file is None:
+            negatives.save(tmp / "neg.txt")
+            cfg.neg_labels_file = str(tmp / "neg.txt")
+        cfg.save(tmp / "config.json")
+        (tmp / "prometheus").mkdir()
+        os.environ[CONFIG_ENV] = str(tmp / "config.json")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(tmp / "prometheus")
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
+        uvicorn.run("clip_ood.serve:app_from_env", factory=True, host=host, port=port, workers=workers,
+                    log_level="info")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

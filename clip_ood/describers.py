@@ -54,6 +54,8 @@ def parse_label_list(text: str, k: int) -> list[str]:
 class ScriptedDescriber:
     """Returns scripted sentences (cycled) and a fixed class -> similar-names table."""
 
+    needs_images = False  # the sentences do not depend on the images
+
     def __init__(self, sentences: Iterable[str] = ("a photo of something else",),
                  similar: dict[str, list[str]] | None = None) -> None:
         self._sentences = itertools.cycle(list(sentences))
@@ -76,6 +78,8 @@ class LexiconDescriber:
 
     ``words`` default to the shipped WordNet nouns; their features are encoded once (cached on disk).
     """
+
+    needs_images = False  # describes the image features, not the pixels
 
     def __init__(self, encoder: Any, words: Sequence[str] | None = None, k: int = 3,
                  template: str = "The nice {}.", cache_dir: Any = None) -> None:
@@ -127,6 +131,8 @@ class TransformersDescriber:
     ``model`` is a hub name or a local folder; nothing is loaded until the first call. BLIP cannot reason about
     similar classes: ``similar_labels`` then asks ``fallback`` (e.g. a LexiconDescriber) or returns [].
     """
+
+    needs_images = True  # the MLLM looks at the images
 
     DEFAULTS = {"qwen2-vl": "Qwen/Qwen2-VL-2B-Instruct", "llava": "llava-hf/llava-1.5-7b-hf",
                 "blip": "Salesforce/blip-image-captioning-base"}

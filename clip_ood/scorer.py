@@ -59,6 +59,7 @@ class OODScorer:
         self.temperature = temperature if temperature is not None else self.spec.default_temperature
         self.num_groups = num_groups
         self.seed = seed
+        self.id_templates = tuple(id_templates)
         self.id_features = encode_labels(encoder, self.id_labels, id_templates, cache_dir=cache_dir)
         self.neg_features = (encode_labels(encoder, self.negatives.prompts, ("{}",), cache_dir=cache_dir)
                              if len(self.negatives) else torch.zeros(0, self.id_features.shape[1]))
@@ -90,6 +91,12 @@ class OODScorer:
     def score_images(self, images: Sequence[Any], top_neg: int = 5) -> ScoreResult:
         """Encode PIL images, then score them."""
         return self.score_features(encode_pil(self.encoder, images), images=images, top_neg=top_neg)
+
+    def score_pixels(self, pixels: Tensor, images: Sequence[Any] | None = None, top_neg: int = 5) -> ScoreResult:
+        """Score a batch already through ``encoder.preprocess`` ([B, 3, H, W]); ``images``: the PIL images, for a
+        describer that looks at them (else None). Equals ``score_images`` on the same images."""
+        feats = self.encoder.encode_image(pixels).float().cpu()
+        return self.score_features(feats, images=images, top_neg=top_neg)
 
     def describe(self, result: ScoreResult, i: int, top_k: int = 5) -> dict[str, Any]:
         """JSON-ready top ID classes and nearest negative labels of image ``i`` of ``result``."""
