@@ -2,7 +2,9 @@
 server vs one-request-one-forward (one JSON line).
 
 Starts uvicorn in this process on 127.0.0.1 (a free port), sends a bounded number of one-image multipart requests
-per level, then stops the server. Random-weight model (no download); CPU default: the tiny test config.
+per level, then stops the server. Random-weight model (no download); default: the tiny test config (HTTP-bound, for
+the smoke test). The README's figure uses ``--model ViT-B-32``: random weights cost the same compute as real ones,
+and at ~90 ms an image on 2 CPU cores the encoder dominates, which is where micro-batching matters.
 
     python benchmarks/ood_api_load.py [--model ViT-B-32] [--requests 64] [--concurrency 1,8,32]
 """

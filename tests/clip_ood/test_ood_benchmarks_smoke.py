@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/ood_throughput.py and ood_api_load.py with tiny settings: one JSON line each.
+"""Smoke test of benchmarks/ood_throughput.py, ood_api_load.py and ood_api_soak.py with tiny settings: one JSON line each.
 
 Run in process (runpy) so torch / open_clip are not imported again for each script.
 """
@@ -42,3 +42,15 @@ def test_ood_api_load_smoke(capsys):
         assert [r["concurrency"] for r in out[mode]] == [1, 2]
         assert all(r["errors"] == 0 and r["requests"] == 4 and r["p99_ms"] >= r["p50_ms"] > 0 for r in out[mode])
     assert set(out["rps_speedup_batched_vs_single"]) == {"1", "2"}
+
+
+@pytest.mark.timeout(200)
+def test_ood_api_soak_smoke(capsys):
+    """The soak script against a real server process, a few seconds: every kind of upload answered, no 5xx."""
+    out = _run("ood_api_soak.py", "--clients", "4", "--duration", "3", capsys=capsys)
+    assert out["benchmark"] == "ood_api_soak" and out["requests"] > 0 and out["n_5xx"] == 0
+    assert out["readyz_after"] == 200 and out["rss_peak_mb"] >= out["rss_idle_mb"] * 0.5 > 0
+    assert out["healthz_probes"] > 0 and out["healthz_p99_ms"] >= out["healthz_p50_ms"]
+    wanted = {"valid": "200", "oversize_image": "413", "oversize_request": "413", "not_image": "415", "truncated": "400"}
+    for kind, codes in out["status_by_kind"].items():
+        assert set(codes) == {wanted[kind]}, (kind, codes)
