@@ -45,6 +45,13 @@ def _pipeline_class(path: Path, model: str, offline: bool) -> str:
         return ""
 
 
+def looks_local(model: str) -> bool:
+    """A --model value that can only be a path: ./x, ../x, /x, ~/x, C:\\x, or more than one '/' (hub ids are
+    ORG/NAME)."""
+    return (model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1
+            or (len(model) > 1 and model[1] == ":"))
+
+
 def load_pipeline(model: str, device: str | None = None, allow_xl: bool = False, amp: str = "auto"):
     """Load PerpNegStableDiffusionPipeline (or the SDXL variant where ``allow_xl``) from a local folder or a cached
     hub id, in the precision ``amp`` (auto: fp16 on a GPU, fp32 otherwise); one clear error (exit 1) when missing,
@@ -67,6 +74,9 @@ def load_pipeline(model: str, device: str | None = None, allow_xl: bool = False,
         usage_error("--amp fp16 needs a GPU; on the CPU use --amp bf16 or --amp no")
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
         amp, torch.float16 if dev.type == "cuda" else torch.float32)
+    if not path.exists() and looks_local(model):
+        fail(f"--model {model}: no such folder (a local diffusers pipeline folder was expected; a hub id looks "
+             "like ORG/NAME)")
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
     xl = "XL" in _pipeline_class(path, model, offline)
     if xl and not allow_xl:
@@ -139,7 +149,7 @@ def image_cmd(
     steps: int = typer.Option(30, "--steps", min=1, help="Sampler (denoising) steps."),
     guidance: float = typer.Option(7.5, "--guidance", help="Guidance scale s."),
     guidance_rescale: float = typer.Option(0.0, "--guidance-rescale"),
-    num_images: int = typer.Option(1, "--num-images"),
+    num_images: int = typer.Option(1, "--num-images", min=1, help="Images; image i uses seed --seed + i."),
     height: int = typer.Option(None, "--height"),
     width: int = typer.Option(None, "--width"),
     seed: int = opt.seed_option(),
@@ -157,9 +167,10 @@ def image_cmd(
         usage_error("--negative-weight must be >= 0")
     dev = opt.resolve_device(device)
     pipe = load_pipeline(model, dev, allow_xl=True, amp=amp.value)
-    gen = torch.Generator("cpu").manual_seed(seed)
+    seeds = [seed + i for i in range(num_images)]  # image i from seed + i: `--seed S+i --num-images 1` redoes it
+    gen = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     images = pipe(
-        prompt, negative_prompt=uncond, negative_prompts=negative or None, negative_weights=neg_w or None,
+        prompt, uncond_prompt=uncond or None, negative_prompts=negative or None, negative_weights=neg_w or None,
         positive_prompts=positive or None, positive_weights=pos_w or None, num_inference_steps=steps,
         guidance_scale=guidance, guidance_rescale=guidance_rescale, num_images_per_prompt=num_images,
         height=height, width=width, generator=gen, unet_batch_size=unet_batch_size,
@@ -167,7 +178,7 @@ def image_cmd(
     settings = {"command": "image", "model": model, "prompt": prompt, "negative": negative, "negative_weight": neg_w,
                 "positive": positive, "positive_weight": pos_w, "uncond": uncond, "steps": steps, "guidance": guidance,
                 "guidance_rescale": guidance_rescale, "num_images": num_images, "height": height, "width": width,
-                "seed": seed, "amp": amp.value, "scheduler": type(pipe.scheduler).__name__}
+                "seed": seed, "seeds": seeds, "amp": amp.value, "scheduler": type(pipe.scheduler).__name__}
     _save(out, images, settings)
     typer.echo(f"wrote {len(images)} image(s) to {out}")
 

@@ -21,6 +21,34 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
 from .guidance import perp_composition
 
 
+def prompt_group(prompts: str | Sequence[str | list[str]] | None) -> list[str | list[str]]:
+    """``negative_prompts`` / ``positive_prompts`` as a list of prompts: a string is ONE prompt (never its letters)."""
+    if prompts is None:
+        return []
+    if isinstance(prompts, str):
+        return [prompts]
+    return list(prompts)
+
+
+def resolve_uncond(negative_prompt: Any, negative_prompts: list, uncond_prompt: Any, what: str = "pipeline") -> Any:
+    """The unconditional text: ``uncond_prompt``, or diffusers' ``negative_prompt`` when no Perp-Neg negatives are
+    given; both ``negative_prompt`` and ``negative_prompts`` at once is a ``ValueError`` explaining the difference."""
+    given = negative_prompt not in (None, "", []) and not (isinstance(negative_prompt, list)
+                                                           and all(p == "" for p in negative_prompt))
+    if given and negative_prompts:
+        raise ValueError(
+            f"{what}: negative_prompt (singular) and negative_prompts (plural) mean different things: negative_prompt "
+            "is diffusers' unconditional text (it replaces the empty prompt of classifier-free guidance, so it is "
+            "pushed away from at full strength along every direction); negative_prompts are Perp-Neg negatives, of "
+            "which only the component perpendicular to the main prompt is removed. Pass the things to avoid as "
+            "negative_prompts; to also set the unconditional text on purpose, pass it as uncond_prompt=...")
+    if uncond_prompt is not None:
+        if given:
+            raise ValueError(f"{what}: give uncond_prompt or negative_prompt, not both (they are the same text)")
+        return uncond_prompt
+    return negative_prompt
+
+
 def _as_batch(p: str | list[str], batch_size: int, what: str) -> list[str]:
     if isinstance(p, str):
         return [p] * batch_size
@@ -54,7 +82,7 @@ class PerpNegStableDiffusionPipeline(StableDiffusionPipeline):
                     e = e.expand(batch_size * num_images_per_prompt, *e.shape[1:])
                 out.append(e.to(device=device, dtype=dtype))
             return out
-        for p in prompts or []:
+        for p in prompt_group(prompts):
             e, _ = self.encode_prompt(
                 _as_batch(p, batch_size, what), device, num_images_per_prompt, False, clip_skip=self.clip_skip
             )
@@ -110,13 +138,16 @@ class PerpNegStableDiffusionPipeline(StableDiffusionPipeline):
         positive_weights: Sequence[float] | torch.Tensor | None = None,
         positive_prompts_embeds: Sequence[torch.Tensor] | None = None,
         unet_batch_size: int | None = None,
+        uncond_prompt: str | list[str] | None = None,
         **kwargs,
     ) -> StableDiffusionPipelineOutput | tuple:
         """Generate images; see StableDiffusionPipeline.__call__ for the arguments shared with diffusers.
 
         Args:
             negative_prompts: K prompts removed with Perp-Neg, each a str (shared by the batch) or a list of one
-                per batch prompt; ``negative_prompt`` stays the unconditional text.
+                per batch prompt; a single str is one prompt. ``negative_prompt`` (singular) keeps diffusers'
+                meaning, the unconditional text, and may not be given together with ``negative_prompts`` (a
+                ValueError says why); ``uncond_prompt`` sets the unconditional text with Perp-Neg negatives.
             negative_weights: w_k >= 0, [K] or [K, batch] (default 1.0 each).
             negative_prompts_embeds: the K negative prompts as pre-computed embeddings, [batch or 1, L, D] each
                 (instead of ``negative_prompts``).
@@ -132,6 +163,10 @@ class PerpNegStableDiffusionPipeline(StableDiffusionPipeline):
             raise NotImplementedError("use callback_on_step_end (the old `callback` argument is not supported)")
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        negative_prompts = prompt_group(negative_prompts)
+        positive_prompts = prompt_group(positive_prompts)
+        negative_prompt = resolve_uncond(negative_prompt, negative_prompts or list(negative_prompts_embeds or []),
+                                         uncond_prompt, type(self).__name__)
 
         if not height or not width:
             size = self.unet.config.sample_size

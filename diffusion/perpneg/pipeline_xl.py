@@ -23,7 +23,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from .guidance import perp_composition
-from .pipeline import PerpNegStableDiffusionPipeline, _as_batch
+from .pipeline import PerpNegStableDiffusionPipeline, _as_batch, prompt_group, resolve_uncond
 
 
 def perp_neg_unet_forward(
@@ -102,6 +102,7 @@ class PerpNegStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         positive_prompts: Sequence[str | list[str]] | None = None,
         positive_weights: Sequence[float] | torch.Tensor | None = None,
         unet_batch_size: int | None = None,
+        uncond_prompt: str | list[str] | None = None,
         **kwargs: Any,
     ):
         """Generate images; see StableDiffusionXLPipeline.__call__ for the (keyword) arguments shared with diffusers.
@@ -110,13 +111,19 @@ class PerpNegStableDiffusionXLPipeline(StableDiffusionXLPipeline):
 
         Args:
             negative_prompts: K prompts removed with Perp-Neg, each a str (shared by the batch) or a list of one
-                per batch prompt; ``negative_prompt`` stays the unconditional text.
+                per batch prompt; a single str is one prompt. ``negative_prompt`` (singular) keeps diffusers'
+                meaning, the unconditional text, and may not be given together with ``negative_prompts``;
+                ``uncond_prompt`` sets the unconditional text with Perp-Neg negatives.
             negative_weights: w_k >= 0, [K] or [K, batch] (default 1.0 each).
             positive_prompts: P extra prompts whose perpendicular part (to the main prompt's) is added; str or list.
             positive_weights: [P] or [P, batch] (default 1.0 each).
             unet_batch_size: at most this many samples per UNet call (default: all (2 + P + K) * n in one call).
+            uncond_prompt: the unconditional text (diffusers' negative_prompt) when Perp-Neg negatives are given.
         """
-        pos_extra, negs = list(positive_prompts or []), list(negative_prompts or [])
+        pos_extra, negs = prompt_group(positive_prompts), prompt_group(negative_prompts)
+        uncond = resolve_uncond(kwargs.pop("negative_prompt", None), negs, uncond_prompt, type(self).__name__)
+        if uncond is not None:
+            kwargs["negative_prompt"] = uncond
         if not pos_extra and not negs:
             return super().__call__(prompt, **kwargs)
         if kwargs.get("guidance_scale", 5.0) <= 1.0:

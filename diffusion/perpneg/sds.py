@@ -9,6 +9,24 @@ from torch import Tensor, nn
 from .guidance import perp_neg_guidance
 from .views import encode_view_prompts, view_conditioned_embeddings
 
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def to_epsilon(model_output: Tensor, z_t: Tensor, alpha_bar: Tensor, prediction_type: str = "epsilon") -> Tensor:
+    """The noise estimate eps of a UNet output, whatever the scheduler's ``prediction_type``.
+
+    With z_t = sqrt(a) z_0 + sqrt(1 - a) eps (a = alpha_bar_t):
+    epsilon: eps = out; v_prediction (v = sqrt(a) eps - sqrt(1 - a) z_0, Salimans & Ho 2022):
+    eps = sqrt(a) v + sqrt(1 - a) z_t; sample (out = z_0): eps = (z_t - sqrt(a) z_0) / sqrt(1 - a).
+    """
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * model_output + (1 - alpha_bar).sqrt() * z_t  # eps = sqrt(a) v + sqrt(1-a) z_t
+    if prediction_type == "sample":
+        return (z_t - alpha_bar.sqrt() * model_output) / (1 - alpha_bar).sqrt()  # eps = (z_t - sqrt(a) z_0) / sqrt(1-a)
+    raise ValueError(f"prediction_type '{prediction_type}' is not one of {', '.join(PREDICTION_TYPES)}")
+
 
 class PerpNegSDS(nn.Module):
     """SDS loss with view-conditioned Perp-Neg guidance (DreamFusion + Armandpour et al. 2023).
@@ -29,14 +47,19 @@ class PerpNegSDS(nn.Module):
         resolution: side of the square the renders are resized to before encoding (default: the UNet's
             ``sample_size`` times the VAE's downsampling factor, e.g. 512 for SD 1.5).
         unet_batch_size: at most this many samples per UNet call (default: all (2 + K) * B in one call).
+        prediction_type: what the UNet predicts, 'epsilon', 'v_prediction' (SD 2.x 768-v) or 'sample' (default:
+            the scheduler's ``config.prediction_type``); every output is converted to eps before the guidance.
     """
 
     def __init__(
         self, unet: nn.Module, vae: nn.Module, scheduler, view_embeds: dict[str, Tensor],
         guidance_scale: float = 100.0, schedule: str = "threestudio", min_step: float = 0.02, max_step: float = 0.98,
-        resolution: int | None = None, unet_batch_size: int | None = None,
+        resolution: int | None = None, unet_batch_size: int | None = None, prediction_type: str | None = None,
     ) -> None:
         super().__init__()
+        self.prediction_type = prediction_type or getattr(scheduler.config, "prediction_type", None) or "epsilon"
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type '{self.prediction_type}' is not one of {', '.join(PREDICTION_TYPES)}")
         self.unet, self.vae = unet, vae
         for p in list(unet.parameters()) + list(vae.parameters()):
             p.requires_grad_(False)
@@ -94,6 +117,7 @@ class PerpNegSDS(nn.Module):
                 [self.unet(x_in[s : s + step], t_in[s : s + step], encoder_hidden_states=cond[s : s + step]).sample
                  for s in range(0, x_in.shape[0], step)]
             ).float().view(2 + k, b, *latents.shape[1:])
+            eps_all = to_epsilon(eps_all, z_t.float().unsqueeze(0), a_bar.unsqueeze(0), self.prediction_type)
             eps_hat = perp_neg_guidance(eps_all[0], eps_all[1], eps_all[2:], neg_w.to(device), self.guidance_scale)
             w = 1 - a_bar  # w(t) = 1 - alpha_bar_t
             grad = torch.nan_to_num(w * (eps_hat - noise))  # SDS gradient

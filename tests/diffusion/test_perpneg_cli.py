@@ -41,6 +41,23 @@ def test_image_command_is_reproducible(model_dir, tmp_path):
     assert (tmp_path / "a" / "image_001.png").is_file()
 
 
+def test_image_i_uses_seed_plus_i(model_dir, tmp_path):
+    """--seed s gives image i the seed s + i, so `--seed s+i --num-images 1` regenerates image i alone."""
+    import numpy as np
+    from PIL import Image
+
+    base = ["image", "--model", str(model_dir), "--prompt", "a cat", "--negative", "a dog", "--steps", "2",
+            "--uncond", "blurry"]
+    _ok([*base, "--seed", "3", "--num-images", "2", "--out", str(tmp_path / "two")])
+    _ok([*base, "--seed", "4", "--num-images", "1", "--out", str(tmp_path / "one")])
+    assert json.loads((tmp_path / "two" / "settings.json").read_text())["seeds"] == [3, 4]
+    a = np.asarray(Image.open(tmp_path / "two" / "image_001.png"), dtype=int)
+    b = np.asarray(Image.open(tmp_path / "one" / "image_000.png"), dtype=int)
+    assert np.abs(a - b).max() <= 1  # the same image (up to a rounding step of the batch of 2)
+    c = np.asarray(Image.open(tmp_path / "two" / "image_000.png"), dtype=int)
+    assert np.abs(a - c).max() > 10  # and the two images differ
+
+
 def test_views_command(model_dir, tmp_path):
     _ok(["views", "--model", str(model_dir), "--prompt", "a corgi", "--views", "front,side,back", "--steps", "2",
          "--schedule", "dreamfusion", "--out", str(tmp_path)])
@@ -60,6 +77,9 @@ def test_missing_weights_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     res = runner.invoke(generate_app, ["image", "--model", "nobody/not-a-model", "--prompt", "x", "--out", str(tmp_path)])
     assert res.exit_code == 1 and "--model a local folder" in res.output  # missing weights: exit 1
+    for local in ("./weights/sd15", str(tmp_path / "nope"), "weights/sd/v1", "~/models/sd"):
+        res = runner.invoke(generate_app, ["image", "--model", local, "--prompt", "x", "--out", str(tmp_path)])
+        assert res.exit_code == 1 and f"--model {local}: no such folder" in res.output, res.output
     (tmp_path / "empty").mkdir()
     res = runner.invoke(generate_app, ["image", "--model", str(tmp_path / "empty"), "--prompt", "x", "--out", str(tmp_path)])
     assert res.exit_code == 1 and "model_index.json" in res.output  # not a pipeline folder: exit 1

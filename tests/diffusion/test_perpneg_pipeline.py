@@ -135,3 +135,32 @@ def test_save_and_from_pretrained(pipe, tmp_path):
     lat = _latents(1)
     kw = dict(negative_prompts=["a dog"], num_inference_steps=2, latents=lat, output_type="latent")
     assert torch.allclose(loaded("a cat", **kw).images, pipe("a cat", **kw).images, atol=1e-5)
+
+
+def test_a_string_is_one_negative_prompt(pipe):
+    lat = _latents(1)
+    kw = {"num_inference_steps": 2, "latents": lat, "output_type": "latent", "guidance_scale": 6.0}
+    c = _Counter(pipe.unet)
+    one = pipe("a cat", negative_prompts="red", **kw).images
+    c.h.remove()
+    assert c.sizes == [3, 3]  # [uncond, pos, "red"]: one negative, not "r", "e", "d"
+    assert torch.allclose(one, pipe("a cat", negative_prompts=["red"], **kw).images)
+
+
+def test_negative_prompt_and_negative_prompts_together_is_an_error(pipe):
+    kw = {"num_inference_steps": 1, "latents": _latents(1), "output_type": "latent", "guidance_scale": 6.0}
+    with pytest.raises(ValueError, match="negative_prompt \\(singular\\) and negative_prompts \\(plural\\).*uncond_prompt"):
+        pipe("a cat", negative_prompt="blurry", negative_prompts=["a dog"], **kw)
+    alone = pipe("a cat", negative_prompt="blurry", **kw).images  # alone: diffusers' meaning, unchanged
+    ref = StableDiffusionPipeline(**{k: getattr(pipe, k) for k in ("vae", "text_encoder", "tokenizer", "unet",
+                                                                   "scheduler")}, safety_checker=None,
+                                  feature_extractor=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    assert torch.allclose(alone, ref("a cat", negative_prompt="blurry", **kw).images, atol=1e-5)
+    # the unconditional text on purpose, with Perp-Neg negatives: uncond_prompt (= its embeddings passed directly)
+    emb = pipe.encode_prompt("blurry", torch.device("cpu"), 1, False)[0]
+    got = pipe("a cat", uncond_prompt="blurry", negative_prompts=["a dog"], **kw).images
+    want = pipe("a cat", negative_prompt_embeds=emb, negative_prompts=["a dog"], **kw).images
+    assert torch.allclose(got, want, atol=1e-5)
+    with pytest.raises(ValueError, match="not both"):
+        pipe("a cat", uncond_prompt="x", negative_prompt="y", **kw)

@@ -49,6 +49,66 @@ def test_sds_weight_is_one_minus_alpha_bar(sds, monkeypatch):
     assert torch.allclose(sds.last["grad_norm"], expect, rtol=1e-4)
 
 
+def test_to_epsilon_inverts_each_parameterisation():
+    from diffusion.perpneg.sds import to_epsilon
+
+    g = torch.Generator().manual_seed(0)
+    z0, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    a = torch.tensor([0.9, 0.5, 0.05]).view(-1, 1, 1, 1)
+    z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
+    v = a.sqrt() * eps - (1 - a).sqrt() * z0
+    assert torch.allclose(to_epsilon(eps, z_t, a, "epsilon"), eps)
+    assert torch.allclose(to_epsilon(v, z_t, a, "v_prediction"), eps, atol=1e-5)
+    assert torch.allclose(to_epsilon(z0, z_t, a, "sample"), eps, atol=1e-5)
+    with pytest.raises(ValueError, match="'flow' is not one of epsilon, v_prediction, sample"):
+        to_epsilon(eps, z_t, a, "flow")
+
+
+def test_sds_converts_a_v_prediction_unet_to_epsilon(tmp_path, monkeypatch):
+    """A tiny UNet whose scheduler says v_prediction: the guidance gets eps = sqrt(a) v + sqrt(1 - a) z_t of each
+    of its outputs (not the raw v), and the gradient differs from the epsilon reading of the same outputs."""
+    from diffusers import DDIMScheduler
+
+    pipe = make_tiny_pipeline(tmp_path)
+    sched_v = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    sds_v = PerpNegSDS(pipe.unet, pipe.vae, sched_v, PerpNegSDS.from_pipeline(pipe, "a corgi").view_embeds)
+    sds_e = PerpNegSDS(pipe.unet, pipe.vae, pipe.scheduler, sds_v.view_embeds)
+    assert (sds_v.prediction_type, sds_e.prediction_type) == ("v_prediction", "epsilon")
+    raw, seen = {}, {}
+
+    def hook(m, args, kwargs, out):
+        raw["z"], raw["out"] = args[0].float(), out.sample.float()
+
+    h = pipe.unet.register_forward_hook(hook, with_kwargs=True)
+    import diffusion.perpneg.sds as sds_mod
+
+    real = sds_mod.perp_neg_guidance
+
+    def spy(u, p, n, w, s):
+        seen["u"], seen["p"] = u.clone(), p.clone()
+        return real(u, p, n, w, s)
+
+    monkeypatch.setattr(sds_mod, "perp_neg_guidance", spy)
+    rgb, t = torch.rand(2, 3, 16, 16), torch.tensor([200, 700])
+    try:
+        torch.manual_seed(1)
+        sds_v(rgb, torch.zeros(2), torch.zeros(2), t=t)
+        g_v = sds_v.last["grad_norm"]
+        a = sds_v.alphas_cumprod[t].view(-1, 1, 1, 1)
+        z_t = raw["z"][:2]
+        want_u = a.sqrt() * raw["out"][:2] + (1 - a).sqrt() * z_t  # eps from v, by hand
+        want_p = a.sqrt() * raw["out"][2:4] + (1 - a).sqrt() * z_t
+        assert torch.allclose(seen["u"], want_u, atol=1e-5) and torch.allclose(seen["p"], want_p, atol=1e-5)
+        torch.manual_seed(1)
+        sds_e(rgb, torch.zeros(2), torch.zeros(2), t=t)
+        assert torch.allclose(seen["u"], raw["out"][:2])  # epsilon: the raw output
+        assert not torch.allclose(sds_e.last["grad_norm"], g_v, rtol=1e-3)
+    finally:
+        h.remove()
+    with pytest.raises(ValueError, match="prediction_type 'x'"):
+        PerpNegSDS(pipe.unet, pipe.vae, pipe.scheduler, sds_v.view_embeds, prediction_type="x")
+
+
 def test_render_shapes_and_range():
     grid = DensityColorGrid(resolution=8)
     o, d = camera_rays(torch.tensor([0.0, 30.0]), torch.tensor([0.0, 90.0]), torch.tensor([2.5, 2.5]), 6)
