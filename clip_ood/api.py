@@ -752,6 +752,8 @@ def create_app(scorer: Any, *, api_key: str | Sequence[str] | ApiKeys | None = N
         out: dict[str, Any] = {"method": scorer.method, "id_labels": scorer.id_labels,
                                "negative_labels": scorer.negatives.words,
                                "threshold": UNCALIBRATED if st.threshold is None else st.threshold}
+        if hasattr(scorer, "settings"):
+            out["settings"] = scorer.settings()
         if calibration is not None:
             out["calibration"] = {k: v for k, v in calibration.items() if k != "labels"}
         if scorer.ants is not None:

@@ -17,7 +17,8 @@ from typing import Any
 
 CALIBRATION_FILE = "calibration.json"
 FORMAT = "negvision-ood-calibration/1"
-_MATCHED = ("method", "model", "id_labels_sha256", "neg_labels_sha256", "temperature", "id_templates")
+_MATCHED = ("method", "model", "id_labels_sha256", "neg_labels_sha256", "temperature", "id_templates",
+            "neg_templates")
 
 
 class CalibrationError(ValueError):
@@ -58,6 +59,7 @@ def scorer_fingerprint(scorer: Any) -> dict[str, Any]:
         "neg_labels_sha256": _sha([f"{p}\t{w}" for p, w in zip(neg.pos, neg.words, strict=True)]),
         "temperature": float(scorer.temperature),
         "id_templates": list(getattr(scorer, "id_templates", ())),
+        "neg_templates": list(getattr(scorer, "neg_templates", None) or []),
     }
 
 

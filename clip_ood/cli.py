@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -97,8 +98,49 @@ def _id_labels(path: Path | None, id_dir: Path | None = None) -> list[str]:
     fail("give --id-labels (class names, one a line)")
 
 
+@dataclass
+class Prompts:
+    """``--id-template`` / ``--neg-template`` / ``--temperature`` of a command (empty: the method's defaults)."""
+
+    id_templates: list[str]
+    neg_templates: list[str]
+    temperature: float | None
+
+    def id_for(self, method: str) -> tuple[str, ...]:
+        from clip_ood.scores import score_spec
+
+        return tuple(self.id_templates) or score_spec(method).default_id_templates
+
+
+def _id_template_option():
+    return typer.Option([], "--id-template", help="ID prompt with one {} (repeat: features averaged). Default: the "
+                        "method's, 'The nice {}.' for neglabel / ants, 'a photo of a {}.' for mcm / energy / max_logit.")
+
+
+def _neg_template_option():
+    return typer.Option([], "--neg-template", help="Negative-label prompt with one {} (repeat: averaged). Default: "
+                        "'The nice {}.' for nouns, 'This is a {} photo.' for adjectives.")
+
+
+def _temperature_option():
+    return typer.Option(None, "--temperature", min=1e-6, help="Softmax temperature (default: the method's, 1.0 for "
+                        "mcm, 0.01 for the others).")
+
+
+def _prompts(id_template: list[str], neg_template: list[str], temperature: float | None) -> Prompts:
+    """Checked before any model loads: a bad template exits 2."""
+    from clip_ood.lexicon import check_template
+
+    for t in [*id_template, *neg_template]:
+        try:
+            check_template(t)
+        except ValueError as e:
+            usage_error(str(e))
+    return Prompts(list(id_template), list(neg_template), temperature)
+
+
 def _negatives(encoder, labels: list[str], method: str, neg_labels: Path | None, num_negatives: int,
-               percentile: float, save_to: Path | None):
+               percentile: float, save_to: Path | None, prompts: Prompts | None = None):
     from clip_ood.lexicon import NegativeLabels, mine_negative_labels
     from clip_ood.scores import score_spec
 
@@ -109,7 +151,10 @@ def _negatives(encoder, labels: list[str], method: str, neg_labels: Path | None,
             fail(f"--neg-labels {neg_labels}: no such file (make it with `negvision ood mine-labels`)")
         return NegativeLabels.load(neg_labels)
     typer.echo(f"mining {num_negatives} negative labels from WordNet (cached after the first run)", err=True)
-    neg = mine_negative_labels(encoder, labels, num_negatives, percentile)
+    kw = {}
+    if prompts is not None:
+        kw = {"id_templates": prompts.id_for(method), "neg_templates": prompts.neg_templates or None}
+    neg = mine_negative_labels(encoder, labels, num_negatives, percentile, **kw)
     if save_to is not None:
         neg.save(save_to)
         typer.echo(f"negative labels written to {save_to}", err=True)
@@ -117,12 +162,15 @@ def _negatives(encoder, labels: list[str], method: str, neg_labels: Path | None,
 
 
 def _scorer(encoder, labels, method, negatives, describer: str, describer_model: str | None, mode: str,
-            ants_state: Path | None, seed: int = 0):
+            ants_state: Path | None, seed: int = 0, prompts: Prompts | None = None):
     from clip_ood.serve import make_scorer
 
     had_state = ants_state is not None and ants_state.with_suffix(".json").is_file()
+    p = prompts or Prompts([], [], None)
     try:
-        sc = make_scorer(encoder, labels, method, negatives, describer, describer_model, mode, ants_state, seed)
+        sc = make_scorer(encoder, labels, method, negatives, describer, describer_model, mode, ants_state, seed,
+                         id_templates=p.id_templates or None, neg_templates=p.neg_templates or None,
+                         temperature=p.temperature)
     except (ValueError, KeyError) as e:
         fail(str(e).strip("'\""))
     if had_state and sc.ants is not None:
@@ -180,10 +228,14 @@ def score(
     describer_model: str | None = typer.Option(None, "--describer-model", help="Hub name or local folder."),
     ants_mode: AntsMode = typer.Option(AntsMode.ada, "--ants-mode", help=ANTS_MODE_HELP),
     ants_state: Path | None = typer.Option(None, "--ants-state", help="Load/save the ANTS state here."),
+    id_template: list[str] = _id_template_option(),
+    neg_template: list[str] = _neg_template_option(),
+    temperature: float | None = _temperature_option(),
     device: str | None = opt.device_option(),
 ) -> None:
     """Score images (streamed, resumable); under `accelerate launch` each process takes a shard."""
     dev = opt.resolve_device(device)
+    prompts = _prompts(id_template, neg_template, temperature)
     resume_csv = _continue_csv(resume, no_resume)
     if conf is not None and calibration is not None:
         usage_error("give --calibration or --conf, not both")
@@ -208,8 +260,8 @@ def score(
     todo = [p for p in paths if str(p) not in done]
     labels = _id_labels(id_labels)
     enc = load_encoder_or_fail(model, pretrained, dev)
-    neg = _negatives(enc, labels, method, neg_labels, num_negatives, 0.95, out.with_suffix(".neg.txt"))
-    sc = _scorer(enc, labels, method, neg, describer, describer_model, ants_mode.value, ants_state)
+    neg = _negatives(enc, labels, method, neg_labels, num_negatives, 0.95, out.with_suffix(".neg.txt"), prompts)
+    sc = _scorer(enc, labels, method, neg, describer, describer_model, ants_mode.value, ants_state, prompts=prompts)
     if calibration is not None:
         conf = _calibrated_threshold(calibration, sc)
     elif conf is None:
@@ -237,9 +289,14 @@ def score(
             fail(f"{e} (use --skip-bad to skip it)")
     if ants_state is not None and sc.ants is not None:
         sc.ants.save(ants_state)
+    from vision.io import write_text_atomic
+
+    meta = {"model": model, "pretrained": pretrained or None, "source": str(source), **sc.settings(),
+            "threshold": "uncalibrated" if conf is None else conf,
+            "calibration": str(calibration) if calibration else None}
+    write_text_atomic(out.with_name(out.name + ".json"), json.dumps(meta, indent=2) + "\n")
     typer.echo(json.dumps({"out": str(out), "scored": n, "skipped_done": len(paths) - len(todo),
-                           "rank": rank, "world_size": world, "method": method,
-                           "threshold": "uncalibrated" if conf is None else conf}))
+                           "rank": rank, "world_size": world, **meta}))
 
 
 def _calibrated_threshold(path: Path, scorer) -> float:
@@ -252,6 +309,16 @@ def _calibrated_threshold(path: Path, scorer) -> float:
         fail(str(e))
 
 
+def _check_methods(value: str) -> str:
+    """Option callback: one registered score or a comma list of them, else exit 2 listing them."""
+    for m in value.split(","):
+        if m.strip():
+            _check_method(m.strip())
+    if not any(m.strip() for m in value.split(",")):
+        usage_error("--method: give one method or a comma list (mcm,neglabel,ants)")
+    return value
+
+
 @ood_app.command("bench", cls=_MethodCommand)
 def bench(
     model: str = typer.Option(..., "--model", help=MODEL_HELP),
@@ -260,10 +327,13 @@ def bench(
     ood_dir: list[Path] = typer.Option(..., "--ood-dir", help="OOD set (folder or list file); repeat for several."),
     data_root: Path | None = typer.Option(None, "--data-root", help="Root of the paths in list files."),
     id_labels: Path | None = typer.Option(None, "--id-labels", help="ID class names (default: --id-dir's sub-folders)."),
-    method: str = _method_option(),
+    method: str = typer.Option("neglabel", "--method", callback=_check_methods,
+                               help="OOD score, or a comma list (mcm,neglabel,ants): one pass over the images, "
+                                    "each image encoded once for all of them."),
     neg_labels: Path | None = typer.Option(None, "--neg-labels"),
     num_negatives: int = typer.Option(10_000, "--num-negatives"),
-    out: Path = opt.out_option(Path("runs/ood_bench"), "Output folder: metrics.json/csv, scores.csv, plots."),
+    out: Path = opt.out_option(Path("runs/ood_bench"), "Output folder: metrics.json/csv, scores.csv, calibration.json, "
+                               "plots (one sub-folder per method when several)."),
     batch: int = opt.batch_option(64, "Images per forward pass."),
     max_images: int | None = typer.Option(None, "--max-images", help="At most this many images per set."),
     seed: int = typer.Option(0, "--seed", help="Shuffle seed of the ANTS mixed stream."),
@@ -271,25 +341,23 @@ def bench(
     describer: str = typer.Option("lexicon", "--describer"),
     describer_model: str | None = typer.Option(None, "--describer-model"),
     ants_mode: AntsMode = typer.Option(AntsMode.ada, "--ants-mode", help=ANTS_MODE_HELP),
+    id_template: list[str] = _id_template_option(),
+    neg_template: list[str] = _neg_template_option(),
+    temperature: float | None = _temperature_option(),
     device: str | None = opt.device_option(),
 ) -> None:
-    """FPR95 / AUROC / AUPR per OOD set and averaged, with score histograms and ROC plots."""
+    """FPR95 / AUROC / AUPR per OOD set and averaged, with score histograms and ROC plots; calibration.json."""
     dev = opt.resolve_device(device)
-    import csv
-    import io
+    prompts = _prompts(id_template, neg_template, temperature)
     import random
 
-    import numpy as np
     from tqdm import tqdm
 
-    from clip_ood.calibration import CALIBRATION_FILE, make_calibration, write_calibration
     from clip_ood.data import BadImageError, iter_batches, list_images
-    from clip_ood.metrics import ood_metrics, roc_points
-    from clip_ood.plots import plot_roc_logfpr
+    from clip_ood.encoders import encode_pil
     from clip_ood.scores import score_spec
-    from vision.io import write_text_atomic
-    from vision.viz import plot_roc_curve, plot_score_histograms
 
+    methods = list(dict.fromkeys(m.strip() for m in method.split(",") if m.strip()))
     sets: dict[str, list[Path]] = {}
     try:
         sets["ID"] = list_images(id_dir, data_root)[:max_images]
@@ -306,39 +374,99 @@ def bench(
     labels = _id_labels(id_labels, id_dir)
     enc = load_encoder_or_fail(model, pretrained, dev)
     out.mkdir(parents=True, exist_ok=True)
-    neg = _negatives(enc, labels, method, neg_labels, num_negatives, 0.95, out / "neg.txt")
-    sc = _scorer(enc, labels, method, neg, describer, describer_model, ants_mode.value, None, seed)
+    mining = next((m for m in methods if score_spec(m).needs_negatives), methods[0])
+    neg = _negatives(enc, labels, mining, neg_labels, num_negatives, 0.95, out / "neg.txt", prompts)
+    scorers = {m: _scorer(enc, labels, m, neg, describer, describer_model, ants_mode.value, None, seed, prompts)
+               for m in methods}
     stream = [(p, k) for k, v in sets.items() for p in v]
-    if score_spec(method).state is not None:  # test-time adaptation sees one mixed, shuffled ID+OOD stream
+    if any(score_spec(m).state is not None for m in methods):  # test-time adaptation sees one mixed, shuffled stream
         random.Random(seed).shuffle(stream)
     set_of = {str(p): k for p, k in stream}
-    got: dict[str, list[float]] = {k: [] for k in sets}
-    rows = []
+    got: dict[str, dict[str, list[float]]] = {m: {k: [] for k in sets} for m in methods}
+    rows: dict[str, list] = {m: [] for m in methods}
     try:
         for bp, ims in tqdm(iter_batches([p for p, _ in stream], batch, skip_bad),
                             total=-(-len(stream) // batch), desc="bench", unit="batch", disable=None):
-            r = sc.score_images(ims)
-            for path, s in zip(bp, r.scores.tolist(), strict=False):
-                k = set_of[str(path)]
-                got[k].append(s)
-                rows.append((str(path), k, s))
+            feats = encode_pil(enc, ims)  # once for every method
+            for m, sc in scorers.items():
+                r = sc.score_features(feats, images=ims)
+                for path, sv in zip(bp, r.scores.tolist(), strict=False):
+                    k = set_of[str(path)]
+                    got[m][k].append(sv)
+                    rows[m].append((str(path), k, sv))
     except BadImageError as e:
         fail(f"{e} (use --skip-bad to skip it)")
+    averages = {}
+    for m, sc in scorers.items():
+        folder = out if len(methods) == 1 else out / m
+        averages[m] = _write_bench(folder, m, sc, model, pretrained, got[m], rows[m])
+    if len(methods) > 1:
+        _write_bench_summary(out, model, averages)
+        typer.echo(json.dumps({"out_dir": str(out), "methods": averages}))
+    else:
+        typer.echo(json.dumps({"out_dir": str(out), "average": averages[methods[0]]}))
+
+
+def _metrics_of(got: dict[str, list[float]], id_set: str = "ID") -> tuple[dict[str, dict], dict[str, float]]:
+    """Per OOD set metrics (ID = ``id_set``) and their average."""
+    import numpy as np
+
+    from clip_ood.metrics import ood_metrics
+
     results: dict[str, dict] = {}
-    for k in sets:
-        if k == "ID":
+    for k, v in got.items():
+        if k == id_set:
             continue
-        m = ood_metrics(got["ID"], got[k])
-        m["n_id"], m["n_ood"] = len(got["ID"]), len(got[k])
+        m = ood_metrics(got[id_set], v)
+        m["n_id"], m["n_ood"] = len(got[id_set]), len(v)
         results[k] = m
+    avg = {key: float(np.mean([r[key] for r in results.values()])) for key in ("auroc", "fpr95", "aupr_in", "aupr_out")}
+    return results, avg
+
+
+def _metrics_csv(results: dict[str, dict], avg: dict[str, float]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["set", "auroc", "fpr95", "aupr_in", "aupr_out"])
+    for k, m in list(results.items()) + [("average", avg)]:
+        w.writerow([k] + [f"{m[c]:.6f}" for c in ("auroc", "fpr95", "aupr_in", "aupr_out")])
+    return buf.getvalue()
+
+
+def _echo_table(results: dict[str, dict], avg: dict[str, float], title: str = "") -> None:
+    if title:
+        typer.echo(title, err=True)
+    for k, m in list(results.items()) + [("average", avg)]:
+        typer.echo(f"{k:>16}  AUROC {100 * m['auroc']:6.2f}  FPR95 {100 * m['fpr95']:6.2f}", err=True)
+
+
+def _write_bench(out: Path, method: str, sc, model: str, pretrained: str, got: dict[str, list[float]],
+                 rows: list) -> dict[str, float]:
+    """One method's bench outputs in ``out``: metrics.json / .csv, scores.csv, calibration.json, plots."""
+    import csv
+    import io
+
+    import numpy as np
+
+    from clip_ood.calibration import CALIBRATION_FILE, make_calibration, write_calibration
+    from clip_ood.metrics import roc_points
+    from clip_ood.plots import plot_roc_logfpr
+    from vision.io import write_text_atomic
+    from vision.viz import plot_roc_curve, plot_score_histograms
+
+    out.mkdir(parents=True, exist_ok=True)
+    results, avg = _metrics_of(got)
+    for k, m in results.items():
         fpr, tpr = roc_points(got["ID"], got[k])
         plot_roc_curve(fpr, tpr, out / f"roc_{k}.png", auroc=m["auroc"])
         plot_score_histograms(np.array(got["ID"]), np.array(got[k]), out / f"hist_{k}.png", labels=("ID", k))
     plot_roc_logfpr({k: (got["ID"], got[k]) for k in results}, out / "roc_logfpr.png",
                     title=f"{method}: OOD ROC, ID = positive (n_id={len(got['ID'])})")
-    avg = {key: float(np.mean([r[key] for r in results.values()])) for key in ("auroc", "fpr95", "aupr_in", "aupr_out")}
-    summary = {"method": method, "model": model, "per_set": results, "average": avg}
-    if method == "ants":
+    summary = {"method": method, "model": model, "settings": sc.settings(), "per_set": results, "average": avg}
+    if sc.ants is not None:
         summary["ants"] = {"lambda": sc.ants.lambda_, "tau": sc.ants.tau, "far_bank": len(sc.ants.far_texts),
                            "near_labels": len(sc.ants.near_texts)}
     cal = make_calibration(sc, got["ID"], model_name=model, pretrained=pretrained or None,
@@ -346,20 +474,74 @@ def bench(
     write_calibration(cal, out / CALIBRATION_FILE)
     summary["calibration"] = {"file": str(out / CALIBRATION_FILE), "threshold": cal["threshold"], "tpr": cal["tpr"]}
     write_text_atomic(out / "metrics.json", json.dumps(summary, indent=2))
-    buf = io.StringIO(newline="")
-    w = csv.writer(buf)
-    w.writerow(["set", "auroc", "fpr95", "aupr_in", "aupr_out"])
-    for k, m in list(results.items()) + [("average", avg)]:
-        w.writerow([k] + [f"{m[c]:.6f}" for c in ("auroc", "fpr95", "aupr_in", "aupr_out")])
-    write_text_atomic(out / "metrics.csv", buf.getvalue())
+    write_text_atomic(out / "metrics.csv", _metrics_csv(results, avg))
     buf = io.StringIO(newline="")
     w = csv.writer(buf)
     w.writerow(["path", "set", "score"])
     w.writerows((p, k, f"{s:.6f}") for p, k, s in rows)
     write_text_atomic(out / "scores.csv", buf.getvalue())
-    for k, m in list(results.items()) + [("average", avg)]:
-        typer.echo(f"{k:>16}  AUROC {100 * m['auroc']:6.2f}  FPR95 {100 * m['fpr95']:6.2f}", err=True)
-    typer.echo(json.dumps({"out_dir": str(out), "average": avg}))
+    _echo_table(results, avg, method)
+    return avg
+
+
+def _write_bench_summary(out: Path, model: str, averages: dict[str, dict[str, float]]) -> None:
+    """Several methods: metrics.json / metrics.csv side by side (per-method detail in the sub-folders)."""
+    import csv
+    import io
+
+    from vision.io import write_text_atomic
+
+    write_text_atomic(out / "metrics.json", json.dumps({"model": model, "methods": averages,
+                                                        "folders": {m: str(out / m) for m in averages}}, indent=2))
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["method", "auroc", "fpr95", "aupr_in", "aupr_out"])
+    for m, a in averages.items():
+        w.writerow([m] + [f"{a[c]:.6f}" for c in ("auroc", "fpr95", "aupr_in", "aupr_out")])
+    write_text_atomic(out / "metrics.csv", buf.getvalue())
+
+
+@ood_app.command("metrics")
+def metrics_cmd(
+    scores: Path = typer.Argument(..., help="A scores CSV with 'set' and 'score' columns (as `ood bench` writes)."),
+    id_set: str = typer.Option("ID", "--id-set", help="The value of 'set' that marks in-distribution rows."),
+    out: Path | None = typer.Option(None, "--out", help="Also write the metrics JSON here."),
+) -> None:
+    """Recompute FPR95 / AUROC / AUPR from a scores CSV (no model needed)."""
+    import csv
+    import math
+
+    from vision.io import write_text_atomic
+
+    got: dict[str, list[float]] = {}
+    try:
+        with open(scores, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = {"set", "score"} - set(reader.fieldnames or [])
+            if missing:
+                fail(f"{scores}: no {', '.join(sorted(missing))} column (header: {', '.join(reader.fieldnames or [])})")
+            for line, row in enumerate(reader, start=2):
+                try:
+                    v = float(row["score"])
+                except (TypeError, ValueError):
+                    fail(f"{scores}:{line}: score {row['score']!r} is not a number")
+                if not math.isfinite(v):
+                    fail(f"{scores}:{line}: score {row['score']!r} is not finite")
+                got.setdefault(row["set"], []).append(v)
+    except FileNotFoundError:
+        fail(f"{scores}: no such file")
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        fail(f"{scores}: cannot read it ({e})")
+    if id_set not in got:
+        fail(f"{scores}: no row with set '{id_set}' (sets: {', '.join(sorted(got)) or 'none'}; see --id-set)")
+    if len(got) < 2:
+        fail(f"{scores}: only the ID set '{id_set}'; an OOD set is needed")
+    results, avg = _metrics_of(got, id_set)
+    _echo_table(results, avg)
+    summary = {"scores": str(scores), "id_set": id_set, "per_set": results, "average": avg}
+    if out is not None:
+        write_text_atomic(out, json.dumps(summary, indent=2) + "\n")
+    typer.echo(json.dumps(summary))
 
 
 @ood_app.command("serve", cls=_MethodCommand)
@@ -397,6 +579,9 @@ def serve(
     ants_mode: AntsMode = typer.Option(AntsMode.ada, "--ants-mode", help=ANTS_MODE_HELP),
     ants_state: Path | None = typer.Option(None, "--ants-state", help="ANTS: load the state at start, save it at "
                                            "shutdown (--workers 1 only: each worker has its own state)."),
+    id_template: list[str] = _id_template_option(),
+    neg_template: list[str] = _neg_template_option(),
+    temperature: float | None = _temperature_option(),
     device: str | None = opt.device_option(),
 ) -> None:
     """Serve the scoring API (FastAPI; OpenAPI docs at /docs; /healthz, /readyz, /metrics)."""
@@ -407,6 +592,7 @@ def serve(
 
     log = logging.getLogger("negvision.api")
     dev = opt.resolve_device(device)
+    prompts = _prompts(id_template, neg_template, temperature)
     if conf is not None and calibration is not None:
         usage_error("give --calibration or --conf, not both")
     if ants_state is not None and workers > 1:
@@ -425,8 +611,8 @@ def serve(
 
     labels = _id_labels(id_labels)
     enc = load_encoder_or_fail(model, pretrained, dev)
-    neg = _negatives(enc, labels, method, neg_labels, num_negatives, 0.95, None)
-    sc = _scorer(enc, labels, method, neg, describer, describer_model, ants_mode.value, ants_state)
+    neg = _negatives(enc, labels, method, neg_labels, num_negatives, 0.95, None, prompts)
+    sc = _scorer(enc, labels, method, neg, describer, describer_model, ants_mode.value, ants_state, prompts=prompts)
     cfg = ServeConfig(model=model, pretrained=pretrained or None, id_labels=labels, method=method,
                       neg_labels_file=str(neg_labels) if neg_labels else None, describer=describer,
                       describer_model=describer_model, ants_mode=ants_mode.value,
@@ -437,7 +623,8 @@ def serve(
                               "max_pixels": max_pixels, "max_request_pixels": int(max_request_mp * 1_000_000)},
                       serve={"max_queue": max_queue, "timeout_s": timeout, "max_failures": max_failures,
                              "decode_threads": decode_threads},
-                      max_batch=max_batch, batch_wait_ms=batch_wait_ms)
+                      max_batch=max_batch, batch_wait_ms=batch_wait_ms, id_templates=prompts.id_templates,
+                      neg_templates=prompts.neg_templates, temperature=prompts.temperature)
     try:
         app = build_app(cfg, scorer=sc)
     except (CalibrationError, ValueError) as e:

@@ -17,7 +17,17 @@ WORDNET_FILE = DATA_DIR / "wordnet_words.txt.gz"
 DEFAULT_EXCLUDE: tuple[str, ...] = ("noun.person", "noun.quantity", "noun.group", "adj.pert")
 NOUN_TEMPLATE = "The nice {}."
 ADJ_TEMPLATE = "This is a {} photo."
-ID_TEMPLATE = NOUN_TEMPLATE
+ID_TEMPLATE = NOUN_TEMPLATE  # NegLabel's ID prompt
+PHOTO_TEMPLATE = "a photo of a {}."  # CLIP's / MCM's usual ID prompt
+
+
+def check_template(template: str) -> str:
+    """A prompt template has exactly one ``{}`` (the label) and no other braces; ``ValueError`` otherwise."""
+    rest = template.replace("{}", "", 1) if isinstance(template, str) else "{"
+    if not isinstance(template, str) or "{}" not in template or "{" in rest or "}" in rest:
+        raise ValueError(f"prompt template {template!r} must hold exactly one '{{}}' where the label goes "
+                         "(e.g. 'a photo of a {}.')")
+    return template
 
 
 @dataclass
@@ -183,8 +193,10 @@ def mine_negative_labels(
     id_templates: Sequence[str] = (ID_TEMPLATE,),
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    neg_templates: Sequence[str] | None = None,
 ) -> NegativeLabels:
-    """NegLabel mining: per pool (nouns, adjectives) keep the candidates farthest from the ID classes."""
+    """NegLabel mining: per pool (nouns, adjectives) keep the candidates farthest from the ID classes
+    (candidates encoded with ``neg_templates`` when given, else the noun / adjective templates)."""
     from clip_ood.encoders import encode_labels
 
     lexicon = lexicon if lexicon is not None else load_wordnet()
@@ -198,7 +210,8 @@ def mine_negative_labels(
     for pool, tag, n, tmpl in ((nouns, "noun", n_noun, NOUN_TEMPLATE), (adjs, "adj", n_adj, ADJ_TEMPLATE)):
         if n == 0 or not pool:
             continue
-        feats = encode_labels(encoder, pool, (tmpl,), cache_dir=cache_dir, progress=progress)
+        feats = encode_labels(encoder, pool, tuple(neg_templates) if neg_templates else (tmpl,), cache_dir=cache_dir,
+                              progress=progress)
         idx = select_negative_labels(feats, id_feats, n, percentile)
         words += [pool[i] for i in idx.tolist()]
         pos += [tag] * len(idx)

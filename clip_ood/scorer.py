@@ -12,7 +12,7 @@ from torch import Tensor
 
 from clip_ood import scores as S
 from clip_ood.encoders import encode_labels, encode_pil
-from clip_ood.lexicon import ID_TEMPLATE, NegativeLabels
+from clip_ood.lexicon import NegativeLabels, check_template
 
 
 @dataclass
@@ -32,8 +32,9 @@ class OODScorer:
 
     def __init__(self, encoder: Any, id_labels: Sequence[str], method: str = "neglabel",
                  negatives: NegativeLabels | None = None, temperature: float | None = None,
-                 num_groups: int = 100, seed: int = 0, id_templates: Sequence[str] = (ID_TEMPLATE,),
-                 cache_dir: str | Path | None = None, ants_state: Any = None) -> None:
+                 num_groups: int = 100, seed: int = 0, id_templates: Sequence[str] | None = None,
+                 cache_dir: str | Path | None = None, ants_state: Any = None,
+                 neg_templates: Sequence[str] | None = None) -> None:
         """Encode the ID classes and negatives once; ``ValueError`` for an unknown method or missing negatives.
 
         Args:
@@ -45,9 +46,12 @@ class OODScorer:
             temperature: softmax temperature (default: the method's, 1.0 for mcm, else 0.01).
             num_groups: NegLabel negative groups (default 100).
             seed: seed of the negatives' permutation into groups (default 0).
-            id_templates: prompt templates of the ID classes, features averaged (default ("The nice {}.",)).
+            id_templates: prompt templates of the ID classes, features averaged (default: the method's, "The nice
+                {}." for NegLabel / ANTS as in the NegLabel code, "a photo of a {}." for MCM / energy / max-logit).
             cache_dir: text-feature cache folder (default ``encoders.default_cache_dir()``; False: no cache).
             ants_state: an existing test-time state to continue (default: a fresh one if the method has one).
+            neg_templates: templates of the negative labels, features averaged (default: "The nice {}." for nouns,
+                "This is a {} photo." for adjectives, as mined).
         """
         self.spec = S.score_spec(method)
         if self.spec.needs_negatives and (negatives is None or len(negatives) == 0):
@@ -59,10 +63,17 @@ class OODScorer:
         self.temperature = temperature if temperature is not None else self.spec.default_temperature
         self.num_groups = num_groups
         self.seed = seed
-        self.id_templates = tuple(id_templates)
-        self.id_features = encode_labels(encoder, self.id_labels, id_templates, cache_dir=cache_dir)
-        self.neg_features = (encode_labels(encoder, self.negatives.prompts, ("{}",), cache_dir=cache_dir)
-                             if len(self.negatives) else torch.zeros(0, self.id_features.shape[1]))
+        self.id_templates = tuple(id_templates) if id_templates else self.spec.default_id_templates
+        self.neg_templates = tuple(neg_templates) if neg_templates else None
+        for t in self.id_templates + (self.neg_templates or ()):
+            check_template(t)
+        self.id_features = encode_labels(encoder, self.id_labels, self.id_templates, cache_dir=cache_dir)
+        if not len(self.negatives):
+            self.neg_features = torch.zeros(0, self.id_features.shape[1])
+        elif self.neg_templates:
+            self.neg_features = encode_labels(encoder, self.negatives.words, self.neg_templates, cache_dir=cache_dir)
+        else:
+            self.neg_features = encode_labels(encoder, self.negatives.prompts, ("{}",), cache_dir=cache_dir)
         self.inputs = S.ScoreInputs(self.id_features, self.neg_features, self.temperature, num_groups, seed)
         self._score_batch = self.spec.batch_scorer(self.inputs)
         self.ants = ants_state
@@ -97,6 +108,12 @@ class OODScorer:
         describer that looks at them (else None). Equals ``score_images`` on the same images."""
         feats = self.encoder.encode_image(pixels).float().cpu()
         return self.score_features(feats, images=images, top_neg=top_neg)
+
+    def settings(self) -> dict[str, Any]:
+        """What the scores depend on besides the model and labels (recorded in every output)."""
+        return {"method": self.method, "temperature": self.temperature, "id_templates": list(self.id_templates),
+                "neg_templates": list(self.neg_templates) if self.neg_templates else "noun/adj defaults",
+                "num_groups": self.num_groups, "seed": self.seed}
 
     def describe(self, result: ScoreResult, i: int, top_k: int = 5) -> dict[str, Any]:
         """JSON-ready top ID classes and nearest negative labels of image ``i`` of ``result``."""

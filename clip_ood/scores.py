@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from clip_ood.lexicon import ID_TEMPLATE, PHOTO_TEMPLATE
 from vision.registry import Registry
 
 
@@ -52,6 +53,7 @@ class ScoreSpec:
     default_temperature: float = 0.01
     bind: Callable[[ScoreInputs], Callable[[Tensor], Tensor]] | None = None
     state: Callable[[Any, list[str], ScoreInputs], Any] | None = None
+    default_id_templates: tuple[str, ...] = (ID_TEMPLATE,)
 
     def __call__(self, image_features: Tensor, inputs: ScoreInputs) -> Tensor:
         """Scores [N] of one batch (the plain path, without ``bind``'s precomputation)."""
@@ -80,6 +82,7 @@ def _score_inputs(fn: Callable[..., Tensor]) -> tuple[str, ...]:
 def register_score(name: str | None = None, *, needs_negatives: bool = False, default_temperature: float = 0.01,
                    bind: Callable[[ScoreInputs], Callable[[Tensor], Tensor]] | None = None,
                    state: Callable[[Any, list[str], ScoreInputs], Any] | None = None,
+                   default_id_templates: tuple[str, ...] = (ID_TEMPLATE,),
                    override: bool = False) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Decorator registering a score function in ``SCORES`` (see ``ScoreSpec``); returns the function unchanged.
 
@@ -89,12 +92,14 @@ def register_score(name: str | None = None, *, needs_negatives: bool = False, de
         default_temperature: temperature used when the scorer is given none.
         bind: optional ``bind(inputs) -> batch_scorer`` precomputing the fixed inputs once.
         state: optional test-time state factory ``state(encoder, id_labels, inputs)`` (ANTS).
+        default_id_templates: the ID prompt templates used when the scorer is given none (the method paper's).
         override: replace an existing entry of the same name.
     """
 
     def deco(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         key = name or fn.__name__.removesuffix("_score")
-        spec = ScoreSpec(key, fn, _score_inputs(fn), needs_negatives, default_temperature, bind, state)
+        spec = ScoreSpec(key, fn, _score_inputs(fn), needs_negatives, default_temperature, bind, state,
+                         tuple(default_id_templates))
         SCORES.add(key, spec, override=override)
         return fn
 
@@ -196,7 +201,7 @@ def id_probabilities(image_features: Tensor, id_text_features: Tensor, temperatu
     return torch.softmax(_cos(image_features, id_text_features) / temperature, dim=-1)
 
 
-@register_score("mcm", default_temperature=1.0)
+@register_score("mcm", default_temperature=1.0, default_id_templates=(PHOTO_TEMPLATE,))
 def mcm_score(image_features: Tensor, id_text_features: Tensor, temperature: float = 1.0) -> Tensor:
     """MCM (Ming et al., 2022): max_c softmax(cos / temperature)_c, shape [N].
 
@@ -211,13 +216,13 @@ def mcm_score(image_features: Tensor, id_text_features: Tensor, temperature: flo
     return id_probabilities(image_features, id_text_features, temperature).max(dim=-1).values
 
 
-@register_score("energy")
+@register_score("energy", default_id_templates=(PHOTO_TEMPLATE,))
 def energy_score(image_features: Tensor, id_text_features: Tensor, temperature: float = 1.0) -> Tensor:
     """Negative free energy: temperature * logsumexp_c(cos / temperature), shape [N]."""
     return temperature * torch.logsumexp(_cos(image_features, id_text_features) / temperature, dim=-1)
 
 
-@register_score("max_logit")
+@register_score("max_logit", default_id_templates=(PHOTO_TEMPLATE,))
 def max_logit_score(image_features: Tensor, id_text_features: Tensor) -> Tensor:
     """Max-logit baseline: max_c cos(image, class c), shape [N]."""
     return _cos(image_features, id_text_features).max(dim=-1).values

@@ -39,6 +39,9 @@ class ServeConfig:
     serve: dict[str, Any] = field(default_factory=dict)
     max_batch: int = 64
     batch_wait_ms: float = 5.0
+    id_templates: list[str] = field(default_factory=list)
+    neg_templates: list[str] = field(default_factory=list)
+    temperature: float | None = None
 
     def save(self, path: Path) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -52,11 +55,13 @@ class ServeConfig:
 
 def make_scorer(encoder: Any, labels: list[str], method: str, negatives: Any, describer: str = "lexicon",
                 describer_model: str | None = None, mode: str = "ada", ants_state: str | Path | None = None,
-                seed: int = 0) -> Any:
+                seed: int = 0, id_templates: list[str] | None = None, neg_templates: list[str] | None = None,
+                temperature: float | None = None) -> Any:
     """An ``OODScorer`` (with its ANTS describer and state); ``ValueError`` with a one-line reason."""
     from clip_ood.scorer import OODScorer
 
-    sc = OODScorer(encoder, labels, method=method, negatives=negatives, seed=seed)
+    sc = OODScorer(encoder, labels, method=method, negatives=negatives, seed=seed, id_templates=id_templates,
+                   neg_templates=neg_templates, temperature=temperature)
     if sc.ants is not None:
         from clip_ood.describers import create_describer
 
@@ -86,7 +91,8 @@ def build_app(cfg: ServeConfig, encoder: Any = None, negatives: Any = None, scor
 
             negatives = NegativeLabels.load(cfg.neg_labels_file)
         scorer = make_scorer(encoder, cfg.id_labels, cfg.method, negatives, cfg.describer, cfg.describer_model,
-                             cfg.ants_mode, cfg.ants_state)
+                             cfg.ants_mode, cfg.ants_state, id_templates=cfg.id_templates or None,
+                             neg_templates=cfg.neg_templates or None, temperature=cfg.temperature)
     cal = None
     if cfg.calibration_file:
         cal = check_calibration(read_calibration(cfg.calibration_file), scorer, cfg.calibration_file)

@@ -110,6 +110,7 @@ def test_score_multipart_and_json_and_labels(scorer):
             assert (s2[1]["index"], s2[1]["filename"]) == (1, "x")
             lab = (await c.get("/v1/labels")).json()
             assert lab["id_labels"] == ["apple", "leaf", "stone"] and len(lab["negative_labels"]) == 41
+            assert lab["settings"]["id_templates"] == ["The nice {}."] and lab["settings"]["temperature"] == 0.01
             assert (await c.get("/healthz")).json()["status"] == "ok"
             assert (await c.get("/readyz")).json()["status"] == "ready"
             m = await c.get("/metrics")

@@ -41,7 +41,7 @@ def test_help_is_light():
                          env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
-    assert sorted(typer.main.get_command(ood_app).commands) == ["bench", "mine-labels", "score", "serve"]
+    assert sorted(typer.main.get_command(ood_app).commands) == ["bench", "metrics", "mine-labels", "score", "serve"]
 
 
 def test_mine_then_score_resumable_and_sharded(setup, monkeypatch):

@@ -84,6 +84,10 @@ def test_calibration_refuses_another_model_or_label_set(tiny_encoder, tmp_path):
                           num_groups=1, cache_dir=False)
     with pytest.raises(CalibrationError, match="neg_labels_sha256"):
         check_calibration(read_calibration(path), other_neg, path)
+    other_prompt = OODScorer(tiny_encoder, ["apple", "leaf"], method="neglabel", negatives=neg, num_groups=2,
+                             cache_dir=False, id_templates=["a photo of a {}."])
+    with pytest.raises(CalibrationError, match="id_templates"):
+        check_calibration(read_calibration(path), other_prompt, path)
     other_method = OODScorer(tiny_encoder, ["apple", "leaf"], method="mcm", negatives=neg, cache_dir=False)
     with pytest.raises(CalibrationError, match=r"method 'neglabel' \(file\) vs 'mcm'.*temperature"):
         check_calibration(read_calibration(path), other_method, path)
