@@ -806,5 +806,5 @@ def predict_segdec_onnx(model_path: str | Path, source: str | Path, out: str | P
         for f, im, p in zip(chunk, originals, preds, strict=True):
             results.append(write_defect_prediction(out, f, names[f].as_posix(), np.asarray(im), p["seg"],
                                                    float(p["probability"]), thr, seg_threshold, heatmaps))
-    write_prediction_summary(out, results, thr, seg_threshold, skipped)
+    write_prediction_summary(out, results, thr, seg_threshold, skipped, "segmentation" if heatmaps else None)
     return results

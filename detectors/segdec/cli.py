@@ -45,6 +45,14 @@ def _print_metrics(res: dict) -> None:
     typer.echo("  ".join(f"{k}={_fmt(res[k])}" for k in keys if k in res))
 
 
+class HeatmapKind(str, enum.Enum):
+    """What ``defect predict`` draws as the heatmap."""
+
+    auto = "auto"
+    segmentation = "segmentation"
+    cam = "cam"
+
+
 @app.command("train")
 def train(
     ctx: typer.Context,
@@ -72,10 +80,18 @@ def train(
                                                     help="Explicit gradient multiplier (overrides --no-grad-adjust)."),
     no_frequency: bool = typer.Option(False, "--no-frequency", help="Uniform instead of frequency-of-use negatives."),
     no_weighted: bool = typer.Option(False, "--no-weighted", help="Plain BCE instead of distance-weighted seg loss."),
-    backbone: str | None = typer.Option(None, "--backbone",
-                                           help="Registry/timm backbone at stride 8 instead of the paper's trunk."),
-    pretrained: str = typer.Option("false", "--pretrained", help="Backbone weights: true | false | PATH."),
+    weak_grad_multiplier: float = typer.Option(1.0, "--weak-grad-multiplier", help="Weak / mixed supervision: "
+                                               "how much the decision loss of samples without a defect mask trains "
+                                               "the trunk (0 = the official code: not at all)."),
+    backbone: str = typer.Option("auto", "--backbone", help="auto (the paper's trunk with full masks, pretrained "
+                                 "efficientnet_lite0.offline with fewer), paper, or a registry / timm backbone "
+                                 "used at stride 8."),
+    pretrained: str = typer.Option("auto", "--pretrained", help="Backbone weights: auto (true for an auto-chosen "
+                                   "trunk) | true | false | PATH."),
     width: float = typer.Option(1.0, "--width", help="Channel multiplier of the paper's trunk (1 = the paper)."),
+    augment: bool | None = typer.Option(None, "--augment/--no-augment", help="Flips, 90-degree rotations, "
+                                        "brightness / contrast (default: on in weak / mixed mode, off with full "
+                                        "masks, as the official code)."),
     optimizer: opt.Optimizer = typer.Option(opt.Optimizer.sgd, "--optimizer", help="sgd (official, plain) | adamw | adam"),
     momentum: float = typer.Option(0.0, "--momentum"),
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
@@ -109,7 +125,9 @@ def train(
             data, out, dataset_kind=dataset_kind.value, img_size=img_size, epochs=epochs, batch=batch, lr=lr,
             delta=delta, p=p, w_pos=w_pos, dilate=dilate, dynamic=not no_dynamic, grad_adjust=not no_grad_adjust,
             grad_multiplier=grad_multiplier, frequency=not no_frequency, weighted=not no_weighted,
-            num_segmented=num_segmented, backbone=backbone, pretrained=_pretrained(pretrained), width=width,
+            num_segmented=num_segmented, backbone=backbone,
+            pretrained=None if pretrained.lower() == "auto" else _pretrained(pretrained), width=width,
+            weak_grad_multiplier=weak_grad_multiplier, augment=augment,
             optimizer=optimizer.value, momentum=momentum, weight_decay=weight_decay, workers=workers,
             resume=opt.parse_resume(resume),
             max_steps=max_steps, seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every,
@@ -186,6 +204,8 @@ def predict(
     seg_threshold: float = typer.Option(0.5, "--seg-threshold", help="Pixel threshold of the mask PNGs."),
     batch: int = opt.batch_option(4, "Images per forward pass."),
     no_heatmaps: bool = typer.Option(False, "--no-heatmaps", help="Skip the heatmap overlays."),
+    heatmap: HeatmapKind = typer.Option(HeatmapKind.auto, "--heatmap", help="auto (Grad-CAM of the decision for "
+                                        "labels-only runs, else the segmentation map) | segmentation | cam."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (listed in predictions.json)."),
     device: str | None = opt.device_option(),
 ) -> None:
@@ -197,13 +217,16 @@ def predict(
             from detectors.export import predict_segdec_onnx
 
             providers = ["CPUExecutionProvider"] if opt.resolve_device(device) == "cpu" else None
+            if heatmap == HeatmapKind.cam:
+                usage_error("--heatmap cam needs the PyTorch weights (gradients); an .onnx file writes the "
+                            "segmentation map")
             results = predict_segdec_onnx(weights, source, out, threshold=threshold, seg_threshold=seg_threshold,
                                           batch=batch, heatmaps=not no_heatmaps, skip_bad=skip_bad,
                                           providers=providers)
         else:
             results = predict_segdec(weights, source, out, threshold=threshold, seg_threshold=seg_threshold,
                                      batch=batch, device=opt.resolve_device(device), heatmaps=not no_heatmaps,
-                                     skip_bad=skip_bad)
+                                     skip_bad=skip_bad, heatmap=heatmap.value)
     except ImportError as e:
         usage_error(str(e))
     except (ValueError, FileNotFoundError) as e:

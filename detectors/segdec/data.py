@@ -122,6 +122,9 @@ class DefectDataset(Dataset):
         self.layout = layout
         self.split = split
         self.bad = list(bad or [])
+        self.augment: SurfaceAugment | None = None  # training-time augmentation (set by train_segdec)
+        self.augment_seed = 0
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -186,7 +189,19 @@ class DefectDataset(Dataset):
         chans = [self._resize(arr[..., c]) for c in range(arr.shape[2])]
         return np.stack(chans, axis=2)
 
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose augmentation draws ``__getitem__`` makes (called by the training engine)."""
+        self.epoch = int(epoch)
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = self._item(i)
+        if self.augment is None:
+            return item
+        # draws depend on (seed, epoch, index) only: the same under any worker count, and exact on resume
+        g = torch.Generator().manual_seed((self.augment_seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+        return self.augment(item, g)
+
+    def _item(self, i: int) -> dict[str, torch.Tensor]:
         if self.cache and i in self._cache:
             return self._cache[i]
         s = self.samples[i]
@@ -218,6 +233,48 @@ class DefectDataset(Dataset):
         if self.cache:
             self._cache[i] = item
         return item
+
+
+class SurfaceAugment:
+    """Augmentation for textures and surfaces, the same geometry for image, target and weight: horizontal and
+    vertical flips, 90-degree rotations (180 only for non-square images), brightness and contrast jitter.
+
+    Args:
+        flip: random horizontal and vertical flips (each p = 0.5).
+        rot90: random multiples of 90 degrees.
+        brightness: added offset ~ U[-b, b] (images in [0, 1]).
+        contrast: factor ~ U[1 - c, 1 + c] around the image mean.
+    """
+
+    def __init__(self, flip: bool = True, rot90: bool = True, brightness: float = 0.1, contrast: float = 0.2) -> None:
+        self.flip, self.rot90, self.brightness, self.contrast = flip, rot90, float(brightness), float(contrast)
+
+    def __call__(self, item: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        keys = ("image", "seg_target", "seg_weight")
+        out = dict(item)
+        t = {k: item[k] for k in keys}
+        u = torch.rand(6, generator=generator)  # all draws at once: the same sequence whatever is enabled
+        if self.flip:
+            for dim, r in ((-1, u[0]), (-2, u[1])):
+                if r < 0.5:
+                    t = {k: v.flip(dim) for k, v in t.items()}
+        if self.rot90:
+            square = t["image"].shape[-1] == t["image"].shape[-2] and t["seg_target"].shape[-1] == t["seg_target"].shape[-2]
+            k = min(3, int(u[2] * 4)) if square else 2 * int(u[2] < 0.5)
+            if k:
+                t = {kk: torch.rot90(v, k, dims=(-2, -1)) for kk, v in t.items()}
+        img = t["image"]
+        if self.contrast > 0:
+            c = 1.0 + (u[3] * 2 - 1) * self.contrast
+            img = (img - img.mean()) * c + img.mean()
+        if self.brightness > 0:
+            img = img + (u[4] * 2 - 1) * self.brightness
+        t["image"] = img.clamp(0.0, 1.0)
+        out.update({k: v.contiguous() for k, v in t.items()})
+        return out
+
+    def config(self) -> dict[str, Any]:
+        return {"flip": self.flip, "rot90": self.rot90, "brightness": self.brightness, "contrast": self.contrast}
 
 
 def load_defect_dataset(

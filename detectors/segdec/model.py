@@ -22,8 +22,8 @@ class GradientMultiplier(torch.autograd.Function):
     """Identity in the forward pass; multiplies the incoming gradient by ``factor`` in the backward pass."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, factor: float) -> Tensor:  # type: ignore[override]
-        ctx.factor = float(factor)
+    def forward(ctx: Any, x: Tensor, factor: float | Tensor) -> Tensor:  # type: ignore[override]
+        ctx.factor = factor if isinstance(factor, Tensor) else float(factor)
         return x.view_as(x)
 
     @staticmethod
@@ -31,8 +31,11 @@ class GradientMultiplier(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
-def gradient_multiply(x: Tensor, factor: float) -> Tensor:
-    """``x`` unchanged, but the gradient flowing back through it is scaled by ``factor`` (0 stops it)."""
+def gradient_multiply(x: Tensor, factor: float | Tensor) -> Tensor:
+    """``x`` unchanged, but the gradient flowing back through it is scaled by ``factor`` (0 stops it); a tensor
+    ``factor`` of shape [B] scales each sample's gradient by its own value."""
+    if isinstance(factor, Tensor):
+        factor = factor.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
     return GradientMultiplier.apply(x, factor)
 
 
@@ -103,12 +106,29 @@ class _BackboneVolume(nn.Module):
         self.register_buffer("mean", mean.view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", std.view(1, -1, 1, 1), persistent=False)
         self.in_channels = in_channels
+        self._freeze_unused()
         n_mean = mean.numel()
         if in_channels not in (1, n_mean):
             raise ValueError(
                 f"backbone '{name}' takes {n_mean}-channel input; in_channels must be 1 (repeated) or {n_mean}, "
                 f"got {in_channels}"
             )
+
+    def _freeze_unused(self) -> None:
+        """Stages past the stride-8 map never get a gradient: mark them frozen, so DDP (which requires every
+        trainable parameter to get one) and the optimizer skip them; they stay in the state dict."""
+        was = self.backbone.training
+        self.backbone.eval()
+        try:
+            self.backbone.zero_grad(set_to_none=True)
+            with torch.inference_mode(False), torch.enable_grad():  # also when built under no_grad (loading)
+                self.backbone(torch.zeros(1, len(self.backbone.mean), 32, 32))[0].sum().backward()
+            for p in self.backbone.parameters():
+                if p.grad is None:
+                    p.requires_grad_(False)
+            self.backbone.zero_grad(set_to_none=True)
+        finally:
+            self.backbone.train(was)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[1] == 1 and self.mean.shape[1] != 1:
@@ -208,20 +228,40 @@ class SegDecNet(nn.Module):
                 f"got H={h}, W={w}. Resize or pad the images (e.g. --img-size)"
             )
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, grad_multiplier: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
+        """(decision logits [B], segmentation logits [B, 1, H/8, W/8]); ``grad_multiplier`` overrides the
+        network's for this call, one value per sample when a tensor [B] (mixed supervision: see train_segdec)."""
         self._check_input(x)
         volume = self.volume(x)
         seg = self.seg_mask(volume)  # [B, 1, H/8, W/8] logits
         # gradient-flow adjustment: the decision loss reaches the segmentation net scaled by grad_multiplier
-        m = self.grad_multiplier
+        m = self.grad_multiplier if grad_multiplier is None else grad_multiplier
+        return self._decide(volume, seg, m), seg
+
+    def _decide(self, volume: Tensor, seg: Tensor, m: Tensor | float) -> Tensor:
+        """The decision network on the volume and the segmentation logits: logits [B]."""
         cat = gradient_multiply(torch.cat([volume, seg], dim=1), m)
         feats = self.extractor(cat)
         f_max = torch.amax(feats, dim=(2, 3))
         f_avg = torch.mean(feats, dim=(2, 3))
         s_max = gradient_multiply(torch.amax(seg, dim=(2, 3)), m)
         s_avg = gradient_multiply(torch.mean(seg, dim=(2, 3)), m)
-        decision = self.fc(torch.cat([f_max, f_avg, s_max, s_avg], dim=1)).squeeze(1)
-        return decision, seg
+        return self.fc(torch.cat([f_max, f_avg, s_max, s_avg], dim=1)).squeeze(1)
+
+    def decision_cam(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(decision logits [B], class-activation map [B, 1, H/8, W/8] in [0, 1]): Grad-CAM of the decision on the
+        volume (Selvaraju et al. 2017: ReLU(sum_c mean_hw(d logit / d A_c) * A_c)), each map scaled by its max.
+        The localisation map of a network whose segmentation head no mask trained."""
+        self._check_input(x)
+        with torch.inference_mode(False), torch.enable_grad():
+            volume = self.volume(x).detach().clone().requires_grad_(True)
+            seg = self.seg_mask(volume)
+            decision = self._decide(volume, seg, 1.0)
+            (grad,) = torch.autograd.grad(decision.sum(), volume)
+            weights = grad.mean(dim=(2, 3), keepdim=True)  # alpha_c = mean_hw d y / d A_c
+            cam = torch.relu((weights * volume).sum(dim=1, keepdim=True))  # ReLU(sum_c alpha_c A_c)
+            cam = cam / cam.flatten(1).amax(dim=1).clamp_min(1e-8).view(-1, 1, 1, 1)
+        return decision.detach(), cam.detach()
 
     @torch.no_grad()
     def predict(self, x: Tensor, size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:

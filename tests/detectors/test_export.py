@@ -290,7 +290,7 @@ def segdec_run(tmp_path_factory) -> tuple[Path, Path]:
 
     data = make_defects(tmp_path_factory.mktemp("defects") / "set", n_train=8, n_test=4, img_size=32, seed=0)
     run = tmp_path_factory.mktemp("segrun") / "run"
-    train_segdec(data, run, epochs=1, batch=4, width=0.25, cpu=True, progress=False, eval_every=0)
+    train_segdec(data, run, epochs=1, batch=4, width=0.25, cpu=True, progress=False, eval_every=0, backbone="paper")
     return run, data / "test" / "images"
 
 
@@ -321,5 +321,7 @@ def test_segdec_export_matches_pytorch(segdec_run, tmp_path):
     got = predict_segdec_onnx(path, src, tmp_path / "onnx")
     want = predict_segdec(run, src, tmp_path / "torch", device="cpu")
     assert [g["probability"] for g in got] == pytest.approx([w["probability"] for w in want], abs=1e-4)
-    assert [g["defective"] for g in got] == [w["defective"] for w in want]
+    thr = net.threshold  # the decisions agree wherever the probability is not within float noise of the threshold
+    assert all(g["defective"] == w["defective"] for g, w in zip(got, want, strict=True)
+               if abs(w["probability"] - thr) > 1e-3)
     assert (tmp_path / "onnx" / "predictions.csv").is_file() and (tmp_path / "onnx" / "masks").is_dir()

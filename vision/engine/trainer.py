@@ -736,6 +736,9 @@ class Trainer:
             self._sampler.set_epoch(epoch)
         if hasattr(self.train_loader, "set_epoch"):
             self.train_loader.set_epoch(epoch)
+        ds = getattr(self.train_loader, "dataset", None)
+        if hasattr(ds, "set_epoch"):  # epoch-dependent datasets (e.g. seeded augmentation): resumes replay them
+            ds.set_epoch(epoch)
 
     def fit(self, resume: bool | str = False) -> dict:
         """Train to ``max_steps`` (or ``epochs``); returns a summary and writes ``summary.json``."""
