@@ -101,7 +101,7 @@ def test_bench_several_methods_in_one_pass(setup, monkeypatch, tmp_path):
 
 
 def test_metrics_from_a_scores_csv(setup, tmp_path):
-    d, model, img = setup["dir"], setup["model"], setup["img"]
+    model, img = setup["model"], setup["img"]
     _ok(["bench", "--model", model, "--id-dir", str(img / "id"), "--ood-dir", str(img / "noise"), "--method", "mcm",
          "--out", str(tmp_path / "b")])
     bench = json.loads((tmp_path / "b" / "metrics.json").read_text())
