@@ -45,3 +45,14 @@ def test_ablation_benchmark_smoke(monkeypatch, capsys, tmp_path):
         assert 0.0 <= r["AP"] <= 1.0 or r["AP"] != r["AP"]  # NaN if the tiny test split has no defect
     with pytest.raises(SystemExit):
         _run("segdec_ablation.py", ["--variants", "nonsense"], monkeypatch, capsys)
+
+
+def test_weak_benchmark_smoke(monkeypatch, capsys, tmp_path):
+    out = _run("segdec_weak.py", ["--seeds", "0", "--n-train", "12", "--n-val", "6", "--n-test", "6", "--img-size", "32",
+                                  "--epochs", "1", "--official-epochs", "1", "--paper-width", "0.25", "--masks", "0,1",
+                                  "--out", str(tmp_path)], monkeypatch, capsys)
+    assert out["benchmark"] == "segdec_weak" and out["seeds"] == [0]
+    assert set(out["summary"]) == {"texture_lr", "official_weak", "default_masks_0pct", "default_masks_100pct"}
+    for v in out["summary"].values():
+        assert 0 <= v["AUROC"]["mean"] <= 1 and v["AUROC"]["std"] == 0
+    assert out["default_minus_texture_lr_auroc"] is not None
