@@ -24,6 +24,7 @@ import json
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 
@@ -36,7 +37,12 @@ BENCH_CONFIG = {
     "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 ABLATIONS = {"no_attribute_loss": {"lambda_attr": 0.0}, "no_extra_negatives": {"k_neg": 0},
-             "no_category_weighting": {"alpha": 0.0}, "no_visual_prompts": {"n_vis": 0}}
+             "no_category_weighting": {"alpha": 0.0}, "no_visual_prompts": {"n_vis": 0},
+             "no_hard_batches": {"hard_share": 0.0}}
+# the choices looked at on the validation split (--choose): DCAR with each, seed 0, validation R@1 only
+CHOICES = {"hard_0": {"hard_share": 0.0}, "hard_0.25": {"hard_share": 0.25}, "hard_0.5": {"hard_share": 0.5},
+           "hard_1": {"hard_share": 1.0}, "attr_0": {"lambda_attr": 0.0}, "attr_0.5": {"lambda_attr": 0.5},
+           "attr_0.1": {"lambda_attr": 0.1}}
 
 
 def web_caption(pair, rng: random.Random) -> str:
@@ -112,6 +118,8 @@ def main() -> None:
     ap.add_argument("--n-pretrain", type=int, default=3000)
     ap.add_argument("--n-train", type=int, default=1000)
     ap.add_argument("--n-test", type=int, default=1000)
+    ap.add_argument("--n-val", type=int, default=500, help="Target validation pairs (model choices, best epoch).")
+    ap.add_argument("--choose", action="store_true", help="Also train the CHOICES variants, report validation R@1.")
     ap.add_argument("--pretrain-epochs", type=int, default=40)
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -134,20 +142,33 @@ def main() -> None:
 
     t0 = time.time()
     work = tempfile.mkdtemp(prefix="dcar_bench_")
-    paths = make_caption_set(work, args.n_pretrain + args.n_train, args.n_test, seed=0)
+    paths = make_caption_set(work, args.n_pretrain + args.n_train + args.n_val, args.n_test, seed=0)
     register_model_config("negvision-dcar-bench", BENCH_CONFIG)
     enc = load_encoder("negvision-dcar-bench", device="cpu", seed=0)
     pool = load_pairs(paths["train"])
-    source, target_train = pool[: args.n_pretrain], pool[args.n_pretrain :]
+    source = pool[: args.n_pretrain]
+    target_train = pool[args.n_pretrain : args.n_pretrain + args.n_train]
+    val = pool[args.n_pretrain + args.n_train :]
     test = load_pairs(paths["test"])
     pre = pretrain_clip(enc.model, enc.tokenizer, PairDataset(source, enc.preprocess), args.pretrain_epochs,
                         128, 1e-3, seed=0)
     target_pp = brighten(enc.preprocess) if args.shift == "bright" else enc.preprocess
     test_ds = PairDataset(test, target_pp)
+    val_ds = PairDataset(val, target_pp) if val else None
     with torch.no_grad():
-        frozen = _r1(evaluate_retrieval(DualPromptCLIP(enc.model, enc.tokenizer, n_ctx=0), test_ds))
+        zero = DualPromptCLIP(enc.model, enc.tokenizer, n_ctx=0)
+        frozen = _r1(evaluate_retrieval(zero, test_ds))
+        frozen_val = _r1(evaluate_retrieval(zero, val_ds)) if val_ds is not None else None
     runs: dict[str, list[dict]] = {"coop": [], "dcar": []}
     times: dict[str, list[float]] = {"coop": [], "dcar": []}
+    val_runs: dict[str, dict] = {}
+    if args.choose:  # every choice on the validation split only (seed 0)
+        for name, over in CHOICES.items():
+            model, _ = train_retrieval(enc.model, enc.tokenizer, target_pp, target_train, f"{work}/choice_{name}",
+                                       DCARConfig(method="dcar", **over), val, epochs=args.epochs,
+                                       batch_size=args.batch_size, lr=args.lr, seed=0, cpu=True, progress=False)
+            val_runs[name] = {k: round(v, 2) for k, v in _r1(evaluate_retrieval(model, val_ds)).items()}
+            print(f"val {name}: {val_runs[name]}", file=sys.stderr, flush=True)
     jobs = [(m, {}, s) for s in range(args.seeds) for m in ("coop", "dcar")]
     if args.ablation:
         jobs += [(name, over, 0) for name, over in ABLATIONS.items()]
@@ -155,7 +176,7 @@ def main() -> None:
         method = name if name in ("coop", "dcar") else "dcar"
         t = time.time()
         model, _ = train_retrieval(enc.model, enc.tokenizer, target_pp, target_train, f"{work}/{name}_{seed}",
-                                   DCARConfig(method=method, **over), epochs=args.epochs,
+                                   DCARConfig(method=method, **over), val or None, epochs=args.epochs,
                                    batch_size=args.batch_size, lr=args.lr, seed=seed, cpu=True, progress=False)
         runs.setdefault(name, []).append(_r1(evaluate_retrieval(model, test_ds)))
         times.setdefault(name, []).append(time.time() - t)
@@ -168,11 +189,15 @@ def main() -> None:
                    f"{args.n_test} held-out target (disjoint MNIST drawings), target shift: {args.shift}",
            "n_test_texts": len({p.caption for p in test}), "pretrain": pre,
            "epochs": args.epochs, "lr": args.lr, "seeds": args.seeds, "results": res,
-           "train_s": {k: round(statistics.mean(v), 1) for k, v in times.items()}}
+           "train_s": {k: round(statistics.mean(v), 1) for k, v in times.items()},
+           "validation": {"n_val": len(val), "frozen": frozen_val and {k: round(v, 2) for k, v in frozen_val.items()},
+                          "choices": val_runs}}
     for m in ("coop", "dcar"):
         out[f"{m}_beats_frozen_R@1"] = {d: res[m][d] > res["frozen"][d] for d in ("i2t_R@1", "t2i_R@1", "R@1")}
     out["dcar_minus_coop"] = {d: round(res["dcar"][d] - res["coop"][d], 2)
                               for d in ("i2t_R@1", "t2i_R@1", "R@1", "mean_recall")}
+    out["dcar_minus_frozen"] = {d: round(res["dcar"][d] - res["frozen"][d], 2)
+                                for d in ("i2t_R@1", "t2i_R@1", "R@1", "mean_recall")}
     out["total_s"] = round(time.time() - t0, 1)
     print(json.dumps(out))
 

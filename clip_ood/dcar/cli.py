@@ -45,7 +45,8 @@ def train(
     out: Path = opt.out_option(None, "Run folder (config.yaml, logs, checkpoints, prompts.safetensors/.json); a used "
                                "one makes OUT2, OUT3, ... unless --resume or --exist-ok."),
     pretrained: str = typer.Option("", "--pretrained", help=PRETRAINED_HELP),
-    val_data: Path | None = typer.Option(None, "--val-data", help="Held-out pairs evaluated after each epoch."),
+    val_data: Path | None = typer.Option(None, "--val-data", help="Held-out pairs evaluated after each epoch; the "
+                                         "prompts of the best epoch (mean recall) are kept."),
     image_root: Path | None = typer.Option(None, "--image-root", help="Folder image paths are relative to."),
     epochs: int = typer.Option(10, "--epochs", min=1),
     max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimizer steps "
@@ -60,6 +61,10 @@ def train(
     alpha: float = typer.Option(1.0, "--alpha", help="Category-matching weight of negatives: w = 1 + alpha * m."),
     k_neg: int = typer.Option(3, "--k-neg", help="Extra negative captions per image (FDRD / class-name swap)."),
     lambda_attr: float = typer.Option(0.5, "--lambda-attr", help="Weight of the attribute loss."),
+    hard_share: float = typer.Option(0.5, "--hard-share", min=0.0, max=1.0,
+                                     help="dcar: share of each batch in groups of pairs with the same attributes "
+                                          "and different categories (hard in-batch negatives; 0 = random batches)."),
+    hard_group: int = typer.Option(4, "--hard-group", min=2, help="Pairs per hard group."),
     attr_text_grad: bool = typer.Option(False, "--attr-text-grad",
                                         help="Let the attribute loss train the text context too (default: visual "
                                              "prompts only)."),
@@ -84,7 +89,7 @@ def train(
     enc = load_encoder_or_fail(model, pretrained, dev)
     cfg = DCARConfig(method=method.value, n_ctx=n_ctx, ctx_init=ctx_init or None, class_specific=class_specific,
                      n_vis=n_vis, vis_depth=vis_depth or None, alpha=alpha, k_neg=k_neg, lambda_attr=lambda_attr,
-                     attr_text_grad=attr_text_grad)
+                     attr_text_grad=attr_text_grad, hard_share=hard_share, hard_group=hard_group)
     try:
         _, summary = train_retrieval(enc.model, enc.tokenizer, enc.preprocess, tr, out, cfg, va, epochs=epochs,
                                      batch_size=batch, lr=lr, seed=seed, cpu=enc.device.type == "cpu",

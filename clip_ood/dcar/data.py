@@ -225,3 +225,87 @@ def _category_in(text: str, categories: Sequence[str], exclude: str | None) -> s
         if c != exclude and re.search(rf"(?<!\w){re.escape(c)}(?!\w)", text, flags=re.IGNORECASE):
             return c
     return None
+
+
+class HardNegativeBatchSampler(torch.utils.data.Sampler):
+    """Batches in which ``hard_share`` of the pairs come in groups of ``group_size`` that share every attribute but
+    not the category (e.g. the same colour and background, different digits), so the in-batch negatives of those
+    pairs differ from their positive only in the class, which is what category-level negatives are for; the rest
+    of each batch is drawn at random. Every pair is used once per epoch; the order depends on (seed, epoch) only
+    (``set_epoch``), so resuming replays it.
+    """
+
+    def __init__(self, pairs: Sequence[Pair], batch_size: int, hard_share: float = 0.5, group_size: int = 4,
+                 seed: int = 0) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0.0 <= hard_share <= 1.0:
+            raise ValueError(f"hard_share must be in [0, 1], got {hard_share}")
+        if group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (a pair and a hard negative), got {group_size}")
+        self.batch_size, self.hard_share, self.group_size, self.seed = batch_size, hard_share, group_size, seed
+        self.categories = [p.category for p in pairs]
+        self.keys = [tuple(sorted(p.attributes)) if p.attributes and p.category is not None else None for p in pairs]
+        self.n = len(pairs)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def _groups(self, rng: random.Random) -> tuple[list[list[int]], list[int]]:
+        """Hard groups (same attributes, distinct categories) and the indices left over."""
+        by_key: dict[tuple, list[int]] = {}
+        rest: list[int] = []
+        for i, k in enumerate(self.keys):
+            (rest if k is None else by_key.setdefault(k, [])).append(i)
+        groups: list[list[int]] = []
+        for k in sorted(by_key):
+            pool = by_key[k]
+            rng.shuffle(pool)
+            while True:
+                group, seen, left = [], set(), []
+                for i in pool:
+                    if len(group) < self.group_size and self.categories[i] not in seen:
+                        group.append(i)
+                        seen.add(self.categories[i])
+                    else:
+                        left.append(i)
+                if len(group) < 2:  # no other category left with these attributes
+                    rest += pool
+                    break
+                groups.append(group)
+                pool = left
+        rng.shuffle(groups)
+        rng.shuffle(rest)
+        return groups, rest
+
+    def __iter__(self):
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        groups, rest = self._groups(rng)
+        want_hard = round(self.hard_share * self.batch_size)
+        need, kept = want_hard * len(self), []  # pairs the hard parts take; the other groups go back to random
+        for g in groups:
+            if need >= len(g):
+                kept.append(g)
+                need -= len(g)
+            else:
+                rest += g
+        groups = kept
+        rng.shuffle(rest)
+        for _ in range(len(self)):
+            batch: list[int] = []
+            while groups and len(batch) + len(groups[-1]) <= max(want_hard, 2) and len(batch) < want_hard:
+                batch += groups.pop()
+            while rest and len(batch) < self.batch_size:
+                batch.append(rest.pop())
+            while groups and len(batch) < self.batch_size:  # no random pairs left: more groups
+                g = groups.pop()
+                room = self.batch_size - len(batch)
+                batch += g[:room]
+                if g[room:]:
+                    rest += g[room:]
+            if batch:
+                yield batch

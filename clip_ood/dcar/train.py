@@ -48,6 +48,8 @@ class DCARConfig:
     attr_bins: int = 8
     attr_max_pairs: int = 512
     attr_text_grad: bool = False  # True: the attribute loss also trains the text context (hurt t2i R@1 here)
+    hard_share: float = 0.5  # share of each batch in same-attributes / other-category groups (dcar; coop: 0)
+    hard_group: int = 4  # pairs per such group
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -260,12 +262,30 @@ def train_retrieval(clip: torch.nn.Module, tokenizer, preprocess, train_pairs: S
                        weight_decay=weight_decay, scheduler="cosine", seed=seed, cpu=cpu, progress=progress,
                        mixed_precision=mixed_precision, log_every=5, eval_every=1 if val_ds is not None else 0)
     extra = {"dcar": asdict(cfg), **(extra_config or {})}
-    trainer = Trainer(model, dataset, tcfg, loss_fn=loss_fn, eval_fn=eval_fn,
+    train_data: Any = dataset
+    if cfg.method == "dcar" and cfg.hard_share > 0:
+        from torch.utils.data import DataLoader
+
+        from .data import HardNegativeBatchSampler
+
+        train_data = DataLoader(dataset, batch_sampler=HardNegativeBatchSampler(
+            train_pairs, batch_size, cfg.hard_share, cfg.hard_group, seed), collate_fn=collate_pairs,
+            num_workers=num_workers)
+    trainer = Trainer(model, train_data, tcfg, loss_fn=loss_fn, eval_fn=eval_fn,
                       metric="mean_recall" if eval_fn else None, batch_size=batch_size, num_workers=num_workers,
                       collate_fn=collate_pairs,
                       batch_size_fn=lambda b: len(b["captions"]), extra_config=extra, callbacks=callbacks)
     summary = trainer.fit(resume=resume)
     model = trainer.unwrapped_model
+    if val_ds is not None:  # the prompts of the best validation epoch, not the last
+        best = Path(out_dir) / "checkpoints" / "best"
+        wfile = next((f for f in (best / "model.safetensors", best / "pytorch_model.bin") if f.is_file()), None)
+        if wfile is not None:
+            from safetensors.torch import load_file
+
+            sd = load_file(str(wfile)) if wfile.suffix == ".safetensors" else torch.load(wfile, weights_only=True)
+            model.load_state_dict(sd, strict=False)
+            summary["selected"] = "best validation mean recall"
     hist = callbacks[0].history if callbacks else []
     save_prompts(model, out_dir, {"method": cfg.method, **(extra_config or {}),
                                   "attr_history": hist[-1:] if hist else []})

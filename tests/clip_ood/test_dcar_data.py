@@ -60,3 +60,38 @@ def test_class_name_swaps():
                             random.Random(0))
     assert negs == [("a red one digit", "one"), ("a red one digit", "one")] or negs[0] == ("a red one digit", "one")
     assert {c for _, c in negs} <= {"one", "three"}
+
+
+def test_hard_negative_batches():
+    from clip_ood.dcar.data import HardNegativeBatchSampler, Pair
+
+    rng = random.Random(0)
+    pairs = []
+    for i in range(200):
+        colour, bg, digit = rng.choice("rgbyw"), rng.choice("wxyz"), rng.choice("0123456789")
+        pairs.append(Pair(f"{i}.png", f"a {colour} {digit} on {bg}", digit, [f"{colour} digit", f"{bg} background"]))
+    pairs.append(Pair("no_attr.png", "something", "5", []))  # no attributes: random part only
+    s = HardNegativeBatchSampler(pairs, batch_size=16, hard_share=0.5, group_size=4, seed=1)
+    batches = list(s)
+    assert len(batches) == len(s) == 13
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(pairs)))  # every pair once per epoch
+    hard, heads = 0, 0
+    for b in batches[:-1]:
+        head = b[:8]  # hard_share 0.5 of 16: the groups come first
+        heads += len(head)
+        for i in head:  # a pair with the same attributes and another class in the head: a hard negative
+            hard += any(pairs[j].attributes == pairs[i].attributes and pairs[j].category != pairs[i].category
+                        for j in head if j != i)
+    assert hard >= 0.8 * heads
+    rand = HardNegativeBatchSampler(pairs, 16, 0.0, 4, 0)
+    rand_hard = sum(any(pairs[j].attributes == pairs[i].attributes and pairs[j].category != pairs[i].category
+                        for j in b[:8] if j != i) for b in list(rand)[:-1] for i in b[:8])
+    assert rand_hard < 0.6 * heads  # random batches have far fewer
+    again = HardNegativeBatchSampler(pairs, batch_size=16, hard_share=0.5, group_size=4, seed=1)
+    assert list(again) == batches  # (seed, epoch) decides the order
+    again.set_epoch(1)
+    assert list(again) != batches
+    assert all(len(b) == 16 for b in list(HardNegativeBatchSampler(pairs, 16, 0.0, 4, 0))[:-1])  # 0: random batches
+    with pytest.raises(ValueError, match="hard_share"):
+        HardNegativeBatchSampler(pairs, 16, 1.5)

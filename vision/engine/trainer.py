@@ -739,6 +739,14 @@ class Trainer:
         ds = getattr(self.train_loader, "dataset", None)
         if hasattr(ds, "set_epoch"):  # epoch-dependent datasets (e.g. seeded augmentation): resumes replay them
             ds.set_epoch(epoch)
+        bs = getattr(self.train_loader, "batch_sampler", None)
+        for _ in range(3):  # a given loader's own batch sampler (maybe wrapped by accelerate for sharding)
+            if bs is None:
+                break
+            if hasattr(bs, "set_epoch"):
+                bs.set_epoch(epoch)
+                break
+            bs = getattr(bs, "batch_sampler", None)
 
     def fit(self, resume: bool | str = False) -> dict:
         """Train to ``max_steps`` (or ``epochs``); returns a summary and writes ``summary.json``."""
