@@ -16,7 +16,7 @@ def test_dcar_benchmark_smoke():
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     proc = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "dcar_retrieval.py"), "--n-pretrain", "64",
-         "--n-train", "32", "--n-test", "24", "--pretrain-epochs", "1", "--epochs", "1", "--seeds", "1",
+         "--n-train", "32", "--n-val", "16", "--n-test", "24", "--pretrain-epochs", "1", "--epochs", "1", "--seeds", "1",
          "--shift", "bright", "--threads", "1"],
         capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300,
     )
@@ -28,6 +28,7 @@ def test_dcar_benchmark_smoke():
         assert 0.0 <= r["i2t_R@1"] <= 100.0 and 0.0 <= r["t2i_R@1"] <= 100.0
         assert r["R@1"] == pytest.approx((r["i2t_R@1"] + r["t2i_R@1"]) / 2, abs=0.01)
     assert set(out["coop_beats_frozen_R@1"]) == {"i2t_R@1", "t2i_R@1", "R@1"}
+    assert out["validation"]["n_val"] == 16 and "dcar_minus_frozen" in out
 
 
 def test_web_caption_is_a_partial_reordered_caption():
