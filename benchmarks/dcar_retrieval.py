@@ -36,7 +36,7 @@ BENCH_CONFIG = {
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
     "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
-ABLATIONS = {"no_attribute_loss": {"lambda_attr": 0.0}, "no_extra_negatives": {"k_neg": 0},
+ABLATIONS = {"with_attribute_loss": {"lambda_attr": 0.5}, "no_extra_negatives": {"k_neg": 0},
              "no_category_weighting": {"alpha": 0.0}, "no_visual_prompts": {"n_vis": 0},
              "no_hard_batches": {"hard_share": 0.0}}
 # the choices looked at on the validation split (--choose): DCAR with each, seed 0, validation R@1 only

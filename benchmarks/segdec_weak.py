@@ -13,6 +13,8 @@ Runs:
   (``weak_grad_multiplier 0``), no augmentation, the preset's SGD.
 - ``default``: ``negvision defect train`` with no options but the data (backbone auto: pretrained
   efficientnet_lite0.offline with fewer masks than defects; weak decision gradient; augmentation; AdamW 1e-3).
+- ``default_masks_100pct``: the full-supervision reference, the same trunk and augmentation with every mask and
+  the decision gradient on (chosen on the validation split).
 - ``texture_lr``: logistic regression on six texture statistics (mean, std, mean gradient magnitude, Laplacian
   variance, local contrast, largest local deviation), standardised, C chosen on the validation split.
 
@@ -131,8 +133,9 @@ def main() -> None:
             for share in shares:
                 k = round(share * n_def)
                 run = root / f"default{seed}_{k}"
-                # all masks: the same trunk and augmentation (auto would pick the paper's trunk), the reference
-                full = {"backbone": WEAK_BACKBONE, "augment": True} if k >= n_def else {}
+                # all masks, the reference: the same trunk and augmentation (auto would pick the paper's trunk) and
+                # the decision gradient on (validation AUROC 0.899 with it, 0.784 with the paper's adjustment)
+                full = {"backbone": WEAK_BACKBONE, "augment": True, "grad_multiplier": 1.0} if k >= n_def else {}
                 train_segdec(tv, run, epochs=a.epochs, num_segmented=k, lr=a.lr, **full, **common)
                 rows.setdefault(f"default_masks_{int(round(100 * share))}pct", []).append(_eval(run, te, a.img_size))
     summary = {k: {m: {"mean": round(float(np.mean([r[m] for r in v])), 4),

@@ -42,13 +42,13 @@ class DCARConfig:
     vis_depth: int | None = None  # layers with fresh visual prompts; None = all (max 9, as MaPLe)
     alpha: float = 1.0  # category-matching weight: w = 1 + alpha * m
     k_neg: int = 3  # extra negative captions per image
-    lambda_attr: float = 0.5
+    lambda_attr: float = 0.0  # the MI-weighted attribute term is off: it did not help on the validation split
     attr_tau: float = 0.25  # softmax temperature of the NMI -> weight map
     attr_eta: float = 0.5  # EMA step of the attribute weights
     attr_bins: int = 8
     attr_max_pairs: int = 512
     attr_text_grad: bool = False  # True: the attribute loss also trains the text context (hurt t2i R@1 here)
-    hard_share: float = 0.5  # share of each batch in same-attributes / other-category groups (dcar; coop: 0)
+    hard_share: float = 1.0  # share of each batch in same-attributes / other-category groups (dcar; coop: 0)
     hard_group: int = 4  # pairs per such group
 
     def __post_init__(self) -> None:

@@ -20,9 +20,10 @@ def test_cli_end_to_end(tmp_path, tiny_model_dir):
     train, test = str(tmp_path / "d" / "train.csv"), str(tmp_path / "d" / "test.csv")
     for method in ("coop", "dcar"):
         out = tmp_path / method
+        extra = ["--lambda-attr", "0.5"] if method == "dcar" else []  # the attribute term is off by default
         r = run.invoke(retrieval_app, ["train", "--model", model, "--data", train, "--val-data", test,
                                        "--method", method, "--out", str(out), "--epochs", "1",
-                                       "--batch-size", "8", "--device", "cpu"])
+                                       "--batch-size", "8", "--device", "cpu", *extra])
         assert r.exit_code == 0, r.output
         cfg = json.loads((out / "prompts.json").read_text())
         assert cfg["method"] == method and (cfg["n_vis"] > 0) == (method == "dcar")
