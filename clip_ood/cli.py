@@ -309,14 +309,29 @@ def _calibrated_threshold(path: Path, scorer) -> float:
         fail(str(e))
 
 
+def _method_list(value: str) -> list[str]:
+    """``--method a,b,c`` as a list without repeats (order kept)."""
+    return list(dict.fromkeys(m.strip() for m in value.split(",") if m.strip()))
+
+
 def _check_methods(value: str) -> str:
     """Option callback: one registered score or a comma list of them, else exit 2 listing them."""
-    for m in value.split(","):
-        if m.strip():
-            _check_method(m.strip())
-    if not any(m.strip() for m in value.split(",")):
+    names = _method_list(value)
+    if not names:
         usage_error("--method: give one method or a comma list (mcm,neglabel,ants)")
+    for m in names:
+        _check_method(m)
     return value
+
+
+def _csv_text(rows) -> str:
+    """Rows (the header first) as CSV text, for an atomic write."""
+    import csv
+    import io
+
+    buf = io.StringIO(newline="")
+    csv.writer(buf).writerows(rows)
+    return buf.getvalue()
 
 
 @ood_app.command("bench", cls=_MethodCommand)
@@ -357,7 +372,7 @@ def bench(
     from clip_ood.encoders import encode_pil
     from clip_ood.scores import score_spec
 
-    methods = list(dict.fromkeys(m.strip() for m in method.split(",") if m.strip()))
+    methods = _method_list(method)
     sets: dict[str, list[Path]] = {}
     try:
         sets["ID"] = list_images(id_dir, data_root)[:max_images]
@@ -407,6 +422,9 @@ def bench(
         typer.echo(json.dumps({"out_dir": str(out), "average": averages[methods[0]]}))
 
 
+_METRIC_COLUMNS = ("auroc", "fpr95", "aupr_in", "aupr_out")
+
+
 def _metrics_of(got: dict[str, list[float]], id_set: str = "ID") -> tuple[dict[str, dict], dict[str, float]]:
     """Per OOD set metrics (ID = ``id_set``) and their average."""
     import numpy as np
@@ -420,20 +438,13 @@ def _metrics_of(got: dict[str, list[float]], id_set: str = "ID") -> tuple[dict[s
         m = ood_metrics(got[id_set], v)
         m["n_id"], m["n_ood"] = len(got[id_set]), len(v)
         results[k] = m
-    avg = {key: float(np.mean([r[key] for r in results.values()])) for key in ("auroc", "fpr95", "aupr_in", "aupr_out")}
+    avg = {key: float(np.mean([r[key] for r in results.values()])) for key in _METRIC_COLUMNS}
     return results, avg
 
 
-def _metrics_csv(results: dict[str, dict], avg: dict[str, float]) -> str:
-    import csv
-    import io
-
-    buf = io.StringIO(newline="")
-    w = csv.writer(buf)
-    w.writerow(["set", "auroc", "fpr95", "aupr_in", "aupr_out"])
-    for k, m in list(results.items()) + [("average", avg)]:
-        w.writerow([k] + [f"{m[c]:.6f}" for c in ("auroc", "fpr95", "aupr_in", "aupr_out")])
-    return buf.getvalue()
+def _metrics_rows(first: str, named: list[tuple[str, dict]]) -> list[list[str]]:
+    """Header + one row of the four metrics per (name, metrics)."""
+    return [[first, *_METRIC_COLUMNS]] + [[k] + [f"{m[c]:.6f}" for c in _METRIC_COLUMNS] for k, m in named]
 
 
 def _echo_table(results: dict[str, dict], avg: dict[str, float], title: str = "") -> None:
@@ -446,9 +457,6 @@ def _echo_table(results: dict[str, dict], avg: dict[str, float], title: str = ""
 def _write_bench(out: Path, method: str, sc, model: str, pretrained: str, got: dict[str, list[float]],
                  rows: list) -> dict[str, float]:
     """One method's bench outputs in ``out``: metrics.json / .csv, scores.csv, calibration.json, plots."""
-    import csv
-    import io
-
     import numpy as np
 
     from clip_ood.calibration import CALIBRATION_FILE, make_calibration, write_calibration
@@ -474,31 +482,19 @@ def _write_bench(out: Path, method: str, sc, model: str, pretrained: str, got: d
     write_calibration(cal, out / CALIBRATION_FILE)
     summary["calibration"] = {"file": str(out / CALIBRATION_FILE), "threshold": cal["threshold"], "tpr": cal["tpr"]}
     write_text_atomic(out / "metrics.json", json.dumps(summary, indent=2))
-    write_text_atomic(out / "metrics.csv", _metrics_csv(results, avg))
-    buf = io.StringIO(newline="")
-    w = csv.writer(buf)
-    w.writerow(["path", "set", "score"])
-    w.writerows((p, k, f"{s:.6f}") for p, k, s in rows)
-    write_text_atomic(out / "scores.csv", buf.getvalue())
+    write_text_atomic(out / "metrics.csv", _csv_text(_metrics_rows("set", [*results.items(), ("average", avg)])))
+    write_text_atomic(out / "scores.csv", _csv_text([["path", "set", "score"], *((p, k, f"{s:.6f}") for p, k, s in rows)]))
     _echo_table(results, avg, method)
     return avg
 
 
 def _write_bench_summary(out: Path, model: str, averages: dict[str, dict[str, float]]) -> None:
     """Several methods: metrics.json / metrics.csv side by side (per-method detail in the sub-folders)."""
-    import csv
-    import io
-
     from vision.io import write_text_atomic
 
     write_text_atomic(out / "metrics.json", json.dumps({"model": model, "methods": averages,
                                                         "folders": {m: str(out / m) for m in averages}}, indent=2))
-    buf = io.StringIO(newline="")
-    w = csv.writer(buf)
-    w.writerow(["method", "auroc", "fpr95", "aupr_in", "aupr_out"])
-    for m, a in averages.items():
-        w.writerow([m] + [f"{a[c]:.6f}" for c in ("auroc", "fpr95", "aupr_in", "aupr_out")])
-    write_text_atomic(out / "metrics.csv", buf.getvalue())
+    write_text_atomic(out / "metrics.csv", _csv_text(_metrics_rows("method", list(averages.items()))))
 
 
 @ood_app.command("metrics")

@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -73,7 +73,6 @@ class _State:
     threshold: float | None
     calibration: dict | None
     model_name: str
-    loaded_at: float = field(default_factory=time.time)
 
 
 def create_app(scorer: Any, *, api_key: str | Sequence[str] | ApiKeys | None = None, threshold: float | None = None,

@@ -26,7 +26,6 @@ class _Job:
 @dataclass
 class BatcherHealth:
     consecutive_failures: int = 0
-    failures_total: int = 0
     last_error: str | None = None
     busy_since: float | None = None
 
@@ -52,7 +51,6 @@ class MicroBatcher:
         self.batches = 0
         self.batch_images = 0
         self.batch_requests = 0
-        self.compute_seconds = 0.0
 
     def ensure_worker(self) -> asyncio.Queue:
         loop = asyncio.get_running_loop()
@@ -123,7 +121,6 @@ class MicroBatcher:
                     raise RuntimeError(f"scoring returned {len(out)} results for {len(items)} images")
             except Exception as e:  # hand the error to every waiting request
                 self.health.consecutive_failures += 1
-                self.health.failures_total += 1
                 self.health.last_error = f"{type(e).__name__}: {e}"
                 ids = ", ".join(str(j.request_id) for j in group)
                 logger.error("model error on a batch of %d images (requests %s)", len(items), ids, exc_info=e)
@@ -133,7 +130,6 @@ class MicroBatcher:
                 continue
             finally:
                 dt = time.perf_counter() - t0
-                self.compute_seconds += dt
                 self.health.busy_since = None
             self.health.consecutive_failures = 0
             self.batches += 1
