@@ -75,21 +75,18 @@ def make_scorer(encoder: Any, labels: list[str], method: str, negatives: Any, de
     return sc
 
 
-def build_app(cfg: ServeConfig, encoder: Any = None, negatives: Any = None, scorer: Any = None) -> Any:
-    """The FastAPI app of ``cfg`` (loading what is not passed in); ``ValueError`` for a bad key file or a
-    calibration made for another model."""
+def build_app(cfg: ServeConfig, scorer: Any = None) -> Any:
+    """The FastAPI app of ``cfg`` (the scorer built from it unless passed in); ``ValueError`` for a bad key file or
+    a calibration made for another model."""
     from clip_ood.api import ApiKeys, ApiLimits, ServeLimits, create_app
     from clip_ood.calibration import check_calibration, read_calibration
 
     if scorer is None:
-        if encoder is None:
-            from clip_ood.encoders import load_encoder
+        from clip_ood.encoders import load_encoder
+        from clip_ood.lexicon import NegativeLabels
 
-            encoder = load_encoder(cfg.model, pretrained=cfg.pretrained or None, device=cfg.device)
-        if negatives is None and cfg.neg_labels_file:
-            from clip_ood.lexicon import NegativeLabels
-
-            negatives = NegativeLabels.load(cfg.neg_labels_file)
+        encoder = load_encoder(cfg.model, pretrained=cfg.pretrained or None, device=cfg.device)
+        negatives = NegativeLabels.load(cfg.neg_labels_file) if cfg.neg_labels_file else None
         scorer = make_scorer(encoder, cfg.id_labels, cfg.method, negatives, cfg.describer, cfg.describer_model,
                              cfg.ants_mode, cfg.ants_state, id_templates=cfg.id_templates or None,
                              neg_templates=cfg.neg_templates or None, temperature=cfg.temperature)

@@ -232,7 +232,8 @@ def train_retrieval(clip: torch.nn.Module, tokenizer, preprocess, train_pairs: S
     (reuse it, removing the earlier logs and checkpoints); ``summary["out"]`` is the folder used. ``run_config``
     (the command's options) is written to its ``config.yaml``.
     """
-    from vision.engine import TrainConfig, Trainer
+    from vision.engine import TrainConfig, Trainer, load_model_weights
+    from vision.engine.checkpoint import MODEL_FILE
     from vision.engine.run import prepare_run_dir, write_run_config
 
     from .evaluate import evaluate_retrieval
@@ -277,15 +278,10 @@ def train_retrieval(clip: torch.nn.Module, tokenizer, preprocess, train_pairs: S
                       batch_size_fn=lambda b: len(b["captions"]), extra_config=extra, callbacks=callbacks)
     summary = trainer.fit(resume=resume)
     model = trainer.unwrapped_model
-    if val_ds is not None:  # the prompts of the best validation epoch, not the last
-        best = Path(out_dir) / "checkpoints" / "best"
-        wfile = next((f for f in (best / "model.safetensors", best / "pytorch_model.bin") if f.is_file()), None)
-        if wfile is not None:
-            from safetensors.torch import load_file
-
-            sd = load_file(str(wfile)) if wfile.suffix == ".safetensors" else torch.load(wfile, weights_only=True)
-            model.load_state_dict(sd, strict=False)
-            summary["selected"] = "best validation mean recall"
+    best = Path(out_dir) / "checkpoints" / "best"
+    if val_ds is not None and (best / MODEL_FILE).is_file():  # the prompts of the best validation epoch
+        load_model_weights(model, best, strict=False)  # the engine's loader: verified against its sha256
+        summary["selected"] = "best validation mean recall"
     hist = callbacks[0].history if callbacks else []
     save_prompts(model, out_dir, {"method": cfg.method, **(extra_config or {}),
                                   "attr_history": hist[-1:] if hist else []})
