@@ -47,6 +47,24 @@ class Backbone(nn.Module):
         feats = self.body(x)
         return [feats[i] for i in self._select]
 
+    def freeze_unused(self) -> Backbone:
+        """Mark frozen the parameters the selected maps do not depend on (stages after the deepest one kept): DDP
+        requires every trainable parameter to get a gradient, and the optimizer need not carry them. They stay in
+        the state dict. Found with one small forward / backward pass in eval mode; returns self."""
+        was = self.training
+        self.eval()
+        try:
+            self.zero_grad(set_to_none=True)
+            with torch.inference_mode(False), torch.enable_grad():  # also when built under no_grad (loading)
+                sum(f.sum() for f in self(torch.zeros(1, len(self.mean), 64, 64))).backward()
+            for p in self.parameters():
+                if p.grad is None:
+                    p.requires_grad_(False)
+            self.zero_grad(set_to_none=True)
+        finally:
+            self.train(was)
+        return self
+
     def freeze_batch_norm(self) -> Backbone:
         """Replace every BatchNorm2d of the body by a FrozenBatchNorm2d (timm); returns self."""
         from timm.layers import freeze_batch_norm_2d
@@ -242,6 +260,7 @@ def create_backbone(name: str, pretrained: bool | str | os.PathLike = False, out
             raise ValueError(f"backbone '{name}' has feature strides {have}; strides {missing} are not available")
         sel = [bb._select[have.index(s)] for s in want]
         bb = Backbone(bb.body, _all_channels(bb), _all_strides(bb), bb.mean, bb.std, bb.name, select=sel)
+        bb.freeze_unused()  # stages past the deepest stride kept are never used
     return bb
 
 

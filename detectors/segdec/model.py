@@ -106,29 +106,12 @@ class _BackboneVolume(nn.Module):
         self.register_buffer("mean", mean.view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", std.view(1, -1, 1, 1), persistent=False)
         self.in_channels = in_channels
-        self._freeze_unused()
         n_mean = mean.numel()
         if in_channels not in (1, n_mean):
             raise ValueError(
                 f"backbone '{name}' takes {n_mean}-channel input; in_channels must be 1 (repeated) or {n_mean}, "
                 f"got {in_channels}"
             )
-
-    def _freeze_unused(self) -> None:
-        """Stages past the stride-8 map never get a gradient: mark them frozen, so DDP (which requires every
-        trainable parameter to get one) and the optimizer skip them; they stay in the state dict."""
-        was = self.backbone.training
-        self.backbone.eval()
-        try:
-            self.backbone.zero_grad(set_to_none=True)
-            with torch.inference_mode(False), torch.enable_grad():  # also when built under no_grad (loading)
-                self.backbone(torch.zeros(1, len(self.backbone.mean), 32, 32))[0].sum().backward()
-            for p in self.backbone.parameters():
-                if p.grad is None:
-                    p.requires_grad_(False)
-            self.backbone.zero_grad(set_to_none=True)
-        finally:
-            self.backbone.train(was)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[1] == 1 and self.mean.shape[1] != 1:

@@ -109,3 +109,17 @@ def test_fpn_p3_p7():
     assert len(build_fpn(bb, 64, extra=None)(bb(torch.rand(1, 3, 64, 64)))) == 3
     with pytest.raises(ValueError, match="unknown FPN"):
         build_fpn(bb, 64, extra="p9")
+
+
+def test_out_strides_freeze_the_stages_no_kept_map_uses():
+    from vision.backbones import create_backbone
+
+    bb = create_backbone("resnet18", pretrained=False, out_strides=[8])
+    frozen = {n for n, p in bb.named_parameters() if not p.requires_grad}
+    assert frozen and all(".layer3." in n or ".layer4." in n for n in frozen)  # stride 16 and 32 stages only
+    assert bb.training and all(p.grad is None for p in bb.parameters())  # the probe leaves no trace
+    out = bb(torch.rand(2, 3, 64, 64))[0]
+    out.sum().backward()
+    assert all(p.grad is not None for p in bb.parameters() if p.requires_grad)  # what stays trainable is used
+    full = create_backbone("resnet18", pretrained=False)
+    assert all(p.requires_grad for p in full.parameters())
