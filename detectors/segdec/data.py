@@ -139,10 +139,15 @@ class DefectDataset(Dataset):
         """Whether each sample's pixel mask is used for training."""
         return [s.segmented for s in self.samples]
 
+    @property
+    def num_segmented_defects(self) -> int:
+        """Defective images whose pixel mask is used for training."""
+        return sum(1 for s in self.samples if s.label == 1 and s.segmented)
+
     def summary(self) -> str:
         """One line of counts (and the skipped files, if any)."""
         n_pos = sum(self.labels)
-        n_seg = sum(1 for s in self.samples if s.label == 1 and s.segmented)
+        n_seg = self.num_segmented_defects
         line = (
             f"{self.layout} '{self.root}' [{self.split}]: {len(self)} images, {n_pos} defective "
             f"({n_seg} with pixel masks used for training), {len(self) - n_pos} defect-free"

@@ -174,7 +174,7 @@ def train_segdec(
             log.warning("%s; training without evaluation", e)
             eval_ds = None
     n_pos = sum(train_ds.labels)
-    n_seg = sum(bool(x) for x, lab in zip(train_ds.segmented, train_ds.labels, strict=True) if lab == 1)
+    n_seg = train_ds.num_segmented_defects
     weak = n_seg < n_pos  # weakly or mixed supervised: some defective images have no mask
     if backbone == "auto":
         backbone = WEAK_BACKBONE if weak else None
@@ -247,8 +247,7 @@ def train_segdec(
         gm_batch = None
         if weak:  # the multiplier only for defective images with a mask; the others' decision loss trains the trunk
             with_mask = (b["label"] > 0.5) & b["segmented"].bool()
-            gm_batch = torch.where(with_mask, torch.tensor(float(gm)), torch.tensor(float(weak_grad_multiplier)))
-            gm_batch = gm_batch.to(b["image"].device)
+            gm_batch = torch.where(with_mask, float(gm), float(weak_grad_multiplier))
         dec, seg = m(b["image"], grad_multiplier=gm_batch)
         out_ = segdec_loss(dec, seg, b["label"], b["seg_target"], b["seg_weight"], b["segmented"], w_seg, w_dec)
         out_["w_seg"], out_["w_dec"] = w_seg, w_dec
