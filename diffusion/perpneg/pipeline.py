@@ -33,8 +33,7 @@ def prompt_group(prompts: str | Sequence[str | list[str]] | None) -> list[str | 
 def resolve_uncond(negative_prompt: Any, negative_prompts: list, uncond_prompt: Any, what: str = "pipeline") -> Any:
     """The unconditional text: ``uncond_prompt``, or diffusers' ``negative_prompt`` when no Perp-Neg negatives are
     given; both ``negative_prompt`` and ``negative_prompts`` at once is a ``ValueError`` explaining the difference."""
-    given = negative_prompt not in (None, "", []) and not (isinstance(negative_prompt, list)
-                                                           and all(p == "" for p in negative_prompt))
+    given = any([negative_prompt] if isinstance(negative_prompt, str) else negative_prompt or [])  # a non-empty text
     if given and negative_prompts:
         raise ValueError(
             f"{what}: negative_prompt (singular) and negative_prompts (plural) mean different things: negative_prompt "
