@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -603,7 +602,7 @@ def serve(
     import uvicorn
 
     from clip_ood.calibration import CalibrationError
-    from clip_ood.serve import build_app
+    from clip_ood.serve import build_app, run_workers
 
     labels = _id_labels(id_labels)
     enc = load_encoder_or_fail(model, pretrained, dev)
@@ -635,37 +634,4 @@ def serve(
             typer.echo(f"ANTS state saved to {ants_state.with_suffix('.json')}", err=True)
         return
     del app, sc, enc  # checked: the workers load their own copies
-    _serve_workers(cfg, neg, host, port, workers)
-
-
-def _serve_workers(cfg, negatives, host: str, port: int, workers: int) -> None:
-    """uvicorn with ``workers`` processes building the app from ``cfg`` (negatives saved for them), metrics summed."""
-    import gc
-    import shutil
-    import tempfile
-
-    import uvicorn
-
-    from clip_ood.serve import CONFIG_ENV
-
-    tmp = Path(tempfile.mkdtemp(prefix="negvision-serve-"))  # 0700: the config holds the keys
-    try:
-        if negatives is not None and cfg.neg_labels_file is None:
-            negatives.save(tmp / "neg.txt")
-            cfg.neg_labels_file = str(tmp / "neg.txt")
-        cfg.save(tmp / "config.json")
-        (tmp / "prometheus").mkdir()
-        os.environ[CONFIG_ENV] = str(tmp / "config.json")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(tmp / "prometheus")
-        gc.collect()
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:
-            pass
-        uvicorn.run("clip_ood.serve:app_from_env", factory=True, host=host, port=port, workers=workers,
-                    log_level="info")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    run_workers(cfg, neg, host, port, workers)

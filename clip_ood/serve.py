@@ -108,3 +108,31 @@ def app_from_env() -> Any:
     if not path:
         raise RuntimeError(f"{CONFIG_ENV} is not set: start the server with `negvision ood serve`")
     return build_app(ServeConfig.load(path))
+
+
+def run_workers(cfg: ServeConfig, negatives: Any, host: str, port: int, workers: int) -> None:
+    """uvicorn with ``workers`` processes building the app from ``cfg`` (the negatives saved once for them, their
+    metrics summed); the private folder holding the config (and its keys) is removed at exit."""
+    import gc
+    import shutil
+    import tempfile
+
+    import torch
+    import uvicorn
+
+    tmp = Path(tempfile.mkdtemp(prefix="negvision-serve-"))  # 0700: the config holds the keys
+    try:
+        if negatives is not None and cfg.neg_labels_file is None:
+            negatives.save(tmp / "neg.txt")
+            cfg.neg_labels_file = str(tmp / "neg.txt")
+        cfg.save(tmp / "config.json")
+        (tmp / "prometheus").mkdir()
+        os.environ[CONFIG_ENV] = str(tmp / "config.json")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(tmp / "prometheus")
+        gc.collect()  # the command's own model copy, used for the checks, goes before the workers load theirs
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        uvicorn.run("clip_ood.serve:app_from_env", factory=True, host=host, port=port, workers=workers,
+                    log_level="info")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
