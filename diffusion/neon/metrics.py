@@ -28,7 +28,6 @@ __all__ = [
 ]
 
 FeatureExtractor = Callable[[Tensor], Tensor]
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 class FeatureSpecError(ValueError):
@@ -245,26 +244,27 @@ def load_image_folder(
     folder: str | os.PathLike, size: tuple[int, int] | None = None, channels: int = 3, limit: int | None = None
 ) -> Tensor:
     """Images of a folder (recursively, sorted) as float [N, C, H, W] in [0, 1], resized to ``size`` (h, w)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from vision.io import IMAGE_EXTENSIONS, ImageReadError, list_image_files, open_image
 
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"reference folder '{folder}' does not exist")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = list_image_files(folder)
     if limit is not None:
         files = files[:limit]
     if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in reference folder '{folder}'")
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in reference folder '{folder}'")
     mode = "L" if channels == 1 else "RGB"
     out = []
     for p in files:
         try:
-            with Image.open(p) as im:
-                im = im.convert(mode)
-                if size is not None and im.size != (size[1], size[0]):
-                    im = im.resize((size[1], size[0]), Image.BICUBIC)
-                arr = np.asarray(im, dtype=np.float32) / 255.0
-        except (OSError, UnidentifiedImageError) as e:
-            raise ValueError(f"cannot read reference image '{p}': {e}") from e
+            im = open_image(p, mode)  # EXIF orientation applied, like every other reader
+        except ImageReadError as e:
+            raise ValueError(f"cannot read reference image: {e}") from None
+        if size is not None and im.size != (size[1], size[0]):
+            im = im.resize((size[1], size[0]), Image.BICUBIC)
+        arr = np.asarray(im, dtype=np.float32) / 255.0
         out.append(torch.from_numpy(arr.reshape(arr.shape[0], arr.shape[1], -1)).permute(2, 0, 1))
     return torch.stack(out)

@@ -93,3 +93,11 @@ def test_load_image_folder(tmp_path):
     with pytest.raises(ValueError, match="no images"):
         (tmp_path / "empty").mkdir()
         load_image_folder(tmp_path / "empty")
+
+
+def test_load_image_folder_applies_exif_orientation(tmp_path):
+    """A phone JPEG tagged 'rotate 90' is read as displayed (H and W swapped), like every other image reader."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.zeros((10, 16, 3), np.uint8)).save(tmp_path / "phone.jpg", exif=exif)
+    assert load_image_folder(tmp_path).shape == (1, 3, 16, 10)
