@@ -214,8 +214,9 @@ def train_detector(
     cpu = cpu or training_device(device)
     skipped = write_skipped(out, {"train": train_ds.bad, **({val_split: val_ds.bad} if val_ds is not None else {})})
     if skipped is not None:
-        log.warning("skipped %d bad items (listed in %s): %s", len(train_ds.bad) + len(val_ds.bad if val_ds else []),
-                    skipped, train_ds.summary())
+        counts = f"train {len(train_ds.bad)}" + (f", {val_split} {len(val_ds.bad)}" if val_ds is not None else "")
+        log.warning("skipped %d bad items (%s), listed in %s", len(train_ds.bad) + len(val_ds.bad if val_ds else []),
+                    counts, skipped)
     classes = list(train_ds.classes)
     spec = model_spec(model, len(classes), classes, backbone, pretrained, img_size, **(model_kwargs or {}))
     resuming = bool(resume)

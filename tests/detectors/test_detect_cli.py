@@ -183,6 +183,18 @@ def test_a_used_run_folder_is_never_overwritten(digits, trained, tmp_path):
     assert len(rows) == 2 and len(list((run / "tb").iterdir())) == 1  # header + one step, one TensorBoard file
 
 
+def test_a_run_that_stopped_before_training_is_reused_not_numbered_past(digits, tmp_path):
+    """A mistyped backbone stops after config.yaml is written: fixing it and running again uses the same folder."""
+    run = tmp_path / "exp"
+    r = runner.invoke(app, ["detect", "train", "--data", str(digits), "--out", str(run), "--max-steps", "1",
+                            *TINY, "--backbone", "resnett18"])  # the last --backbone wins
+    assert r.exit_code == 2 and "Did you mean" in r.output, r.output
+    assert run.is_dir() and not (run / "checkpoints").exists()
+    r = runner.invoke(app, ["detect", "train", "--data", str(digits), "--out", str(run), "--max-steps", "1", *TINY])
+    assert r.exit_code == 0, r.output
+    assert f"run folder: {run}" in r.output and not (tmp_path / "exp2").exists()
+
+
 def test_predict_outputs_never_collide_and_follow_exif(trained, tmp_path):
     import numpy as np
     from PIL import Image

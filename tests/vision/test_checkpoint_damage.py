@@ -335,3 +335,30 @@ def test_a_new_run_in_a_used_folder_starts_empty_logs(tmp_path: Path) -> None:
     rows = (tmp_path / "run" / "log.csv").read_text().strip().splitlines()
     assert len(rows) == 3 and rows[1].split(",")[0] == "1"  # header + steps 1 and 2
     assert len(list((tmp_path / "run" / "tb").glob("events.*"))) <= 1
+
+
+def test_resume_forgets_a_damaged_best_and_writes_a_new_one(tmp_path, caplog):
+    """A damaged checkpoints/best found on resume is named in a warning and replaced at the next evaluation, so
+    the run does not end on a file nobody can load."""
+    data = make_data()
+
+    def eval_fn(model):
+        x, y = data.tensors
+        return {"neg_mse": -float(((model(x).squeeze(-1) - y) ** 2).mean())}
+
+    def run(callbacks=()):
+        return Trainer(make_model(), data, cfg(tmp_path / "run", max_steps=15, eval_every=1), loss_fn=mse_loss,
+                       batch_size=4, eval_fn=eval_fn, metric="neg_mse", callbacks=callbacks)
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run([crash_at(12)]).fit()
+    best = tmp_path / "run" / "checkpoints" / "best"
+    verify_checkpoint(best)
+    truncate(best / "model.safetensors")
+    with caplog.at_level(logging.WARNING, logger="negvision.engine"):
+        summary = run().fit(resume=True)
+    warned = [r.getMessage() for r in caplog.records if "best checkpoint is forgotten" in r.getMessage()]
+    assert len(warned) == 1 and str(best / "model.safetensors") in warned[0]
+    assert summary["steps"] == 15
+    verify_checkpoint(best)  # rewritten by the evaluation after the resume
+    load_model_weights(make_model(), best)

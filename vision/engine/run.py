@@ -26,6 +26,9 @@ RUN_OUTPUTS = ("log.csv", "metrics.csv", "tb", "summary.json", "train_summary.js
                "val_predictions.jpg", "curves.png", "confusion_matrix.png", "f1_curve.png", "p_curve.png",
                "r_curve.png")
 SKIPPED_FILE = "skipped.txt"
+# what a run writes before its first training step: a folder holding only these (and empty folders) is a run that
+# stopped before it trained (a mistyped backbone, a bad option value found late) and is reused, not numbered past
+STARTUP_FILES = ("config.yaml", "config.resumed.yaml", "config.json", "skipped.txt", "detector.json", "segdec.json")
 
 
 def _is_used(path: Path) -> bool:
@@ -59,10 +62,29 @@ def clear_run_outputs(path: str | os.PathLike) -> list[str]:
     return removed
 
 
+def never_trained(path: str | os.PathLike) -> bool:
+    """True for a folder that holds only a run's start-up files (``STARTUP_FILES``) and empty folders."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    for q in p.iterdir():
+        if q.is_dir() and not q.is_symlink():
+            if any(q.iterdir()):
+                return False
+        elif q.name not in STARTUP_FILES:
+            return False
+    return True
+
+
 def _decide(out: Path, resume: bool | str, exist_ok: bool) -> Path:
     if resume:
         return out
     if not _is_used(out):
+        return out
+    if never_trained(out):
+        for name in (SKIPPED_FILE, "config.resumed.yaml"):  # the rest is written again by this run
+            (out / name).unlink(missing_ok=True)
+        log.info("reusing %s: the run there stopped before its first training step", out)
         return out
     if exist_ok:
         removed = clear_run_outputs(out)

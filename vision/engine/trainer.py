@@ -483,6 +483,7 @@ class Trainer:
                 if i > 0:
                     self._last_is_damaged = True  # the next save replaces "last" instead of keeping it
                 self._last_saved = self._position()
+                self._forget_damaged_best()
                 return Path(cand)
             failures.append((cand, err))
             if self.is_main and i + 1 < len(candidates):
@@ -499,6 +500,18 @@ class Trainer:
                 f"(tried {len(failures)}, newest first):\n{tried}"
             ),
         )
+
+    def _forget_damaged_best(self) -> None:
+        """A damaged ``checkpoints/best`` found on resume is forgotten (with a warning): the next evaluation
+        writes a new best instead of the run ending on a file nobody can load."""
+        best = self.ckpt_dir / "best"
+        if self.best_metric is None or not best.is_dir():
+            return
+        err = self._verify_everywhere(best)
+        if err is not None:
+            if self.is_main:
+                logger.warning("%s; the best checkpoint is forgotten and the next evaluation writes a new one", err)
+            self.best_metric, self.best_step = None, None
 
     def _agree_on_error(
         self, err: CheckpointCorruptError | None, main_only: bool
