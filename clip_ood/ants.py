@@ -3,9 +3,22 @@ MLLM Understanding and Reasoning"): ENS far-negative cache, VSNL near negatives,
 
 Threshold rule of this implementation (the images whose base NegLabel score is below tau are "negative images"):
 tau starts at 0.8; once ``warmup`` (200) scores were seen, after every batch a 10-bin histogram of the seen scores is
-taken; if it is bimodal (a bin left of the highest bin is a valley with a higher bin further left), tau_hist is the
-centre of that valley bin, otherwise the upper edge of the lowest bin; then tau = min(tau_hist, quantile(scores, 0.5))
-(the 0.5-percentile update: never more than half of the stream counts as negative).
+taken; tau is the centre of its deepest valley (a bin holding at most half of the lower of the two highest bins
+beside it; depth = that bin count minus its own), otherwise the upper edge of the lowest bin. The paper's reading (the
+first valley left of the highest bin) assumed the highest bin is the ID mode; ours assumes nothing about the share:
+``percentile`` (default 1.0 = off) can cap tau at a quantile of the seen scores; the earlier default 0.5 (the
+median: never more than half of the stream counts as negative) never bound on ``benchmarks/ants_share.py`` and
+assumed a mostly-ID stream.
+
+Scores (the paper's): S_ens / S_vsnl = NegLabel against [far bank | mined negatives] / [near names | mined
+negatives]; S_ada = lambda * S_ens + (1 - lambda) * S_vsnl with lambda = (1 - a) / ((1 - a) + (1 - b)), a / b the
+running means of S_ens / S_vsnl over the negative images.
+
+VSNL classes: the paper asks for similar names of the ``vsnl_top_classes`` (40) most-predicted ID classes among the
+negative images, from batch ``vsnl_start``. Ours: with no more ID classes than that, every class is taken, and
+``vsnl_start="auto"`` then starts at batch 0 (the wait only collects the counts); otherwise batch 10 as before.
+Measured on ``benchmarks/ants_share.py``: waiting for the counts was what made ANTS worse than NegLabel on a stream
+that starts with its OOD images (the OOD images were scored before the near names existed, the ID images after).
 """
 
 from __future__ import annotations
@@ -27,17 +40,23 @@ from clip_ood.scores import neglabel_score
 MODES = ("ada", "far_only", "near_only")
 
 
-def histogram_threshold(scores: Any, bins: int = 10, percentile: float = 0.5) -> float:
-    """tau from seen base scores: valley of a bimodal 10-bin histogram (else lowest bin's upper edge), capped at
-    the ``percentile`` quantile."""
+def histogram_threshold(scores: Any, bins: int = 10, percentile: float = 1.0) -> float:
+    """tau from seen base scores: the centre of the deepest valley of a 10-bin histogram (else the lowest bin's
+    upper edge), capped at the ``percentile`` quantile (1.0: no cap).
+
+    A valley is a bin v holding at most half of min(highest bin left of v, highest bin right of v); its depth is
+    that minimum - count(v) (binning noise on a flat histogram is no valley), and ties go to the leftmost (fewest images called negative). Which side holds more images
+    does not matter, so a stream that is mostly OOD is split as well as one that is mostly ID (the paper's rule
+    looks left of the highest bin, which is the OOD mode once OOD images are the majority).
+    """
     h = np.asarray(scores, dtype=np.float64)
     counts, edges = np.histogram(h, bins=bins)
-    peak = int(np.argmax(counts))
-    tau_hist = float(edges[1])
-    if peak >= 2:
-        v = int(np.argmin(counts[:peak]))  # first minimum left of the main (ID) mode
-        if v >= 1 and counts[:v].max() > counts[v]:
-            tau_hist = float((edges[v] + edges[v + 1]) / 2)
+    tau_hist, best = float(edges[1]), 0
+    for v in range(1, bins - 1):
+        side = min(int(counts[:v].max()), int(counts[v + 1:].max()))
+        depth = side - int(counts[v])
+        if depth > best and counts[v] <= side / 2:  # a real valley: at most half the lower of its two peaks
+            tau_hist, best = float((edges[v] + edges[v + 1]) / 2), depth
     return float(min(tau_hist, np.quantile(h, percentile)))
 
 
@@ -53,8 +72,8 @@ class ANTSState:
     def __init__(self, encoder: Any, id_labels: Sequence[str], id_features: Tensor, neg_features: Tensor,
                  describer: Any = None, mode: str = "ada", temperature: float = 0.01, num_groups: int = 100,
                  seed: int = 0, threshold_init: float = 0.8, warmup: int = 200, hist_bins: int = 10,
-                 percentile: float = 0.5, max_updates: int = 100, far_bank_size: int = 10_000,
-                 vsnl_start: int = 10, vsnl_every: int = 40, vsnl_top_classes: int = 40, vsnl_per_class: int = 5,
+                 percentile: float = 1.0, max_updates: int = 100, far_bank_size: int = 10_000,
+                 vsnl_start: int | str = "auto", vsnl_every: int = 40, vsnl_top_classes: int = 40, vsnl_per_class: int = 5,
                  vsnl_cache_size: int = 200, history_size: int = 100_000) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown ANTS mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -125,14 +144,26 @@ class ANTSState:
         return len(new)
 
     # ------------------------------------------------------------------ VSNL
+    @property
+    def _all_classes_near(self) -> bool:
+        """No more ID classes than ``vsnl_top_classes``: every class is among the top-k, whatever is predicted."""
+        return len(self.id_labels) <= int(self.cfg["vsnl_top_classes"])
+
     def _vsnl_due(self) -> bool:
-        b, start, every = self.batches, self.cfg["vsnl_start"], self.cfg["vsnl_every"]
+        start = self.cfg["vsnl_start"]
+        if start == "auto":  # waiting only collects predicted-class counts; with every class taken, none needed
+            start = 0 if self._all_classes_near else 10
+        b, every = self.batches, self.cfg["vsnl_every"]
         return b >= start and (b - start) % every == 0
 
     def _update_vsnl(self) -> None:
         """Ask for visually similar names of the most-predicted ID classes (cached per class, LRU eviction)."""
         ids = {c.lower() for c in self.id_labels}
-        for c, _ in self.class_counts.most_common(self.cfg["vsnl_top_classes"]):
+        # the paper: the top-k most-predicted classes of the negative images. With no more classes than k, all
+        # of them (ours): the near names then do not depend on which images came first.
+        ranked = (range(len(self.id_labels)) if self._all_classes_near
+                  else [c for c, _ in self.class_counts.most_common(self.cfg["vsnl_top_classes"])])
+        for c in ranked:
             name = self.id_labels[c]
             if name in self.near_cache:
                 self.near_cache.move_to_end(name)

@@ -24,8 +24,28 @@ def test_histogram_threshold_hand_values():
     assert histogram_threshold(s) == pytest.approx(0.185)
     # flat: no valley -> upper edge of the lowest bin (0.1); the median (0.5) does not cap it
     assert histogram_threshold([i / 100 for i in range(101)]) == pytest.approx(0.1)
-    # the 0.5-percentile cap: most scores low -> tau = median
-    assert histogram_threshold([0.05] * 60 + [0.95] * 40) == pytest.approx(0.05)
+    # most scores low (a 60 % OOD stream): the valley still splits the modes (the earlier rule, left of the highest
+    # bin and capped at the median, gave 0.05 and called no image negative)
+    assert histogram_threshold([0.05] * 60 + [0.95] * 40) == pytest.approx(0.185)
+    assert histogram_threshold([0.05] * 90 + [0.5] * 3 + [0.95] * 10) == pytest.approx(0.185)  # 90 % OOD
+    # the optional cap: percentile 0.5 = the median
+    assert histogram_threshold([0.05] * 60 + [0.95] * 40, percentile=0.5) == pytest.approx(0.05)
+    # the deepest valley wins over a shallow one: counts [30,5,25,0,0,0,0,0,2,40] -> bin 3..7 (depth 25), leftmost
+    s = [0.05] * 30 + [0.14] * 5 + [0.23] * 25 + [0.86] * 2 + [0.95] * 40
+    assert histogram_threshold(s) == pytest.approx((0.32 + 0.41) / 2)
+
+
+def test_vsnl_takes_every_class_from_the_first_batch_when_they_fit_in_the_top_k(tiny_encoder):
+    """With no more ID classes than vsnl_top_classes, the near names do not wait for predicted-class counts."""
+    similar = {"apple": ["pear"], "leaf": ["fern"], "stone": ["pebble"]}
+    d = ScriptedDescriber(similar=similar)
+    st = _state(tiny_encoder, d, threshold_init=-1.0)  # no image is negative: no class counts at all
+    st.step(encode_labels(tiny_encoder, ["apple"], ("The nice {}.",), cache_dir=False))
+    assert sorted(d.similar_calls) == sorted(ID) and sorted(st.near_texts) == ["fern", "pear", "pebble"]
+    d2 = ScriptedDescriber(similar=similar)
+    st2 = _state(tiny_encoder, d2, threshold_init=-1.0, vsnl_top_classes=2)  # 3 classes > top 2: the paper's wait
+    st2.step(encode_labels(tiny_encoder, ["apple"], ("The nice {}.",), cache_dir=False))
+    assert d2.similar_calls == []
 
 
 def test_ants_lambda():
