@@ -4,7 +4,7 @@ MLLM Understanding and Reasoning"): ENS far-negative cache, VSNL near negatives,
 Threshold rule of this implementation (the images whose base NegLabel score is below tau are "negative images"):
 tau starts at 0.8; once ``warmup`` (200) scores were seen, after every batch a 10-bin histogram of the seen scores is
 taken; tau is the centre of its deepest valley (a bin holding at most half of the lower of the two highest bins
-beside it; depth = that bin count minus its own), otherwise the upper edge of the lowest bin. The paper's reading (the
+beside it; depth = that bin count minus its own), otherwise the upper edge of the lowest bin. Our earlier reading (the
 first valley left of the highest bin) assumed the highest bin is the ID mode; ours assumes nothing about the share:
 ``percentile`` (default 1.0 = off) can cap tau at a quantile of the seen scores; the earlier default 0.5 (the
 median: never more than half of the stream counts as negative) never bound on ``benchmarks/ants_share.py`` and
@@ -45,9 +45,10 @@ def histogram_threshold(scores: Any, bins: int = 10, percentile: float = 1.0) ->
     upper edge), capped at the ``percentile`` quantile (1.0: no cap).
 
     A valley is a bin v holding at most half of min(highest bin left of v, highest bin right of v); its depth is
-    that minimum - count(v) (binning noise on a flat histogram is no valley), and ties go to the leftmost (fewest images called negative). Which side holds more images
-    does not matter, so a stream that is mostly OOD is split as well as one that is mostly ID (the paper's rule
-    looks left of the highest bin, which is the OOD mode once OOD images are the majority).
+    that minimum - count(v) (binning noise on a flat histogram is no valley), and ties go to the leftmost (fewest
+    images called negative). Which side holds more images does not matter, so a stream that is mostly OOD is
+    split as well as one that is mostly ID (the earlier rule looked left of the highest bin, which is the OOD mode
+    once OOD images are the majority).
     """
     h = np.asarray(scores, dtype=np.float64)
     counts, edges = np.histogram(h, bins=bins)
@@ -73,7 +74,8 @@ class ANTSState:
                  describer: Any = None, mode: str = "ada", temperature: float = 0.01, num_groups: int = 100,
                  seed: int = 0, threshold_init: float = 0.8, warmup: int = 200, hist_bins: int = 10,
                  percentile: float = 1.0, max_updates: int = 100, far_bank_size: int = 10_000,
-                 vsnl_start: int | str = "auto", vsnl_every: int = 40, vsnl_top_classes: int = 40, vsnl_per_class: int = 5,
+                 vsnl_start: int | str = "auto", vsnl_every: int = 40, vsnl_top_classes: int = 40,
+                 vsnl_per_class: int = 5,
                  vsnl_cache_size: int = 200, history_size: int = 100_000) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown ANTS mode {mode!r}; choose one of {', '.join(MODES)}")
