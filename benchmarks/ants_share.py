@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clip_ood.ants import ANTSState  # noqa: E402
 from clip_ood.describers import LexiconDescriber  # noqa: E402
+from clip_ood.encoders import encode_labels  # noqa: E402
 from clip_ood.lexicon import select_negative_labels  # noqa: E402
 from clip_ood.metrics import ood_metrics  # noqa: E402
-from clip_ood.scores import neglabel_score  # noqa: E402
 
 STOP = {"the", "nice", "a", "an", "photo", "of", "this", "is", "that"}
 
@@ -71,9 +71,6 @@ class ConceptWorld:
         x = v + noise * torch.randn(n, self.dim, generator=g) / self.dim ** 0.5 + self.gap
         return F.normalize(x, dim=-1)
 
-    # text_cache_key in clip_ood.encoders asks for a model identity; never cached here (cache_dir=False)
-    model_name = "concept-world"
-
 
 def build(seed: int, n_id: int = 20, n_ood: int = 20, n_words: int = 3000, dim: int = 128, noise: float = 1.6,
           near_mix: float = 0.55, n_neg: int = 500):
@@ -85,8 +82,6 @@ def build(seed: int, n_id: int = 20, n_ood: int = 20, n_words: int = 3000, dim: 
     for j, w in enumerate(ood_words[: n_ood // 2]):  # near OOD: mixed with an ID class
         world.set_vector(w, near_mix * world.vec[id_words[j % n_id]] + (1 - near_mix) * world.vec[w])
     template = ("The nice {}.",)
-    from clip_ood.encoders import encode_labels
-
     id_feats = encode_labels(world, id_words, template, cache_dir=False)
     cands = [w for w in world.words if w not in set(id_words)]
     cand_feats = encode_labels(world, cands, template, cache_dir=False)
@@ -114,10 +109,11 @@ def stream(world, id_words, ood_words, g, noise, n_total: int, ood_share: float,
 
 
 def run_cell(world, id_words, id_feats, neg_feats, x, is_ood, batch: int, seed: int, ants_kw: dict) -> dict:
-    base = neglabel_score(x, id_feats, neg_feats, 0.01, 100, seed)
     describer = LexiconDescriber(world, words=world.words, cache_dir=False)
     ants = ANTSState(world, id_words, id_feats, neg_feats, describer=describer, seed=seed, **ants_kw)
-    scores = torch.cat([ants.step(x[i:i + batch])["score"] for i in range(0, len(x), batch)])
+    steps = [ants.step(x[i:i + batch]) for i in range(0, len(x), batch)]
+    scores = torch.cat([o["score"] for o in steps])
+    base = torch.cat([o["base"] for o in steps])  # NegLabel itself: ANTS's base score, per image, banks empty
     out = {}
     for name, s in (("neglabel", base), ("ants", scores)):
         m = ood_metrics(s[~is_ood].numpy(), s[is_ood].numpy())

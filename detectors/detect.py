@@ -182,7 +182,7 @@ def train_detector(
     from vision.data.formats import combine_errors
     from vision.device import training_device
     from vision.engine import LossContext, TrainConfig, Trainer
-    from vision.engine.run import main_process_first, prepare_run_dir, write_run_config, write_skipped
+    from vision.engine.run import main_process_first, prepare_run_dir, record_skipped, write_run_config
 
     aug = dict(augment) if isinstance(augment, dict) else {}
     tf = build_detection_transforms(True, img_size=img_size, **aug) if augment else None
@@ -212,11 +212,7 @@ def train_detector(
     if run_config is not None:
         write_run_config(out, {**run_config, "_resumed": bool(resume)})
     cpu = cpu or training_device(device)
-    skipped = write_skipped(out, {"train": train_ds.bad, **({val_split: val_ds.bad} if val_ds is not None else {})})
-    if skipped is not None:
-        counts = f"train {len(train_ds.bad)}" + (f", {val_split} {len(val_ds.bad)}" if val_ds is not None else "")
-        log.warning("skipped %d bad items (%s), listed in %s", len(train_ds.bad) + len(val_ds.bad if val_ds else []),
-                    counts, skipped)
+    record_skipped(out, {"train": train_ds.bad, **({val_split: val_ds.bad} if val_ds is not None else {})})
     classes = list(train_ds.classes)
     spec = model_spec(model, len(classes), classes, backbone, pretrained, img_size, **(model_kwargs or {}))
     resuming = bool(resume)

@@ -151,7 +151,7 @@ def train_segdec(
     """
     from vision.device import training_device
     from vision.engine import LossContext, TrainConfig, Trainer
-    from vision.engine.run import main_process_first, prepare_run_dir, write_run_config, write_skipped
+    from vision.engine.run import main_process_first, prepare_run_dir, record_skipped, write_run_config
 
     from .data import SplitNotFoundError, detect_layout
 
@@ -201,9 +201,7 @@ def train_segdec(
     if run_config is not None:
         write_run_config(out, {**run_config, "_resumed": bool(resume)})
     cpu = cpu or training_device(device)
-    skipped_file = write_skipped(out, {"train": train_ds.bad, **({"test": eval_ds.bad} if eval_ds is not None else {})})
-    if skipped_file is not None:
-        log.warning("skipped bad samples (listed in %s)", skipped_file)
+    record_skipped(out, {"train": train_ds.bad, **({"test": eval_ds.bad} if eval_ds is not None else {})})
 
     model_cfg = {"in_channels": train_ds.channels, "grad_multiplier": float(gm), "backbone": backbone,
                  "width": float(width)}

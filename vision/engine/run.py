@@ -141,6 +141,15 @@ def write_skipped(out: str | os.PathLike, skipped: Mapping[str, Sequence[str]]) 
     return path
 
 
+def record_skipped(out: str | os.PathLike, skipped: Mapping[str, Sequence[str]]) -> Path | None:
+    """``write_skipped`` for a training run, and one warning with the count per split (``train 1, val 2``)."""
+    path = write_skipped(out, skipped)
+    if path is not None:
+        counts = ", ".join(f"{split} {len(msgs)}" for split, msgs in skipped.items())
+        log.warning("skipped %d bad items (%s), listed in %s", sum(map(len, skipped.values())), counts, path)
+    return path
+
+
 # ------------------------------------------------------------------------------------ reading a run folder back
 # A run folder holds a spec file (``detector.json``, ``segdec.json``: what rebuilds the model), and the engine's
 # ``checkpoints/{last,best}``. The spec's ``"weights"`` entry names the checkpoint that is the run's model ("best":
