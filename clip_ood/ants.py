@@ -15,10 +15,12 @@ negatives]; S_ada = lambda * S_ens + (1 - lambda) * S_vsnl with lambda = (1 - a)
 running means of S_ens / S_vsnl over the negative images.
 
 VSNL classes: the paper asks for similar names of the ``vsnl_top_classes`` (40) most-predicted ID classes among the
-negative images, from batch ``vsnl_start``. Ours: with no more ID classes than that, every class is taken, and
-``vsnl_start="auto"`` then starts at batch 0 (the wait only collects the counts); otherwise batch 10 as before.
-Measured on ``benchmarks/ants_share.py``: waiting for the counts was what made ANTS worse than NegLabel on a stream
-that starts with its OOD images (the OOD images were scored before the near names existed, the ID images after).
+negative images, from batch ``vsnl_start``. Ours (``vsnl_start="auto"``): with no more ID classes than that,
+every class is taken from batch 0 (the wait only collects the counts); with more, the top-k of the counts so far is
+taken from batch 0 and refreshed after every batch up to batch 10 (names are cached per class, so a refresh only adds
+classes), then every ``vsnl_every`` batches. Measured on ``benchmarks/ants_share.py``: waiting for the counts was
+what made ANTS worse than NegLabel on a stream that starts with its OOD images (the OOD images were scored before
+the near names existed, the ID images after). An integer ``vsnl_start`` keeps the plain schedule.
 """
 
 from __future__ import annotations
@@ -153,9 +155,14 @@ class ANTSState:
 
     def _vsnl_due(self) -> bool:
         start = self.cfg["vsnl_start"]
-        if start == "auto":  # waiting only collects predicted-class counts; with every class taken, none needed
-            start = 0 if self._all_classes_near else 10
         b, every = self.batches, self.cfg["vsnl_every"]
+        if start == "auto":  # waiting only collects predicted-class counts; with every class taken, none needed
+            if self._all_classes_near:
+                start = 0
+            elif b < 10:  # more classes than the top-k: the top-k of the counts so far, refreshed every batch
+                return True  # while the counts form (names are cached per class: a refresh only adds classes)
+            else:
+                start = 10
         return b >= start and (b - start) % every == 0
 
     def _update_vsnl(self) -> None:

@@ -43,9 +43,28 @@ def test_vsnl_takes_every_class_from_the_first_batch_when_they_fit_in_the_top_k(
     st.step(encode_labels(tiny_encoder, ["apple"], ("The nice {}.",), cache_dir=False))
     assert sorted(d.similar_calls) == sorted(ID) and sorted(st.near_texts) == ["fern", "pear", "pebble"]
     d2 = ScriptedDescriber(similar=similar)
-    st2 = _state(tiny_encoder, d2, threshold_init=-1.0, vsnl_top_classes=2)  # 3 classes > top 2: the paper's wait
+    st2 = _state(tiny_encoder, d2, threshold_init=-1.0, vsnl_top_classes=2)  # 3 classes > top 2: counts needed
     st2.step(encode_labels(tiny_encoder, ["apple"], ("The nice {}.",), cache_dir=False))
-    assert d2.similar_calls == []
+    assert d2.similar_calls == []  # no negative image yet: no counts, no names
+
+
+def test_vsnl_auto_start_with_more_classes_than_the_top_k(tiny_encoder):
+    """More ID classes than vsnl_top_classes: the top-k of the counts so far from batch 0, refreshed every batch
+    while the counts form (batches 0-9), then every vsnl_every batches from batch 10."""
+    similar = {"apple": ["pear"], "leaf": ["fern"], "stone": ["pebble"]}
+    d = ScriptedDescriber(similar=similar)
+    st = _state(tiny_encoder, d, threshold_init=2.0, vsnl_top_classes=1, vsnl_every=40)  # every image negative
+    st.step(encode_labels(tiny_encoder, ["leaf"], ("The nice {}.",), cache_dir=False))
+    top = ID[st.class_counts.most_common(1)[0][0]]
+    assert d.similar_calls == [top] and st.near_texts == similar[top]  # batch 0: names of the top class already
+    due = []
+    for b in range(100):
+        st.batches = b
+        due.append(st._vsnl_due())
+    assert [b for b, x in enumerate(due) if x] == list(range(10)) + [10, 50, 90]
+    st.cfg["vsnl_start"] = 10  # an explicit start keeps the plain schedule
+    st.batches = 3
+    assert not st._vsnl_due()
 
 
 def test_ants_lambda():
