@@ -16,7 +16,7 @@ def test_dcar_benchmark_smoke():
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     proc = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "dcar_retrieval.py"), "--n-pretrain", "64",
-         "--n-train", "32", "--n-val", "16", "--n-test", "24", "--pretrain-epochs", "1", "--epochs", "1", "--seeds", "1",
+         "--n-train", "32", "--n-val", "16", "--n-test", "24", "--pretrain-epochs", "1", "--sup-epochs", "1", "--epochs", "1", "--seeds", "1",
          "--shift", "bright", "--threads", "1"],
         capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300,
     )
@@ -29,6 +29,7 @@ def test_dcar_benchmark_smoke():
         assert r["R@1"] == pytest.approx((r["i2t_R@1"] + r["t2i_R@1"]) / 2, abs=0.01)
     assert set(out["coop_beats_frozen_R@1"]) == {"i2t_R@1", "t2i_R@1", "R@1"}
     assert out["validation"]["n_val"] == 16 and "dcar_minus_frozen" in out
+    assert out["pretrain"]["image_tower_supervised"]["seconds"] >= 0  # the supervised tower stage ran
 
 
 def test_web_caption_is_a_partial_reordered_caption():
