@@ -1,7 +1,8 @@
 """Detector inference speed, PyTorch eager against onnxruntime on the same run and machine; prints one JSON line.
 
     python benchmarks/export_speed.py                          # 100 digits images at 512 px, 1 and 2 threads
-    python benchmarks/export_speed.py --n 4 --img-size 128     # smoke size
+    python benchmarks/export_speed.py --n 4 --img-size 128     # small size
+    python benchmarks/export_speed.py --backbone resnet10t --random-backbone --fpn-channels 32   # any timm name, random
 
 The run is ATSS on the offline EfficientNet-Lite0 (ImageNet weights) with a random head (speed does not need
 training), written as a run folder and exported with ``detectors.export.export_detector`` (dynamic shapes, NMS in
@@ -30,18 +31,21 @@ from detectors.detect import build_from_spec, load_detector, model_spec  # noqa:
 from detectors.export import OnnxDetector, export_detector  # noqa: E402
 
 
-def make_run(root: Path, backbone: str, img_size: int, fpn_channels: int, score_thresh: float) -> Path:
-    """A run folder (detector.json + model.safetensors) with the backbone's weights and a random head."""
+def make_run(root: Path, backbone: str, img_size: int, fpn_channels: int, score_thresh: float,
+             pretrained: bool = True) -> Path:
+    """A run folder (detector.json + model.safetensors) with the backbone's weights (or random ones) and a random
+    head."""
     from vision.data import DIGIT_CLASSES
     from vision.engine import save_model_weights
     from vision.io import write_json_atomic
 
     run = root / "run"
     run.mkdir(parents=True, exist_ok=True)
-    spec = model_spec("atss", len(DIGIT_CLASSES), DIGIT_CLASSES, backbone, True, img_size, fpn_channels=fpn_channels,
+    spec = model_spec("atss", len(DIGIT_CLASSES), DIGIT_CLASSES, backbone, pretrained, img_size,
+                      fpn_channels=fpn_channels,
                       score_thresh=score_thresh)
     torch.manual_seed(0)
-    model = build_from_spec(spec, pretrained_backbone=True)
+    model = build_from_spec(spec, pretrained_backbone=pretrained)
     write_json_atomic(run / "detector.json", spec)
     save_model_weights(model, run / "model.safetensors")
     return run
@@ -111,6 +115,8 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2", help="comma-separated CPU thread counts")
     ap.add_argument("--backbone", default="efficientnet_lite0.offline")
     ap.add_argument("--fpn-channels", type=int, default=256)
+    ap.add_argument("--random-backbone", action="store_true",
+                    help="random backbone weights (any timm name; the smoke test's small, fast-to-export model)")
     ap.add_argument("--score-thresh", type=float, default=0.01,
                     help="the random head scores about its 0.01 prior everywhere: 0.01 makes about half the anchors "
                          "candidates, so NMS has as much work as it can get (1000 per level)")
@@ -123,7 +129,8 @@ def main() -> None:
     root = Path(tmp.name) if tmp is not None else args.workdir
     root.mkdir(parents=True, exist_ok=True)
     images = load_images(root, args.n, args.img_size)
-    run = make_run(root, args.backbone, args.img_size, args.fpn_channels, args.score_thresh)
+    run = make_run(root, args.backbone, args.img_size, args.fpn_channels, args.score_thresh,
+                   pretrained=not args.random_backbone)
 
     torch.set_num_threads(max(threads))
     t0 = time.perf_counter()
