@@ -32,7 +32,9 @@ Attribute level (attributes.py)
 Category level (losses.py, train.py, data.HardNegativeBatchSampler)
   9a. Hard-negative batches: ``hard_share`` of each batch (default all of it) in groups of ``hard_group`` (4)
      pairs sharing every attribute but not the category, so in-batch negatives differ only in the class
-     (chosen on the validation split: R@1 25.0 at 1.0 vs 24.1 at 0, i.e. random batches).
+     (chosen on the validation split of the earlier benchmark: R@1 25.0 at 1.0 vs 24.1 at 0, i.e. random
+     batches; with the supervised-start CLIP of the current benchmark random batches were 1 point better on one seed,
+     within the spread of the other choices, and the default was left as it is).
   9. Negatives: in-batch captions (other categories and same category) + k_neg = 3 extra captions per image:
      the FDRD ``negative`` captions first, then the caption with its class name swapped for random other
      categories (whole-word match; skipped if the name is not in the caption).
