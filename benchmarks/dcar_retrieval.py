@@ -71,13 +71,24 @@ def brighten(preprocess):
     return fn
 
 
+def source_batches(dataset, epochs: int, batch_size: int, rng: random.Random):
+    """(indices, collated batch) over ``epochs`` passes of the source pairs, each pass shuffled by ``rng``."""
+    from clip_ood.dcar.data import collate_pairs
+
+    for _ in range(epochs):
+        order = list(range(len(dataset)))
+        rng.shuffle(order)
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            yield idx, collate_pairs([dataset[j] for j in idx])
+
+
 def pretrain_image_tower(model, dataset, epochs: int, batch_size: int, lr: float, seed: int) -> dict:
     """Supervised start of the image tower: a linear head on the pooled features, cross-entropy on the digit
     classes of the source pairs (AdamW); the head is thrown away."""
     import torch
     import torch.nn.functional as F
 
-    from clip_ood.dcar.data import collate_pairs
 
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -90,16 +101,11 @@ def pretrain_image_tower(model, dataset, epochs: int, batch_size: int, lr: float
     vis.train()
     opt = torch.optim.AdamW(list(vis.parameters()) + list(head.parameters()), lr=lr, weight_decay=0.1)
     t0, loss = time.time(), torch.tensor(float("nan"))
-    for _ in range(epochs):
-        order = list(range(len(dataset)))
-        rng.shuffle(order)
-        for i in range(0, len(order), batch_size):
-            idx = order[i : i + batch_size]
-            b = collate_pairs([dataset[j] for j in idx])
-            loss = F.cross_entropy(head(vis(b["images"])), torch.tensor([y_all[j] for j in idx]))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    for idx, b in source_batches(dataset, epochs, batch_size, rng):
+        loss = F.cross_entropy(head(vis(b["images"])), torch.tensor([y_all[j] for j in idx]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
     vis.eval()
     return {"final_loss": round(float(loss.detach()), 3), "seconds": round(time.time() - t0, 1)}
 
@@ -109,7 +115,6 @@ def pretrain_clip(model, tokenizer, dataset, epochs: int, batch_size: int, lr: f
     import torch
     from open_clip.loss import ClipLoss
 
-    from clip_ood.dcar.data import collate_pairs
 
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -119,19 +124,14 @@ def pretrain_clip(model, tokenizer, dataset, epochs: int, batch_size: int, lr: f
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     loss_fn = ClipLoss()
     t0, loss = time.time(), torch.tensor(float("nan"))
-    for _ in range(epochs):
-        order = list(range(len(dataset)))
-        rng.shuffle(order)
-        for i in range(0, len(order), batch_size):
-            idx = order[i : i + batch_size]
-            b = collate_pairs([dataset[j] for j in idx])
-            caps = [web_caption(dataset.pairs[j], rng) for j in idx]
-            img = model.encode_image(b["images"], normalize=True)
-            txt = model.encode_text(tokenizer(caps), normalize=True)
-            loss = loss_fn(img, txt, model.logit_scale.exp())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    for idx, b in source_batches(dataset, epochs, batch_size, rng):
+        caps = [web_caption(dataset.pairs[j], rng) for j in idx]
+        img = model.encode_image(b["images"], normalize=True)
+        txt = model.encode_text(tokenizer(caps), normalize=True)
+        loss = loss_fn(img, txt, model.logit_scale.exp())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

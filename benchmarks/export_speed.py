@@ -42,8 +42,7 @@ def make_run(root: Path, backbone: str, img_size: int, fpn_channels: int, score_
     run = root / "run"
     run.mkdir(parents=True, exist_ok=True)
     spec = model_spec("atss", len(DIGIT_CLASSES), DIGIT_CLASSES, backbone, pretrained, img_size,
-                      fpn_channels=fpn_channels,
-                      score_thresh=score_thresh)
+                      fpn_channels=fpn_channels, score_thresh=score_thresh)
     torch.manual_seed(0)
     model = build_from_spec(spec, pretrained_backbone=pretrained)
     write_json_atomic(run / "detector.json", spec)
