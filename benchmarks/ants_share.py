@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import re
 import sys
@@ -90,6 +91,9 @@ def build(seed: int, n_id: int = 20, n_ood: int = 20, n_words: int = 3000, dim: 
     return world, id_words, ood_words, id_feats, neg_feats, g, noise
 
 
+ORDERS = ("id_first", "ood_first", "shuffled")
+
+
 def stream(world, id_words, ood_words, g, noise, n_total: int, ood_share: float, order: str):
     n_ood = int(round(n_total * ood_share))
     n_id = n_total - n_ood
@@ -137,9 +141,28 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ants", default="{}", help='ANTSState options as JSON, e.g. \'{"drift_correction": false}\'')
     ap.add_argument("--json", default=None, help="write the results here")
     a = ap.parse_args(argv)
-    seeds = [int(s) for s in a.seeds.split(",")]
-    shares = [float(s) for s in a.shares.split(",")]
+    try:
+        seeds = [int(s) for s in a.seeds.split(",")]
+        shares = [float(s) for s in a.shares.split(",")]
+    except ValueError as e:
+        ap.error(f"--seeds takes integers and --shares numbers, comma-separated: {e}")
+    if any(not 0.0 < s < 1.0 for s in shares):
+        ap.error(f"--shares must lie strictly between 0 and 1, got {a.shares}")
     orders = a.orders.split(",")
+    bad = [o for o in orders if o not in ORDERS]
+    if bad:
+        ap.error(f"--orders: unknown order(s) {', '.join(bad)}; choose from {', '.join(ORDERS)}")
+    try:
+        ants_kw = json.loads(a.ants)
+    except json.JSONDecodeError as e:
+        ap.error(f"--ants is not valid JSON ({e.msg} at character {e.pos}): {a.ants}")
+    if not isinstance(ants_kw, dict):
+        ap.error(f"--ants must be a JSON object of ANTSState options, got {a.ants}")
+    known = set(inspect.signature(ANTSState.__init__).parameters) - {"self", "encoder", "id_labels", "id_features",
+                                                                     "neg_features", "describer", "seed"}
+    unknown = sorted(set(ants_kw) - known)
+    if unknown:
+        ap.error(f"--ants: unknown ANTSState option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     t0 = time.perf_counter()
     cells: dict[str, list[dict]] = {}
     for seed in seeds:
@@ -149,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
             for order in orders:
                 x, is_ood = stream(world, id_words, ood_words, g, noise, a.n, share, order)
                 cells.setdefault(f"{share:.0%} OOD, {order}", []).append(
-                    run_cell(world, id_words, id_feats, neg_feats, x, is_ood, a.batch, seed, json.loads(a.ants)))
+                    run_cell(world, id_words, id_feats, neg_feats, x, is_ood, a.batch, seed, ants_kw))
     print(f"{'stream':<22} {'NegLabel FPR95':>15} {'ANTS FPR95':>12} {'diff':>8} {'NegLabel AUROC':>15} "
           f"{'ANTS AUROC':>11}")
     summary = {}
@@ -167,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{a_n.mean():>15.4f} {a_a.mean():>11.4f}")
     verdict = {"worst_diff_fpr95": worst, "never_worse_by_0.005": worst <= 0.005,
                "better_somewhere": any(v["diff_fpr95"] < 0 for v in summary.values())}
-    print(json.dumps({"benchmark": "ants_share", "seeds": seeds, "n": a.n, "ants": json.loads(a.ants), **verdict,
+    print(json.dumps({"benchmark": "ants_share", "seeds": seeds, "n": a.n, "ants": ants_kw, **verdict,
                       "seconds": round(time.perf_counter() - t0, 1)}))
     result = {"cells": summary, **verdict}
     if a.json:

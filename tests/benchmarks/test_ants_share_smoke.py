@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "ants_share.py"
 
 
@@ -19,3 +21,22 @@ def test_ants_share_benchmark_smoke(tmp_path, capsys):
         assert abs(cell["diff_fpr95"] - (cell["ants_fpr95"] - cell["neglabel_fpr95"])) < 1e-9
     assert res["worst_diff_fpr95"] == max(c["diff_fpr95"] for c in res["cells"].values())
     assert (tmp_path / "r.json").is_file() and "NegLabel FPR95" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--ants", "{bad"], "--ants is not valid JSON"),
+    (["--ants", "[1]"], "must be a JSON object"),
+    (["--ants", '{"percentil": 1.0}'], "unknown ANTSState option(s) percentil"),
+    (["--orders", "id_first,sideways"], "unknown order(s) sideways"),
+    (["--shares", "0.1,1.5"], "strictly between 0 and 1"),
+    (["--seeds", "0,x"], "--seeds takes integers"),
+])
+def test_ants_share_bad_flags_are_one_line_errors(args, says, capsys):
+    spec = importlib.util.spec_from_file_location("ants_share", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(SystemExit) as exc:
+        mod.main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
