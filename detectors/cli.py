@@ -32,6 +32,13 @@ def _augment(hflip: float, scale: str, color_jitter: float) -> dict:
     return {"hflip": hflip, "scale": rng, "color_jitter": color_jitter}
 
 
+def _multiple_of_32(value: int) -> int:
+    if value % 32:
+        raise typer.BadParameter(f"{value} is not a multiple of 32 (the head's GroupNorm has 32 groups); "
+                                 f"try {max(32, value // 32 * 32)} or {(value // 32 + 1) * 32}")
+    return value
+
+
 @detect_app.command("train")
 def train(
     ctx: typer.Context,
@@ -63,7 +70,8 @@ def train(
     hflip: float = typer.Option(0.5, "--hflip", min=0.0, max=1.0, help="Horizontal flip probability."),
     scale: str = typer.Option("0.5,1.5", "--scale", help="Scale jitter range LO,HI (then crop/pad to img-size); 'none'."),
     color_jitter: float = typer.Option(0.2, "--color-jitter", min=0.0, help="Brightness/contrast/saturation jitter."),
-    fpn_channels: int = typer.Option(256, "--fpn-channels", min=8),
+    fpn_channels: int = typer.Option(256, "--fpn-channels", min=32, callback=_multiple_of_32,
+                                     help="FPN / head width: a multiple of 32 (the head's GroupNorm groups)."),
     seed: int = opt.seed_option(),
     config: Path | None = opt.config_option(),
 ) -> None:

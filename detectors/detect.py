@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -217,9 +216,12 @@ def train_detector(
     spec = model_spec(model, len(classes), classes, backbone, pretrained, img_size, **(model_kwargs or {}))
     resuming = bool(resume)
     if resuming and (out / DETECTOR_JSON).is_file():
-        old = json.loads((out / DETECTOR_JSON).read_text())
-        if old["classes"] != spec["classes"] or old["model"] != spec["model"]:
-            raise ValueError(f"cannot resume {out}: it was trained with model {old['model']} / classes {old['classes']}")
+        from vision.engine.run import read_spec
+
+        old = read_spec(out / DETECTOR_JSON)
+        if old.get("classes") != spec["classes"] or old.get("model") != spec["model"]:
+            raise ValueError(f"cannot resume {out}: it was trained with model {old.get('model')} / classes "
+                             f"{old.get('classes')}, now {spec['model']} / {spec['classes']}")
         spec = old
     net = build_from_spec(spec, pretrained_backbone=pretrained if not resuming else False)
     out.mkdir(parents=True, exist_ok=True)

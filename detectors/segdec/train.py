@@ -8,7 +8,6 @@ the engine's ``checkpoints/last`` (final model, what eval/predict use by default
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -221,7 +220,9 @@ def train_segdec(
             "channels": train_ds.channels, "dataset_kind": layout, "data": str(data), "train": settings,
             "pretrained_backbone": pretrained if isinstance(pretrained, bool) else str(pretrained)}
     if resume and (out / SPEC_FILE).is_file():
-        old = json.loads((out / SPEC_FILE).read_text())
+        from vision.engine.run import read_spec
+
+        old = read_spec(out / SPEC_FILE)
         if old.get("model") != spec["model"] or old.get("img_size") != spec["img_size"]:
             raise ValueError(
                 f"cannot resume {out}: it was trained with model {old.get('model')} at img_size "

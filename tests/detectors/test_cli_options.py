@@ -108,3 +108,20 @@ def test_device_and_verbosity_flags(digits, tmp_path):
     r = runner.invoke(app, ["-v", "detect", "train", "--data", str(digits), "--out", str(tmp_path / "v"), "--cpu",
                             *TINY])
     assert r.exit_code == 0 and "eval @ step 1" in r.output  # -v: info and debug
+
+
+def test_fpn_channels_must_be_a_multiple_of_32():
+    r = runner.invoke(app, ["detect", "train", "--data", "x", "--fpn-channels", "48"])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "48 is not a multiple of 32" in r.output and "try 32 or 64" in r.output
+
+
+def test_resume_with_a_damaged_spec_file_names_it(digits, tmp_path):
+    run = tmp_path / "r"
+    r = runner.invoke(app, ["detect", "train", "--data", str(digits), "--out", str(run), *TINY])
+    assert r.exit_code == 0, r.output
+    (run / "detector.json").write_text('{"classes": [')  # cut off mid-write by another tool
+    r = runner.invoke(app, ["detect", "train", "--data", str(digits), "--out", str(run), "--resume", *TINY])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    last = r.output.strip().splitlines()[-1]
+    assert "detector.json: cannot read the run's spec file" in last, r.output
