@@ -32,4 +32,4 @@ def load_encoder_or_fail(model: str, pretrained: str | None, device: str | None)
     try:
         return load_encoder(model, pretrained=pretrained or None, device=device)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
-        fail(f"cannot load model '{model}' (pretrained={pretrained}): {e}")
+        fail(f"cannot load model '{model}'" + (f" (pretrained={pretrained})" if pretrained else "") + f": {e}")

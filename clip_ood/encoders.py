@@ -101,16 +101,52 @@ def load_encoder(name: str, pretrained: str | None = None, device: str | torch.d
 
     dev = device if isinstance(device, torch.device) else pick_device(device)
     pretrained = _resolve_pretrained(pretrained)
+    _check_local_files(name, pretrained)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, precision=precision, device=dev, **kwargs)
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained, precision=precision, device=dev, **kwargs)
+        except (FileNotFoundError, RuntimeError, ValueError):
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. an unpicklable local file: say which file, in one line
+            local = pretrained if pretrained and os.path.isfile(pretrained) else None
+            if local is None and not name.startswith("local-dir:"):
+                raise
+            what = local or name.split(":", 1)[1]
+            msg = " ".join(str(e).split())[:200]
+            raise ValueError(f"{what}: cannot load these weights ({type(e).__name__}: {msg})") from None
     tokenizer = open_clip.get_tokenizer(name)
     key_src = name if not (pretrained and os.path.exists(pretrained)) else f"{name}|{_file_id(pretrained)}"
     if name.startswith("local-dir:"):
         key_src = f"{name}|{_dir_id(name.split(':', 1)[1])}"
     cache_key = f"{key_src}|{pretrained}|{precision}|seed={seed if not pretrained else '-'}"
     return OpenClipEncoder(model, preprocess, tokenizer, dev, cache_key)
+
+
+def _check_local_files(name: str, pretrained: str | None) -> None:
+    """A local model folder or weights file that is missing, cut short or not JSON fails here with its path,
+    not inside open_clip (FileNotFoundError / CheckpointCorruptError, a ValueError)."""
+    from vision.engine import check_weights_file
+
+    if name.startswith("local-dir:"):
+        folder = Path(name.split(":", 1)[1]).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: no such folder (local-dir: needs a folder holding "
+                                    "open_clip_config.json and the weights)")
+        cfg = folder / "open_clip_config.json"
+        if not cfg.is_file():
+            raise FileNotFoundError(f"{cfg}: not found (a local-dir: model folder holds open_clip_config.json "
+                                    "and open_clip_model.safetensors)")
+        try:
+            json.loads(cfg.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{cfg}: not valid JSON ({e})") from None
+        for f in sorted(folder.iterdir()):
+            if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt", ".pth"):
+                check_weights_file(f)
+    if pretrained and os.path.isfile(pretrained):
+        check_weights_file(pretrained)
 
 
 def _file_id(path: str) -> str:

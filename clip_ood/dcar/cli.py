@@ -127,7 +127,7 @@ def eval_(
     from clip_ood.dcar.data import PairDataset
     from clip_ood.dcar.evaluate import format_table, recall_at_k, retrieval_similarity
     from clip_ood.dcar.prompts import DualPromptCLIP
-    from clip_ood.dcar.train import load_prompts
+    from clip_ood.dcar.train import PROMPTS_CONFIG, load_prompts, read_prompt_config
     from vision.io import write_text_atomic
 
     enc = load_encoder_or_fail(model, pretrained, dev)
@@ -136,8 +136,8 @@ def eval_(
             learner = load_prompts(prompts, enc.model, enc.tokenizer)
         except (FileNotFoundError, ValueError, KeyError) as e:
             fail(str(e))
-        name = json.loads(((prompts if prompts.is_dir() else prompts.parent) / "prompts.json")
-                          .read_text()).get("method", "prompts")
+        name = read_prompt_config((prompts if prompts.is_dir() else prompts.parent) / PROMPTS_CONFIG).get(
+            "method", "prompts")
     else:
         learner = DualPromptCLIP(enc.model, enc.tokenizer, n_ctx=0)
         name = "zero-shot"

@@ -196,8 +196,11 @@ def save_prompts(model: DualPromptCLIP, out_dir: str | Path, extra: dict | None 
 
 
 def load_prompts(path: str | Path, clip: torch.nn.Module, tokenizer) -> DualPromptCLIP:
-    """Rebuild a learner from a folder (or its prompts.safetensors) written by :func:`save_prompts`."""
-    from safetensors.torch import load_file
+    """Rebuild a learner from a folder (or its prompts.safetensors) written by :func:`save_prompts`.
+
+    A missing file is ``FileNotFoundError``, a damaged one (cut short, edited by hand, written for another model)
+    ``ValueError``; both name the file."""
+    from vision.engine import read_weights
 
     p = Path(path)
     folder = p if p.is_dir() else p.parent
@@ -205,17 +208,38 @@ def load_prompts(path: str | Path, clip: torch.nn.Module, tokenizer) -> DualProm
     for f in (wfile, cfile):
         if not f.is_file():
             raise FileNotFoundError(f"prompt file '{f}' not found (written by `negvision retrieval train`)")
-    cfg = json.loads(cfile.read_text(encoding="utf-8"))
-    sd = load_file(str(wfile))
-    model = DualPromptCLIP(clip, tokenizer, n_ctx=int(sd["ctx"].shape[1]), ctx_init=None,
-                           class_specific=cfg["class_specific"], categories=cfg["categories"],
-                           n_vis=cfg["n_vis"], vis_depth=cfg["vis_depth"] or 1)
-    model.ctx_init = cfg.get("ctx_init")
-    model.set_attributes(cfg.get("attr_vocab", []), sd.get("attr_weights"))
-    missing = model.load_state_dict(sd, strict=False)
+    cfg = read_prompt_config(cfile)
+    sd = read_weights(wfile)  # CheckpointCorruptError (a ValueError) naming a truncated or altered file
+    if "ctx" not in sd or sd["ctx"].dim() != 3:
+        raise ValueError(f"{wfile}: not a prompts file of `negvision retrieval train` (no [sets, n_ctx, width] 'ctx')")
+    try:
+        model = DualPromptCLIP(clip, tokenizer, n_ctx=int(sd["ctx"].shape[1]), ctx_init=None,
+                               class_specific=cfg["class_specific"], categories=cfg["categories"],
+                               n_vis=cfg["n_vis"], vis_depth=cfg["vis_depth"] or 1)
+        model.ctx_init = cfg.get("ctx_init")
+        model.set_attributes(cfg.get("attr_vocab", []), sd.get("attr_weights"))
+        missing = model.load_state_dict(sd, strict=False)
+    except (RuntimeError, ValueError, TypeError) as e:  # shapes of another model / context length
+        msg = " ".join(str(e).split())[:300]
+        raise ValueError(f"{wfile}: these prompts do not fit the given CLIP model ({msg})") from None
     if missing.missing_keys:
         raise ValueError(f"{wfile}: missing prompt tensors {missing.missing_keys}")
     return model
+
+
+def read_prompt_config(path: str | Path) -> dict[str, Any]:
+    """prompts.json of a prompts folder; ValueError naming the file when it is not valid or lacks a key."""
+    p = Path(path)
+    try:
+        cfg = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{p}: not valid JSON ({e}); rewrite it with `negvision retrieval train`") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{p}: must hold a JSON object")
+    for key in ("class_specific", "categories", "n_vis", "vis_depth"):
+        if key not in cfg:
+            raise ValueError(f"{p}: lacks '{key}' (written by `negvision retrieval train`)")
+    return cfg
 
 
 def train_retrieval(clip: torch.nn.Module, tokenizer, preprocess, train_pairs: Sequence[Pair], out_dir: str | Path,

@@ -17,13 +17,13 @@ def test_dcar_benchmark_smoke():
     proc = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "dcar_retrieval.py"), "--n-pretrain", "64",
          "--n-train", "32", "--n-val", "16", "--n-test", "24", "--pretrain-epochs", "1", "--sup-epochs", "1", "--epochs", "1", "--seeds", "1",
-         "--shift", "bright", "--threads", "1"],
+         "--shift", "bright", "--threads", "1", "--ceiling", "--ceiling-epochs", "1"],
         capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["benchmark"] == "dcar_retrieval" and "bright" in out["data"]
-    assert set(out["results"]) == {"frozen", "coop", "dcar"}
+    assert set(out["results"]) == {"frozen", "coop", "dcar", "finetune_image_tower", "finetune_text_tower"}
     for r in out["results"].values():
         assert 0.0 <= r["i2t_R@1"] <= 100.0 and 0.0 <= r["t2i_R@1"] <= 100.0
         assert r["R@1"] == pytest.approx((r["i2t_R@1"] + r["t2i_R@1"]) / 2, abs=0.01)

@@ -362,3 +362,27 @@ def test_resume_forgets_a_damaged_best_and_writes_a_new_one(tmp_path, caplog):
     assert summary["steps"] == 15
     verify_checkpoint(best)  # rewritten by the evaluation after the resume
     load_model_weights(make_model(), best)
+
+
+def test_check_weights_file_and_read_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    from vision.engine import check_weights_file, read_weights
+
+    sd = {"w": torch.arange(6.0).reshape(2, 3)}
+    st, pt = tmp_path / "a.safetensors", tmp_path / "a.pt"
+    save_file(sd, str(st))
+    torch.save(sd, pt)
+    for f in (st, pt):  # whole files pass and read back
+        check_weights_file(f)
+        assert torch.equal(read_weights(f)["w"], sd["w"])
+    for f in (st, pt):  # cut short: one error naming the file
+        f.write_bytes(f.read_bytes()[:-12])
+        with pytest.raises(CheckpointCorruptError) as exc:
+            check_weights_file(f)
+        assert exc.value.path == f and str(f) in str(exc.value).splitlines()[0]
+    other = tmp_path / "legacy.pkl"
+    other.write_bytes(b"\x80\x02}q\x00.")  # not a zip: nothing cheap to check, left to the loader
+    check_weights_file(other)
+    with pytest.raises(FileNotFoundError):
+        read_weights(tmp_path / "missing.safetensors")

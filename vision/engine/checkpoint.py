@@ -228,6 +228,27 @@ def _check_torch_zip(path: Path) -> None:
         raise CheckpointCorruptError(path, f"zip member '{bad}' fails its CRC check")
 
 
+def check_weights_file(path: str | os.PathLike) -> None:
+    """Cheap check, before a library loads it, that a weights file is whole: a .safetensors header and size, or
+    the zip directory of a ``torch.save`` / TorchScript file (read from its end: a cut-off download has none).
+    Other files (old pickles, .npz) pass. :class:`CheckpointCorruptError` naming the file otherwise."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        check_safetensors_structure(path)
+        return
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] != b"PK" and magic != b"":  # not a zip archive: nothing cheap to check
+        return
+    if path.stat().st_size == 0:
+        raise CheckpointCorruptError(path, "empty file")
+    try:
+        with zipfile.ZipFile(path):
+            pass
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise CheckpointCorruptError(path, f"broken zip archive, truncated? ({_first_line(e)})") from None
+
+
 def _torch_load(path: Path, what: str) -> Any:
     """``torch.load(weights_only=True)`` with damage reported as one-line :class:`CheckpointCorruptError`."""
     try:
@@ -321,6 +342,13 @@ def _read_weights(path: Path, verify: bool = True) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsMismatchError(f"'{path}' does not hold a state dict of tensors")
     return dict(obj)
+
+
+def read_weights(path: str | os.PathLike, verify: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file (.safetensors, or a torch file holding a state dict) or a checkpoint folder,
+    checked like :func:`load_model_weights` (structure, and the sha256 record beside it when there is one):
+    :class:`CheckpointCorruptError` naming a damaged file, ``FileNotFoundError`` for a missing one."""
+    return _read_weights(Path(path), verify=verify)
 
 
 def _fmt_keys(keys: list[str], limit: int = 20) -> str:
