@@ -246,20 +246,39 @@ class ANTSState:
         write_text_atomic(base.with_suffix(".json"), json.dumps(self.state_dict()))
 
     def load(self, path: str | Path) -> ANTSState:
-        """Restore a state written by ``save`` (the ID labels must match)."""
-        from safetensors.torch import load_file
+        """Restore a state written by ``save`` (the ID labels must match). A state file that is cut short,
+        edited by hand or missing its features file is a ValueError naming the file; nothing is changed then."""
+        from vision.engine import read_weights
 
         base = Path(path)
-        st = json.loads(base.with_suffix(".json").read_text(encoding="utf-8"))
+        jfile, tfile = base.with_suffix(".json"), base.with_suffix(".safetensors")
+        try:
+            st = json.loads(jfile.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{jfile}: not a readable ANTS state ({e}); move it away to start afresh") from None
+        keys = ("id_labels", "mode", "cfg", "tau", "history", "seen", "batches", "updates", "far_texts",
+                "near_cache", "near_texts", "class_counts", "sum_ens", "sum_vsnl", "num_neg")
+        missing = [k for k in keys if not isinstance(st, dict) or k not in st]
+        if missing:
+            raise ValueError(f"{jfile}: not an ANTS state of negvision (lacks {', '.join(missing[:5])})")
         if st["id_labels"] != self.id_labels:
-            raise ValueError(f"{base.with_suffix('.json')}: ANTS state was saved for other ID labels")
-        t = load_file(str(base.with_suffix(".safetensors")))
+            raise ValueError(f"{jfile}: ANTS state was saved for other ID labels")
+        if not tfile.is_file():
+            raise ValueError(f"{tfile}: not found; the ANTS state {jfile} needs its features file")
+        t = read_weights(tfile)  # CheckpointCorruptError (a ValueError) naming a truncated file
+        if "far" not in t or "near" not in t:
+            raise ValueError(f"{tfile}: not the features of an ANTS state (needs 'far' and 'near')")
+        try:
+            near_cache = OrderedDict((k, v) for k, v in st["near_cache"])
+            class_counts = Counter({int(k): v for k, v in st["class_counts"].items()})
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"{jfile}: damaged ANTS state ({e})") from None
         self.mode, self.cfg = st["mode"], st["cfg"]
         self.tau, self.history, self.seen = st["tau"], st["history"], st["seen"]
         self.batches, self.updates = st["batches"], st["updates"]
         self.far_texts, self.far_features = st["far_texts"], t["far"]
-        self.near_cache = OrderedDict((k, v) for k, v in st["near_cache"])
+        self.near_cache = near_cache
         self.near_texts, self.near_features = st["near_texts"], t["near"]
-        self.class_counts = Counter({int(k): v for k, v in st["class_counts"].items()})
+        self.class_counts = class_counts
         self.sum_ens, self.sum_vsnl, self.num_neg = st["sum_ens"], st["sum_vsnl"], st["num_neg"]
         return self

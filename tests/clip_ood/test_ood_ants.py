@@ -1,5 +1,7 @@
 """ANTS state: threshold rule, ENS cache, VSNL cache, lambda, modes, save/load; describers (offline parts)."""
 
+import json
+
 import pytest
 import torch
 
@@ -216,3 +218,34 @@ def test_transformers_describer_is_lazy_and_fails_clearly(tmp_path):
 def test_parse_label_list():
     assert parse_label_list("1. fox, 2) wolf\n- coyote; Fox", 5) == ["fox", "wolf", "coyote"]
     assert parse_label_list("a, b, c", 2) == ["a", "b"]
+
+
+@pytest.mark.parametrize("damage,says", [
+    ("json_cut", "not a readable ANTS state"),
+    ("json_key", "lacks tau"),
+    ("features_cut", "damaged checkpoint file"),
+    ("features_missing", "needs its features file"),
+])
+def test_damaged_state_file_is_one_error_naming_it(tiny_encoder, tmp_path, damage, says):
+    d = ScriptedDescriber(sentences=["a dog"])
+    st = _state(tiny_encoder, d, vsnl_start=0, warmup=2)
+    st.step(torch.randn(2, 32, generator=torch.Generator().manual_seed(0)))
+    base = tmp_path / "ants_state"
+    st.save(base)
+    j, t = base.with_suffix(".json"), base.with_suffix(".safetensors")
+    if damage == "json_cut":
+        j.write_text(j.read_text()[:30])
+    elif damage == "json_key":
+        s = json.loads(j.read_text())
+        del s["tau"]
+        j.write_text(json.dumps(s))
+    elif damage == "features_cut":
+        t.write_bytes(t.read_bytes()[:-16])
+    else:
+        t.unlink()
+    fresh = _state(tiny_encoder, d, vsnl_start=0, warmup=2)
+    before = fresh.state_dict()
+    with pytest.raises(ValueError, match=says) as exc:
+        fresh.load(base)
+    assert str(t if damage.startswith("features") else j) in str(exc.value)
+    assert fresh.state_dict() == before  # nothing half-loaded
