@@ -75,9 +75,19 @@ class SafetensorsReader:
                 header = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"'{self.path}' is not a safetensors file (unreadable header: {e})") from e
+        if not isinstance(header, dict):
+            raise ValueError(f"'{self.path}' is not a safetensors file (the header is not a JSON object)")
         self.data_start = 8 + n
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self.entries: dict[str, dict] = header
+        try:
+            need = self.data_start + max((int(e["data_offsets"][1]) for e in header.values()), default=0)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ValueError(f"'{self.path}' is not a safetensors file (bad tensor entry: {e})") from None
+        size = self.path.stat().st_size
+        if size < need:  # a cut-off copy or download: reading a tensor past the end would fail (or SIGBUS)
+            raise ValueError(f"'{self.path}' is cut short: {size} bytes, its header describes {need}; "
+                             "copy or download it again")
 
     def keys(self) -> list[str]:
         return list(self.entries)

@@ -281,3 +281,13 @@ def test_failed_folder_merge_keeps_the_old_output(tmp_path, tiny_ddpm):
         merge_checkpoints(tmp_path / "base", tmp_path / "st", tmp_path / "out", 1.0)
     assert (tmp_path / "out" / "kept.txt").read_text() == "previous result"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_truncated_checkpoint_is_named_and_nothing_written(tmp_path):
+    save_file({"a": torch.randn(1000), "b": torch.randn(1000)}, tmp_path / "b.safetensors")
+    data = (tmp_path / "b.safetensors").read_bytes()
+    (tmp_path / "s.safetensors").write_bytes(data[: len(data) // 2])  # a cut-off copy of the self-trained model
+    with pytest.raises(ValueError, match=r"s\.safetensors' is cut short: \d+ bytes, its header describes \d+"):
+        merge_checkpoints(tmp_path / "b.safetensors", tmp_path / "s.safetensors", tmp_path / "o.safetensors", 1.0)
+    assert not (tmp_path / "o.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.safetensors", "s.safetensors"]  # no temp file left
