@@ -207,10 +207,14 @@ def save_checkpoint(grid: DensityColorGrid, path: Path, extra: dict | None = Non
 def load_checkpoint(path: Path) -> DensityColorGrid:
     """Inverse of save_checkpoint (the engine's loader: a damaged file gives one error naming it)."""
     from vision.engine import load_model_weights
+    from vision.engine.run import read_spec
 
     path = Path(path)
-    cfg = json.loads(path.with_suffix(".json").read_text())
-    grid = DensityColorGrid(**{k: cfg[k] for k in ("resolution", "bound", "blob_density", "blob_radius")})
+    cfg = read_spec(path.with_suffix(".json"))  # ValueError naming a damaged file
+    keys = ("resolution", "bound", "blob_density", "blob_radius")
+    if any(k not in cfg for k in keys):
+        raise ValueError(f"{path.with_suffix('.json')}: lacks {', '.join(k for k in keys if k not in cfg)}")
+    grid = DensityColorGrid(**{k: cfg[k] for k in keys})
     load_model_weights(grid, path)
     return grid
 

@@ -157,3 +157,16 @@ def test_exports_are_atomic_and_follow_the_umask(tmp_path):
     damaged.write_bytes(damaged.read_bytes()[:40])
     with pytest.raises(ValueError, match="g.safetensors: damaged checkpoint file"):
         load_checkpoint(damaged)
+
+
+def test_damaged_grid_config_names_the_file(tmp_path):
+    from diffusion.perpneg.grid3d import save_checkpoint
+
+    save_checkpoint(DensityColorGrid(resolution=6), tmp_path / "g.safetensors", {"iters": 1})
+    cfg = tmp_path / "g.json"
+    cfg.write_text(cfg.read_text()[:15])
+    with pytest.raises(ValueError, match=r"g\.json: cannot read the run's spec file"):
+        load_checkpoint(tmp_path / "g.safetensors")
+    cfg.write_text('{"resolution": 6}')
+    with pytest.raises(ValueError, match=r"g\.json: lacks bound"):
+        load_checkpoint(tmp_path / "g.safetensors")
