@@ -42,9 +42,13 @@ class Backbone(nn.Module):
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.name = name
+        fmt = getattr(body, "output_fmt", None)  # timm: Swin, MambaOut, ... give channels-last maps
+        self.channels_last_out = str(getattr(fmt, "value", fmt)).upper() == "NHWC"
 
     def forward(self, x: Tensor) -> list[Tensor]:
         feats = self.body(x)
+        if self.channels_last_out:  # [B, H, W, C] -> [B, C, H, W], what the FPN and heads take
+            return [feats[i].permute(0, 3, 1, 2).contiguous() for i in self._select]
         return [feats[i] for i in self._select]
 
     def freeze_unused(self) -> Backbone:
@@ -170,12 +174,39 @@ def _timm_backbone(name: str, pretrained: bool | str | os.PathLike = False, out_
         body = timm.create_model(name, pretrained=False, **kw)
         if pretrained:
             file_path = Path(pretrained)
+    problem = _variable_size_problem(body, int(kwargs.get("in_chans", 3)))
+    if problem is not None and "strict_img_size" not in kw:
+        # Swin and kin check the input against their 224 px default unless told not to (then they pad)
+        try:
+            relaxed = timm.create_model(name, pretrained=pretrained is True, **kw, strict_img_size=False)
+        except TypeError:  # the model has no such switch
+            relaxed = None
+        if relaxed is not None and _variable_size_problem(relaxed, int(kwargs.get("in_chans", 3))) is None:
+            body, problem = relaxed, None
+    if problem is not None:
+        raise ValueError(f"backbone '{name}' does not take images of any size ({problem}); detection and defect "
+                         "images vary in size: pick a convolutional or hierarchical backbone (resnet50, "
+                         "convnext_tiny, efficientnet_b0, swin_tiny_patch4_window7_224, ...)")
     if file_path is not None:
         load_into(body, read_state_dict(file_path), str(file_path))
     info = body.feature_info
     cfg = getattr(body, "pretrained_cfg", None) or {}
     return Backbone(body, info.channels(), info.reduction(), cfg.get("mean", (0.485, 0.456, 0.406)),
                     cfg.get("std", (0.229, 0.224, 0.225)), name=name)
+
+
+def _variable_size_problem(body: nn.Module, in_chans: int) -> str | None:
+    """None when ``body`` runs on a small non-square input (64 x 96, both multiples of 32), else the reason."""
+    was = body.training
+    body.eval()
+    try:
+        with torch.no_grad():
+            body(torch.zeros(1, in_chans, 64, 96))
+    except (AssertionError, RuntimeError, ValueError) as e:
+        return f"a 64x96 input fails: {' '.join(str(e).split())[:160]}"
+    finally:
+        body.train(was)
+    return None
 
 
 BACKBONES.set_fallback(_timm_backbone, _timm_known, _timm_names)

@@ -29,6 +29,25 @@ def test_timm_backbones_strides_channels_shapes(name, strides):
     assert len(bb.mean) == 3 and len(bb.std) == 3
 
 
+@pytest.mark.parametrize("name, size_check", [("mambaout_femto", False), ("swin_tiny_patch4_window7_224", True)])
+def test_channels_last_and_fixed_size_timm_models_give_nchw_maps_at_any_size(name, size_check):
+    # MambaOut and Swin return [B, H, W, C] maps; Swin also checks the input against 224 px unless built with
+    # strict_img_size=False, which create_backbone finds by itself
+    bb = create_backbone(name, out_strides=(8, 16, 32))
+    assert bb.channels_last_out
+    if size_check:
+        assert bb.body.patch_embed.strict_img_size is False
+    for h, w in ((64, 96), (96, 160)):
+        feats = bb(torch.rand(1, 3, h, w))
+        assert [f.shape[1] for f in feats] == bb.out_channels
+        assert [tuple(f.shape[-2:]) for f in feats] == [(h // s, w // s) for s in (8, 16, 32)]
+
+
+def test_backbone_that_needs_one_input_size_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"backbone 'levit_128s' does not take images of any size \(a 64x96 input"):
+        create_backbone("levit_128s")
+
+
 def test_out_indices_and_out_strides():
     bb = create_backbone("resnet18", out_indices=(2, 3, 4))
     assert bb.strides == [8, 16, 32]
