@@ -26,13 +26,21 @@ class Method(str, enum.Enum):
 _DATA_HELP = "FDRD JSON ({file_name, file_path, positive, negative}) or CSV/JSONL (image, caption, category, attributes)."
 
 
-def _pairs(path: Path, image_root: Path | None, skip_bad: bool, categories=None):
-    from clip_ood.dcar.data import PairDataError, load_pairs
+def _pairs(path: Path, image_root: Path | None, skip_bad: bool, categories=None, skipped: list | None = None):
+    """The pairs of a caption file, every image decoded once first; bad images stop here naming the file and
+    line, or with ``skip_bad`` are left out (their messages appended to ``skipped``)."""
+    from clip_ood.dcar.data import PairDataError, load_pairs, verify_pair_images
 
     try:
-        return load_pairs(path, image_root=image_root, categories=categories, skip_bad=skip_bad)
+        pairs = load_pairs(path, image_root=image_root, categories=categories, skip_bad=skip_bad)
+        pairs, bad = verify_pair_images(pairs, path, skip_bad)
     except (PairDataError, FileNotFoundError) as e:
         fail(str(e))
+    if bad:
+        typer.echo(f"skipped {len(bad)} unreadable image(s) of {path}", err=True)
+        if skipped is not None:
+            skipped.extend(bad)
+    return pairs
 
 
 @retrieval_app.command()
@@ -75,7 +83,7 @@ def train(
     amp: opt.Amp = opt.amp_option(),
     resume: str | None = opt.resume_option(),
     exist_ok: bool = opt.exist_ok_option(),
-    skip_bad: bool = opt.skip_bad_option("Skip malformed lines with a warning."),
+    skip_bad: bool = opt.skip_bad_option("Skip malformed lines and unreadable images (with a warning; train lists them in OUT/skipped.txt)."),
     config: Path | None = opt.config_option(),
 ) -> None:
     """Learn prompts (DCAR: text + visual + reweighting; CoOp: text context) on a frozen CLIP."""
@@ -85,8 +93,11 @@ def train(
     from clip_ood.dcar.train import DCARConfig, train_retrieval
     from vision.engine import CheckpointCorruptError, TrainingInterrupted, WeightsMismatchError
 
-    tr = _pairs(data, image_root, skip_bad)
-    va = _pairs(val_data, image_root, skip_bad, categories_of(tr) if class_specific else None) if val_data else None
+    bad_tr: list[str] = []
+    bad_va: list[str] = []
+    tr = _pairs(data, image_root, skip_bad, skipped=bad_tr)
+    va = (_pairs(val_data, image_root, skip_bad, categories_of(tr) if class_specific else None, skipped=bad_va)
+          if val_data else None)
     enc = load_encoder_or_fail(model, pretrained, dev)
     cfg = DCARConfig(method=method.value, n_ctx=n_ctx, ctx_init=ctx_init or None, class_specific=class_specific,
                      n_vis=n_vis, vis_depth=vis_depth or None, alpha=alpha, k_neg=k_neg, lambda_attr=lambda_attr,
@@ -96,7 +107,8 @@ def train(
                                      batch_size=batch, lr=lr, seed=seed, cpu=enc.device.type == "cpu",
                                      max_steps=max_steps, mixed_precision=amp.value, num_workers=workers,
                                      resume=resume_from, exist_ok=exist_ok, run_config=opt.run_config(ctx.params),
-                                     extra_config={"model": model, "pretrained": pretrained or None})
+                                     extra_config={"model": model, "pretrained": pretrained or None},
+                                     skipped={"train": bad_tr, "val": bad_va})
     except TrainingInterrupted as e:
         typer.echo(f"{e} (negvision retrieval train ... --resume)", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -116,7 +128,7 @@ def eval_(
     image_root: Path | None = typer.Option(None, "--image-root"),
     batch: int = opt.batch_option(64, "Images / captions per forward pass."),
     device: str | None = opt.device_option(),
-    skip_bad: bool = opt.skip_bad_option("Skip malformed lines with a warning."),
+    skip_bad: bool = opt.skip_bad_option("Skip malformed lines and unreadable images (with a warning; train lists them in OUT/skipped.txt)."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the metrics as JSON here."),
     examples: int = typer.Option(6, "--examples", min=0,
                                  help="Queries shown in top5_examples.jpg, written next to --json (else into the "

@@ -138,6 +138,40 @@ def load_pairs(path: str | Path, image_root: str | Path | None = None, categorie
     return out
 
 
+def verify_pair_images(pairs: Sequence[Pair], source: str | Path, skip_bad: bool = False,
+                       workers: int = 4) -> tuple[list[Pair], list[str]]:
+    """Decode every image of ``pairs`` once (EXIF applied) before training or evaluation starts, so a broken file
+    cannot stop a run half-way. Returns (the pairs whose image reads, one message per bad one: file, line, why).
+    Without ``skip_bad`` a bad image raises :class:`PairDataError` listing the first five and the count."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vision.io import ImageReadError, open_image
+
+    def problem(p: Pair) -> str | None:
+        try:
+            open_image(p.image, "RGB").close()
+        except ImageReadError as e:
+            return f"{source}: line {p.line}: {e}"
+        return None
+
+    unique = list(dict.fromkeys(p.image for p in pairs))  # a file captioned several times is decoded once
+    first = {}
+    for p in pairs:
+        first.setdefault(p.image, p)
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes outside the GIL
+        found = dict(zip(unique, pool.map(lambda im: problem(first[im]), unique), strict=True))
+    bad = {im: msg for im, msg in found.items() if msg is not None}
+    if bad and not skip_bad:
+        shown = "\n  ".join(list(bad.values())[:5])
+        more = f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise PairDataError(f"{len(bad)} unreadable image(s) in {source} (--skip-bad leaves them out):\n  "
+                            f"{shown}{more}")
+    good = [p for p in pairs if p.image not in bad]
+    if not good:
+        raise PairDataError(f"{source}: no readable image")
+    return good, list(bad.values())
+
+
 def categories_of(pairs: Sequence[Pair]) -> list[str]:
     """Sorted distinct categories (None excluded)."""
     return sorted({p.category for p in pairs if p.category is not None})

@@ -248,17 +248,19 @@ def train_retrieval(clip: torch.nn.Module, tokenizer, preprocess, train_pairs: S
                     weight_decay: float = 0.0, seed: int = 0, cpu: bool = False, progress: bool = True,
                     max_steps: int | None = None, extra_config: dict | None = None, mixed_precision: str = "auto",
                     num_workers: int = 0, resume: bool | str = False, exist_ok: bool = False,
-                    run_config: dict | None = None) -> tuple[DualPromptCLIP, dict]:
+                    run_config: dict | None = None,
+                    skipped: dict[str, Sequence[str]] | None = None) -> tuple[DualPromptCLIP, dict]:
     """Train the prompts with ``vision.engine.Trainer``; writes the engine's logs and prompts.* to the run folder.
 
     The run folder follows ``vision.engine.run``: ``out_dir``, or ``out_dir2``, ... when ``out_dir`` already holds a
     run, unless ``resume`` (True: continue its newest checkpoint; a path: that checkpoint folder) or ``exist_ok``
     (reuse it, removing the earlier logs and checkpoints); ``summary["out"]`` is the folder used. ``run_config``
-    (the command's options) is written to its ``config.yaml``.
+    (the command's options) is written to its ``config.yaml``; ``skipped`` (split -> messages of the bad items
+    left out) goes to its ``skipped.txt``.
     """
     from vision.engine import TrainConfig, Trainer, load_model_weights
     from vision.engine.checkpoint import MODEL_FILE
-    from vision.engine.run import prepare_run_dir, write_run_config
+    from vision.engine.run import prepare_run_dir, record_skipped, write_run_config
 
     from .evaluate import evaluate_retrieval
 
@@ -269,6 +271,8 @@ def train_retrieval(clip: torch.nn.Module, tokenizer, preprocess, train_pairs: S
     out_dir = prepare_run_dir(out_dir, resume=resume, exist_ok=exist_ok)
     if run_config is not None:
         write_run_config(out_dir, {**run_config, "_resumed": bool(resume)})
+    if skipped and any(skipped.values()):
+        record_skipped(out_dir, {k: list(v) for k, v in skipped.items() if v})
     torch.manual_seed(seed)
     categories = categories_of(train_pairs)
     model = build_learner(clip, tokenizer, cfg, categories)

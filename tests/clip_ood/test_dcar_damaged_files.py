@@ -102,3 +102,27 @@ def test_local_dir_missing_folder_or_bad_config(tmp_path):
     (tmp_path / "m" / "open_clip_config.json").write_text('{"model_cfg": ')
     with pytest.raises(ValueError, match="open_clip_config.json: not valid JSON"):
         load_encoder(f"local-dir:{tmp_path / 'm'}", device="cpu")
+
+
+def test_unreadable_training_image_stops_before_training_or_is_skipped(coop_run, tiny_model_dir, tmp_path):
+    import csv
+    import shutil
+
+    data = tmp_path / "d"
+    shutil.copytree(coop_run / "d", data)
+    rows = list(csv.DictReader(open(data / "train.csv")))
+    broken = data / rows[1]["image"]
+    broken.write_bytes(broken.read_bytes()[:60])  # a cut-off copy
+    args = ["train", "--model", f"local-dir:{tiny_model_dir}", "--data", str(data / "train.csv"), "--method",
+            "coop", "--out", str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "4", "--device", "cpu"]
+    r = run.invoke(retrieval_app, args)
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+    assert "1 unreadable image(s)" in r.output and f"line 3: {broken}" in r.output and "--skip-bad" in r.output
+    r = run.invoke(retrieval_app, [*args, "--skip-bad"])
+    assert r.exit_code == 0, r.output
+    # the first attempt stopped before making the run folder; the file left out is listed in the run's skipped.txt
+    skipped = (tmp_path / "run" / "skipped.txt").read_text()
+    assert skipped.startswith("[train] ") and str(broken) in skipped and not (tmp_path / "run2").exists()
+    r = run.invoke(retrieval_app, ["eval", "--model", f"local-dir:{tiny_model_dir}", "--data",
+                                   str(data / "train.csv"), "--device", "cpu", "--examples", "0"])
+    assert r.exit_code == 1 and f"line 3: {broken}" in r.output

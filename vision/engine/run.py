@@ -29,6 +29,9 @@ SKIPPED_FILE = "skipped.txt"
 # what a run writes before its first training step: a folder holding only these (and empty folders) is a run that
 # stopped before it trained (a mistyped backbone, a bad option value found late) and is reused, not numbered past
 STARTUP_FILES = ("config.yaml", "config.resumed.yaml", "config.json", "skipped.txt", "detector.json", "segdec.json")
+# folders a run opens at start-up (TensorBoard's event file is created with the writer): start-up files too when the
+# folder holds no training log and no checkpoint
+STARTUP_DIRS = ("tb",)
 
 
 def _is_used(path: Path) -> bool:
@@ -63,12 +66,15 @@ def clear_run_outputs(path: str | os.PathLike) -> list[str]:
 
 
 def never_trained(path: str | os.PathLike) -> bool:
-    """True for a folder that holds only a run's start-up files (``STARTUP_FILES``) and empty folders."""
+    """True for a folder that holds only a run's start-up files (``STARTUP_FILES``, ``STARTUP_DIRS``) and empty
+    folders."""
     p = Path(path)
     if not p.is_dir():
         return False
     for q in p.iterdir():
         if q.is_dir() and not q.is_symlink():
+            if q.name in STARTUP_DIRS:
+                continue
             if any(q.iterdir()):
                 return False
         elif q.name not in STARTUP_FILES:
@@ -84,6 +90,9 @@ def _decide(out: Path, resume: bool | str, exist_ok: bool) -> Path:
     if never_trained(out):
         for name in (SKIPPED_FILE, "config.resumed.yaml"):  # the rest is written again by this run
             (out / name).unlink(missing_ok=True)
+        for name in STARTUP_DIRS:  # e.g. an event file with no step in it
+            if (out / name).is_dir() and not (out / name).is_symlink():
+                shutil.rmtree(out / name)
         log.info("reusing %s: the run there stopped before its first training step", out)
         return out
     if exist_ok:
