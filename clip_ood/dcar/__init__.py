@@ -48,9 +48,9 @@ Evaluation (evaluate.py)
 Training: AdamW (wd 0), cosine schedule, through ``vision.engine.Trainer``; the prompts are saved as
 prompts.safetensors + prompts.json. CoOp baseline = same code with text context only, plain InfoNCE.
 
-What it gains (benchmarks/dcar_retrieval.py, README): on the hard generated split DCAR is 1.6 image->text R@1 above
-CoOp and 1.2 above the frozen model, but 0.2 below CoOp and 1.5 below the frozen model text->image; the +3 target of the methods issue is not met. The
-benchmark's ``--ceiling`` rows show why: fine-tuning every weight of the image tower on the same pairs and loss
+What it gains (benchmarks/dcar_retrieval.py, README): on the hard generated split DCAR is 1.6 image->text R@1
+above CoOp and 1.2 above the frozen model, but 0.2 below CoOp and 1.5 below the frozen model text->image; the +3
+target of the methods issue is not met. The benchmark's ``--ceiling`` rows show why: fine-tuning every weight of the image tower on the same pairs and loss
 reaches only +3.9 / +3.0 R@1 over the frozen model, so the frozen features, not the loss, cap what prompts change.
 
 Submodules are imported on use (prompts, losses, attributes, data, train, evaluate, synthetic, cli); this
