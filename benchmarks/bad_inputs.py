@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import sys
 import tempfile
@@ -69,6 +70,13 @@ YOLO_LABEL = "labels/train/img_001.txt"
 VOC_XML = "Annotations/img_001.xml"
 
 
+def _save_as_png(img: Path) -> None:
+    from PIL import Image
+
+    with Image.open(img) as im:
+        im.save(img.with_suffix(".png"))
+
+
 def _yolo_list(root: Path) -> None:
     (root / "train.txt").write_text("".join(f"./images/train/img_{i:03d}.jpg\n" for i in range(N)))
     (root / "data.yaml").write_text("train: train.txt\nval: train.txt\nnames: [cat, dog, fox]\n")
@@ -98,6 +106,12 @@ CASES: list[tuple[str, str, Callable[[Path], None]]] = [
      lambda r: _json_edit(r / COCO_JSON, lambda d: d["annotations"][2].update(image_id=1234))),
     ("COCO two images sharing one id", "coco",
      lambda r: _json_edit(r / COCO_JSON, lambda d: d["images"][2].update(id=2))),
+    ("COCO one file listed under two ids", "coco",
+     lambda r: _json_edit(r / COCO_JSON, lambda d: (d["images"].append({**d["images"][1], "id": 99}),
+                                                    d["annotations"].append({**d["annotations"][0], "id": 999,
+                                                                             "image_id": 99})))),
+    ("YOLO x.jpg and x.png sharing labels/x.txt", "yolo",
+     lambda r: _save_as_png(_img(r, "yolo"))),
     ("COCO image id that is a list", "coco",
      lambda r: _json_edit(r / COCO_JSON, lambda d: d["images"][1].update(id=[2]))),
     ("COCO bbox not 4 numbers", "coco",
@@ -127,16 +141,24 @@ def run_case(name: str, fmt: str, edit: Callable[[Path], None], tmp: Path) -> di
     edit(root)
     split = "val" if "split absent" in name else "train"
     row = {"case": name, "format": fmt}
+    warned: list[str] = []
+    catcher = logging.Handler(logging.WARNING)
+    catcher.emit = lambda rec: warned.append(rec.getMessage())  # type: ignore[method-assign]
+    data_log = logging.getLogger("negvision.data")
+    data_log.addHandler(catcher)
     try:
         ds = load_detection_dataset(root, split, progress=False)
-        row.update(kind="", message="", default="accepted",
+        row.update(kind="", message=_short(" ".join(warned), root), default="accepted, with this warning"
+                   if warned else "accepted",
                    images=len(ds), boxes=sum(len(ds.annotations(i)[1]) for i in range(len(ds))))
     except SplitNotFoundError as e:
         row.update(kind="no_split", message=_short(str(e), root), default="absent split: trains without validation")
         return row
     except DatasetError as e:
         row.update(kind=e.kind, message=_short(str(e), root), default="error (exit 1)")
-    if row["default"] == "accepted":
+    finally:
+        data_log.removeHandler(catcher)
+    if row["default"].startswith("accepted"):
         row["skip_bad"] = "-"
         return row
     try:

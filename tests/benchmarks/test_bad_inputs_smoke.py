@@ -20,10 +20,15 @@ def test_bad_inputs_table():
     for r in out["rows"]:
         if r["default"] == "accepted":
             continue
+        if r["default"] == "accepted, with this warning":
+            assert r["message"] and ".txt" in r["message"], r
+            continue
         assert r["kind"] and r["message"], r
         assert any(ext in r["message"] for ext in (".jpg", ".txt", ".json", ".xml", ".yaml")), r
     assert by_case["YOLO box beyond the edge by < 1 px"]["default"] == "accepted"
     assert by_case["YOLO coordinates outside 0..1"]["skip_bad"].startswith("that line")
     assert by_case["COCO two images sharing one id"]["skip_bad"] == "2 images skipped"
+    assert by_case["COCO one file listed under two ids"]["kind"] == "duplicate_file"
+    assert by_case["YOLO x.jpg and x.png sharing labels/x.txt"]["default"] == "accepted, with this warning"
     assert by_case["invalid data.yaml"]["skip_bad"].startswith("not skippable")
     assert by_case["val split absent"]["kind"] == "no_split"

@@ -185,6 +185,17 @@ def test_coco_duplicate_image_id(tmp_path: Path) -> None:
     assert [p.name for p in ds.image_paths] == ["img_000.jpg"]  # both images sharing the id are dropped
 
 
+def test_coco_one_file_listed_under_two_ids(tmp_path: Path) -> None:
+    root = _tiny(tmp_path, "coco")
+    path, data = _coco(root)
+    data["images"].append({**data["images"][1], "id": 99})  # a merge of two exports listed img_001 twice
+    data["annotations"].append({**data["annotations"][0], "id": 999, "image_id": 99})
+    path.write_text(json.dumps(data))
+    _raises(root, "duplicate_file", re.escape(str(path)) + r": image 'img_001.jpg' is listed 2 times \(ids 2, 99\)")
+    ds = load_detection_dataset(root, skip_bad=True)
+    assert sorted(p.name for p in ds.image_paths) == ["img_000.jpg", "img_002.jpg"]  # every entry of it dropped
+
+
 @pytest.mark.parametrize("bad_id", [[1], None, True, {"a": 1}])
 def test_coco_ids_of_the_wrong_type(tmp_path: Path, bad_id) -> None:
     root = _tiny(tmp_path, "coco")
@@ -256,6 +267,19 @@ def test_absent_split_is_not_an_error_of_the_data(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------- YOLO
+
+
+def test_yolo_two_images_one_label_file_warn_and_load(tmp_path: Path, caplog) -> None:
+    import logging
+
+    root = _tiny(tmp_path, "yolo")
+    jpg = sorted((root / "images" / "train").iterdir())[0]
+    Image.open(jpg).save(jpg.with_suffix(".png"))  # the same picture left over from a conversion
+    with caplog.at_level(logging.WARNING, logger="negvision.data"):
+        ds = load_detection_dataset(root)
+    assert len(ds) == 4  # as ultralytics: both take the label file
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert f"labels/train/{jpg.stem}.txt is the label file of 2 images" in msg and jpg.with_suffix(".png").name in msg
 
 
 def test_yolo_non_utf8_files_name_the_file(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ KIND_WORDS = {
     "unknown_class": "unknown class",
     "unknown_image": "annotation of an unknown image",
     "duplicate_id": "duplicate id",
+    "duplicate_file": "file listed twice",
     "bad_id": "id of the wrong type",
     "missing_mask": "missing mask",
     "bad_mask": "unreadable mask",

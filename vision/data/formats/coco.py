@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,19 @@ def read(path: Path, split: str, problems: Problems, images: Any) -> Loaded:
             continue
         seen[img["id"]] = k
         imgs.append(img)
+    # one file listed under several ids: its boxes would be split between them and each copy trained with the
+    # other copies' objects as background; a problem of every entry (like a duplicate id)
+    by_file: dict[str, list[int]] = {}
+    for k, img in enumerate(imgs):
+        if img["id"] not in dup_ids:
+            by_file.setdefault(os.path.normpath(str(img["file_name"])), []).append(k)
+    for fname, ks in by_file.items():
+        if len(ks) > 1:
+            dup_ids.update(imgs[k]["id"] for k in ks)
+            problems.add(DatasetError(
+                f"{json_path}: image '{fname}' is listed {len(ks)} times (ids "
+                f"{', '.join(repr(imgs[k]['id']) for k in ks)}); its boxes would be split between them, each copy "
+                "training on the others' objects as background: keep one entry", kind="duplicate_file"))
     imgs = [img for img in imgs if img["id"] not in dup_ids]
 
     by_image: dict[Any, list[tuple[int, dict[str, Any]]]] = {img["id"]: [] for img in imgs}

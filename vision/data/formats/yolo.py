@@ -20,6 +20,7 @@ from .base import (
     SplitNotFoundError,
     box_arrays,
     check_box,
+    log,
     read_text,
     register_format,
     rel_name,
@@ -124,6 +125,20 @@ def _parse_labels(path: Path, width: int, height: int, n_classes: int,
     return box_arrays(boxes, labels)
 
 
+def _warn_shared_labels(files: Sequence[Path], root: Path) -> None:
+    """x.jpg and x.png beside each other both take labels/x.txt (as in ultralytics): fine when they are one picture
+    saved twice, wrong boxes for one of them otherwise. Not an error; one warning naming them."""
+    users: dict[Path, list[Path]] = {}
+    for f in files:
+        users.setdefault(label_path(f), []).append(f)
+    shared = {lab: fs for lab, fs in users.items() if len(fs) > 1}
+    if shared:
+        lab, fs = next(iter(shared.items()))
+        more = f" (and {len(shared) - 1} more label files)" if len(shared) > 1 else ""
+        log.warning("%s is the label file of %d images: %s%s; if they are not the same picture, remove or rename "
+                    "the others", rel_name(lab, root), len(fs), ", ".join(rel_name(f, root) for f in fs), more)
+
+
 def read(path: Path, split: str, problems: Problems, images: Any) -> Loaded:
     """Read one split of a data.yaml (or the folder holding it)."""
     yaml_path = path if path.is_file() else next(path / n for n in ("data.yaml", "data.yml") if (path / n).is_file())
@@ -144,6 +159,7 @@ def read(path: Path, split: str, problems: Problems, images: Any) -> Loaded:
     root = Path(str(cfg.get("path") or ".")).expanduser()
     root = root if root.is_absolute() else (yaml_path.parent / root)
     files = _images(yaml_path, root, cfg[key], split)
+    _warn_shared_labels(files, root)
     images.prefetch(files, desc=f"checking {split} images")
     items: list[Record] = []
     for img in files:
