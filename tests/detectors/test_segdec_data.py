@@ -242,3 +242,15 @@ def test_data_check_validates_defect_layouts(tmp_path):
     mask.write_bytes(b"broken")
     r = CliRunner().invoke(app, ["data", "check", "--data", str(root)])
     assert r.exit_code == 1 and f"split test: error: {mask}: cannot read mask" in r.output
+
+
+def test_folder_layout_two_images_one_name_warn(tmp_path, caplog):
+    import logging
+
+    root = make_defects(tmp_path / "d", n_train=4, n_test=2, img_size=32, seed=0)
+    png = sorted((root / "train" / "images").iterdir())[0]
+    Image.open(png).save(png.with_suffix(".jpg"))  # a leftover conversion beside the original
+    with caplog.at_level(logging.WARNING, logger="negvision.data"):
+        load_defect_dataset(root, "train")
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert f"share the name '{png.stem}'" in msg and png.with_suffix(".jpg").name in msg

@@ -34,7 +34,16 @@ def read(root: Path, split: str, problems: Problems | None = None, **_: object) 
     labels = read_labels_csv(base / "labels.csv", problems if problems is not None else Problems(False)) if (base / "labels.csv").is_file() else {}
     mask_dir = next((p for p in (base / "masks", base / "labels", base / "ground_truth") if p.is_dir()), None)
     out = []
-    for img in images_in(base / "images"):
+    files = images_in(base / "images")
+    by_stem: dict[str, list[Path]] = {}
+    for img in files:
+        by_stem.setdefault(img.stem, []).append(img)
+    shared = [fs for fs in by_stem.values() if len(fs) > 1]
+    if shared:  # a.png and a.jpg: one mask / labels.csv row / sample name for both
+        more = f" (and {len(shared) - 1} more names)" if len(shared) > 1 else ""
+        log.warning("%s share the name '%s' (one mask, one labels.csv row, one output name); if they are not the "
+                    "same picture, rename one%s", ", ".join(str(f) for f in shared[0]), shared[0][0].stem, more)
+    for img in files:
         mask = find_mask(mask_dir, img.stem) if mask_dir is not None else None
         row = labels.get(img.name) or labels.get(img.stem)
         where = str(base / "labels.csv") if row else (str(mask) if mask else "")
