@@ -45,6 +45,32 @@ def _pipeline_class(path: Path, model: str, offline: bool) -> str:
         return ""
 
 
+def _check_local_pipeline(path: Path) -> None:
+    """A local pipeline folder whose model_index.json is not JSON, lists a component with no sub-folder, or holds a
+    weights file cut short: one error naming the file (before diffusers reports it as a download problem)."""
+    from vision.engine import CheckpointCorruptError, check_weights_file
+
+    index_file = path / "model_index.json"
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        fail(f"{index_file}: not valid JSON ({e})")
+    if not isinstance(index, dict):
+        fail(f"{index_file}: must hold a JSON object")
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[0] is None:
+            continue  # metadata, or a component set to None (e.g. no safety checker)
+        sub = path / name
+        if not sub.is_dir():
+            fail(f"{index_file} lists the component '{name}' but {sub} is missing")
+        for f in sorted(sub.iterdir()):
+            if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt"):
+                try:
+                    check_weights_file(f)
+                except CheckpointCorruptError as e:
+                    fail(f"{e} (copy or download the pipeline again)")
+
+
 def looks_local(model: str) -> bool:
     """A --model value that can only be a path: ./x, ../x, /x, ~/x, C:\\x, or more than one '/' (hub ids are
     ORG/NAME)."""
@@ -68,6 +94,8 @@ def load_pipeline(model: str, device: str | None = None, allow_xl: bool = False,
     if path.exists() and not (path / "model_index.json").is_file():
         fail(f"'{model}' is a folder without model_index.json; pass a diffusers pipeline folder "
              "(e.g. one saved with save_pretrained or downloaded with `huggingface-cli download ID --local-dir DIR`)")
+    if path.exists():
+        _check_local_pipeline(path)
     dev = torch.device(device) if device else pick_device()
     amp = getattr(amp, "value", amp)
     if amp == "fp16" and dev.type == "cpu":
@@ -94,6 +122,9 @@ def load_pipeline(model: str, device: str | None = None, allow_xl: bool = False,
                 requires_safety_checker=False, local_files_only=offline or path.exists(),
             )
     except (OSError, ValueError, EnvironmentError) as e:  # noqa: UP024
+        if path.exists():
+            msg = " ".join(str(e).split())[:300]
+            fail(f"could not load the pipeline folder '{model}' ({type(e).__name__}: {msg})")
         fail(f"could not load the model '{model}' ({type(e).__name__}). Offline, pass --model a local folder holding a "
              f"diffusers Stable Diffusion pipeline (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
              f"scheduler/), e.g. `huggingface-cli download {model} --local-dir weights/{Path(model).name}` on a "

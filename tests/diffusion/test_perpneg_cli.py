@@ -85,6 +85,33 @@ def test_missing_weights_clear_error(tmp_path, monkeypatch):
     assert res.exit_code == 1 and "model_index.json" in res.output  # not a pipeline folder: exit 1
 
 
+@pytest.mark.parametrize("damage, says", [
+    ("index_cut", "model_index.json: not valid JSON"),
+    ("component_gone", "lists the component 'unet' but"),
+    ("weights_cut", "damaged checkpoint file"),
+    ("config_gone", "could not load the pipeline folder"),
+])
+def test_damaged_local_pipeline_folder_names_the_file(model_dir, tmp_path, damage, says):
+    import shutil
+
+    pipe = tmp_path / "pipe"
+    shutil.copytree(model_dir, pipe)
+    if damage == "index_cut":
+        (pipe / "model_index.json").write_text((pipe / "model_index.json").read_text()[:30])
+    elif damage == "component_gone":
+        shutil.rmtree(pipe / "unet")
+    elif damage == "weights_cut":
+        w = next((pipe / "unet").glob("*.safetensors"))
+        w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    else:
+        (pipe / "unet" / "config.json").unlink()
+    res = runner.invoke(generate_app, ["image", "--model", str(pipe), "--prompt", "x", "--steps", "1",
+                                       "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    last = res.output.strip().splitlines()[-1]
+    assert says in last and "download" not in last.split("(")[0], res.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["image", "--negative", "a", "--negative", "b", "--negative-weight", "1", "--negative-weight", "2",
       "--negative-weight", "3"], "3 --negative-weight values for 2 --negative prompts"),
