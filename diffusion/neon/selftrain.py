@@ -37,13 +37,15 @@ def load_pipeline(path: str | os.PathLike, device: torch.device | str | None = N
     """A diffusers pipeline from a local folder (never downloads), moved to ``device``."""
     from diffusers import DiffusionPipeline
 
+    from diffusion.folders import check_pipeline_folder
+
     path = Path(path)
-    if not (path / "model_index.json").exists():
-        raise FileNotFoundError(
-            f"'{path}' is not a diffusers pipeline folder (no model_index.json); save one with "
-            "pipeline.save_pretrained(DIR)"
-        )
-    pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
+    check_pipeline_folder(path)  # no model_index.json, a component missing, weights cut short: named
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, EnvironmentError) as e:  # noqa: UP024
+        raise ValueError(f"could not load the pipeline folder '{path}' ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:300]})") from None
     if device is not None:
         pipe.to(device)
     if hasattr(pipe, "set_progress_bar_config"):

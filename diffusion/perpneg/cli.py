@@ -46,29 +46,16 @@ def _pipeline_class(path: Path, model: str, offline: bool) -> str:
 
 
 def _check_local_pipeline(path: Path) -> None:
-    """A local pipeline folder whose model_index.json is not JSON, lists a component with no sub-folder, or holds a
-    weights file cut short: one error naming the file (before diffusers reports it as a download problem)."""
-    from vision.engine import CheckpointCorruptError, check_weights_file
+    """``diffusion.folders.check_pipeline_folder``, failing with its message (exit 1)."""
+    from diffusion.folders import check_pipeline_folder
+    from vision.engine import CheckpointCorruptError
 
-    index_file = path / "model_index.json"
     try:
-        index = json.loads(index_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        fail(f"{index_file}: not valid JSON ({e})")
-    if not isinstance(index, dict):
-        fail(f"{index_file}: must hold a JSON object")
-    for name, spec in index.items():
-        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[0] is None:
-            continue  # metadata, or a component set to None (e.g. no safety checker)
-        sub = path / name
-        if not sub.is_dir():
-            fail(f"{index_file} lists the component '{name}' but {sub} is missing")
-        for f in sorted(sub.iterdir()):
-            if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt"):
-                try:
-                    check_weights_file(f)
-                except CheckpointCorruptError as e:
-                    fail(f"{e} (copy or download the pipeline again)")
+        check_pipeline_folder(path)
+    except CheckpointCorruptError as e:
+        fail(f"{e} (copy or download the pipeline again)")
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
 
 
 def looks_local(model: str) -> bool:

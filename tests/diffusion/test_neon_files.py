@@ -1,6 +1,7 @@
 """File-level Neon merge: safetensors, torch state dicts, diffusers folders, EMA, errors, memory bound."""
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -291,3 +292,20 @@ def test_truncated_checkpoint_is_named_and_nothing_written(tmp_path):
         merge_checkpoints(tmp_path / "b.safetensors", tmp_path / "s.safetensors", tmp_path / "o.safetensors", 1.0)
     assert not (tmp_path / "o.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.safetensors", "s.safetensors"]  # no temp file left
+
+
+def test_selftrain_pipeline_folder_damage_is_named(tmp_path, tiny_ddpm):
+    from diffusion.neon.selftrain import load_pipeline
+    from vision.engine import CheckpointCorruptError
+
+    tiny_ddpm(tmp_path / "p")
+    assert load_pipeline(tmp_path / "p").unet is not None
+    w = next((tmp_path / "p" / "unet").glob("*.safetensors"))
+    w.write_bytes(w.read_bytes()[:-100])
+    with pytest.raises(CheckpointCorruptError, match=re.escape(str(w))):
+        load_pipeline(tmp_path / "p")
+    (tmp_path / "p" / "model_index.json").write_text('{"unet": [')
+    with pytest.raises(ValueError, match=r"model_index\.json: not valid JSON"):
+        load_pipeline(tmp_path / "p")
+    with pytest.raises(FileNotFoundError, match="no model_index.json"):
+        load_pipeline(tmp_path)

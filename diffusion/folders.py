@@ -1,0 +1,40 @@
+"""Local diffusers pipeline folders: checked before diffusers loads them, so a damaged folder is one error naming the
+file (diffusers reports most of these as a missing download)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def check_pipeline_folder(path: str | os.PathLike) -> dict:
+    """The parsed model_index.json of a pipeline folder, after checking that every component it lists has its
+    sub-folder and that no weights file there is cut short. ``FileNotFoundError`` / ``ValueError`` (a
+    ``CheckpointCorruptError`` for a damaged weights file) naming the file otherwise."""
+    from vision.engine import check_weights_file
+
+    path = Path(path)
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise FileNotFoundError(f"'{path}' is not a diffusers pipeline folder (no model_index.json); save one with "
+                                "pipeline.save_pretrained(DIR) or download one with `huggingface-cli download ID "
+                                "--local-dir DIR`")
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{index_file}: not valid JSON ({e})") from None
+    if not isinstance(index, dict):
+        raise ValueError(f"{index_file}: must hold a JSON object")
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[0] is None:
+            continue  # metadata, or a component set to None (e.g. no safety checker)
+        sub = path / name
+        if not sub.is_dir():
+            raise FileNotFoundError(f"{index_file} lists the component '{name}' but {sub} is missing")
+        for f in sorted(sub.iterdir()):
+            if f.is_file() and f.suffix in WEIGHT_SUFFIXES:
+                check_weights_file(f)
+    return index
