@@ -309,3 +309,14 @@ def test_selftrain_pipeline_folder_damage_is_named(tmp_path, tiny_ddpm):
         load_pipeline(tmp_path / "p")
     with pytest.raises(FileNotFoundError, match="no model_index.json"):
         load_pipeline(tmp_path)
+
+
+def test_truncated_or_foreign_torch_checkpoint_is_named(tmp_path):
+    torch.save({"a": torch.randn(1000)}, tmp_path / "b.pt")
+    data = (tmp_path / "b.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "junk.pt").write_bytes(b"\x80\x02 not a checkpoint at all")
+    for bad, says in (("cut.pt", "damaged checkpoint file"), ("junk.pt", "is not a readable torch checkpoint")):
+        with pytest.raises(ValueError, match=re.escape(bad) + ".*" + says if bad == "cut.pt" else says):
+            merge_checkpoints(tmp_path / "b.pt", tmp_path / bad, tmp_path / "o.pt", 1.0)
+        assert not (tmp_path / "o.pt").exists()
