@@ -17,7 +17,7 @@ BACKBONES: Registry[nn.Module] = Registry("backbone")
 _PREFIXES = ("module.", "model.", "backbone.", "encoder.", "body.")
 
 
-class BackboneWeightsError(RuntimeError):
+class BackboneWeightsError(RuntimeError, ValueError):
     """Weights for a backbone could not be found or loaded."""
 
 
@@ -99,10 +99,19 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise BackboneWeightsError(f"weights file '{path}' does not exist")
+    from vision.engine.checkpoint import CheckpointCorruptError, check_weights_file
+
+    try:
+        check_weights_file(path)  # cut short: named here, not by safetensors / torch
+    except CheckpointCorruptError as e:
+        raise BackboneWeightsError(f"{e}; copy or download it again") from None
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        sd = load_file(str(path))
+        try:
+            sd = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - SafetensorError: the contents are broken
+            raise BackboneWeightsError(f"could not read '{path}' as safetensors: {' '.join(str(e).split())}") from None
     else:
         try:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)

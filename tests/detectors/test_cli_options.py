@@ -125,3 +125,15 @@ def test_resume_with_a_damaged_spec_file_names_it(digits, tmp_path):
     assert r.exit_code == 1 and "Traceback" not in r.output
     last = r.output.strip().splitlines()[-1]
     assert "detector.json: cannot read the run's spec file" in last, r.output
+
+
+def test_truncated_pretrained_backbone_file_is_one_line(digits, tmp_path):
+    f = tmp_path / "backbone.pth"
+    import torch
+
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, f)
+    f.write_bytes(f.read_bytes()[:100])
+    args = [a if a != "false" else str(f) for a in TINY]  # --pretrained FILE
+    r = runner.invoke(app, ["detect", "train", "--data", str(digits), "--out", str(tmp_path / "r"), *args])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+    assert "backbone.pth: damaged checkpoint file" in r.output.strip().splitlines()[-1]

@@ -142,3 +142,13 @@ def test_out_strides_freeze_the_stages_no_kept_map_uses():
     assert all(p.grad is not None for p in bb.parameters() if p.requires_grad)  # what stays trainable is used
     full = create_backbone("resnet18", pretrained=False)
     assert all(p.requires_grad for p in full.parameters())
+
+
+def test_truncated_backbone_weights_are_one_clear_error(tmp_path):
+    bb = create_backbone("resnet18")
+    f = tmp_path / "r18.safetensors"
+    save_file({k: v.contiguous() for k, v in bb.body.state_dict().items()}, str(f))
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(BackboneWeightsError, match=r"r18\.safetensors: damaged checkpoint file \(truncated") as e:
+        create_backbone("resnet18", pretrained=str(f))
+    assert isinstance(e.value, ValueError)  # the commands report ValueErrors in one line
