@@ -143,12 +143,18 @@ def _negatives(encoder, labels: list[str], method: str, neg_labels: Path | None,
     from clip_ood.lexicon import NegativeLabels, mine_negative_labels
     from clip_ood.scores import score_spec
 
+    def load(path: Path):
+        if not path.is_file():
+            fail(f"--neg-labels {path}: no such file (make it with `negvision ood mine-labels`)")
+        try:
+            return NegativeLabels.load(path)
+        except (OSError, ValueError) as e:
+            fail(str(e))
+
     if not score_spec(method).needs_negatives:
-        return NegativeLabels.load(neg_labels) if neg_labels else None
+        return load(neg_labels) if neg_labels else None
     if neg_labels is not None:
-        if not neg_labels.is_file():
-            fail(f"--neg-labels {neg_labels}: no such file (make it with `negvision ood mine-labels`)")
-        return NegativeLabels.load(neg_labels)
+        return load(neg_labels)
     typer.echo(f"mining {num_negatives} negative labels from WordNet (cached after the first run)", err=True)
     kw = {}
     if prompts is not None:
@@ -197,7 +203,10 @@ def mine_labels(
     dev = opt.resolve_device(device)
     labels = _id_labels(id_labels)
     enc = load_encoder_or_fail(model, pretrained, dev)
-    lex = read_words(words) if words else load_wordnet(exclude=[e for e in exclude.split(",") if e])
+    try:
+        lex = read_words(words) if words else load_wordnet(exclude=[e for e in exclude.split(",") if e])
+    except (OSError, ValueError) as e:
+        fail(str(e))
     neg = mine_negative_labels(enc, labels, num_negatives, percentile, lexicon=lex)
     neg.save(out)
     typer.echo(json.dumps({"out": str(out), "negatives": len(neg), "nouns": neg.pos.count("noun"),

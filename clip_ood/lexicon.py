@@ -72,20 +72,32 @@ def read_words(path: str | Path) -> Lexicon:
     return Lexicon(list(nouns), [a for a in adjs if a not in nouns])
 
 
+def _lines(path: str | Path, what: str) -> list[str]:
+    """The lines of a UTF-8 text file (a BOM is dropped); FileNotFoundError / ValueError naming the file."""
+    p = Path(path)
+    try:
+        return p.read_text(encoding="utf-8-sig").splitlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{p}: no such {what}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: {what} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+    except OSError as e:
+        raise ValueError(f"{p}: cannot read the {what} ({e.strerror or e})") from None
+
+
 def _read_tagged(path: str | Path) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            if "\t" in line:
-                pos, word = line.split("\t", 1)
-                if pos not in ("noun", "adj"):
-                    raise ValueError(f"{path}:{lineno}: part of speech must be 'noun' or 'adj', got {pos!r}")
-            else:
-                pos, word = "noun", line
-            out.append((pos, word.strip()))
+    for lineno, line in enumerate(_lines(path, "word list"), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "\t" in line:
+            pos, word = line.split("\t", 1)
+            if pos not in ("noun", "adj"):
+                raise ValueError(f"{path}:{lineno}: part of speech must be 'noun' or 'adj', got {pos!r}")
+        else:
+            pos, word = "noun", line
+        out.append((pos, word.strip()))
     return out
 
 
@@ -93,15 +105,14 @@ def read_labels(path: str | Path) -> list[str]:
     """Class names, one a line (blank lines and '#' comments skipped); error names the file if empty/duplicated."""
     labels: list[str] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            name = line.strip()
-            if not name or name.startswith("#"):
-                continue
-            if name in seen:
-                raise ValueError(f"{path}:{lineno}: class {name!r} already given on line {seen[name]}")
-            seen[name] = lineno
-            labels.append(name)
+    for lineno, line in enumerate(_lines(path, "label file"), 1):
+        name = line.strip()
+        if not name or name.startswith("#"):
+            continue
+        if name in seen:
+            raise ValueError(f"{path}:{lineno}: class {name!r} already given on line {seen[name]}")
+        seen[name] = lineno
+        labels.append(name)
     if not labels:
         raise ValueError(f"{path}: no class names found")
     return labels

@@ -139,3 +139,32 @@ def test_wrong_ants_mode_or_device_exits_2(cmd, extra):
     assert r.exit_code == 2 and "'near' is not one of 'ada', 'far_only', 'near_only'" in r.output, r.output
     r = runner.invoke(app, ["ood", cmd, "--model", "m", *extra, "--device", "tpu"])
     assert r.exit_code == 2 and "expected cpu, cuda, cuda:N or mps" in r.output, r.output
+
+
+@pytest.mark.parametrize("which, content, says", [
+    ("labels", b"\xff\xfeapple\n", "classes.txt: label file is not UTF-8 text"),
+    ("labels", None, "classes.txt: no such label file"),
+    ("neg", b"\xff\xfe\x00\x01", "neg.txt: word list is not UTF-8 text"),
+    ("neg", b"noun\tcat\nverb\tdog\n", "neg.txt:2: part of speech must be 'noun' or 'adj', got 'verb'"),
+    ("words", b"\x80\x81\n", "words.txt: word list is not UTF-8 text"),
+])
+def test_bad_label_and_word_files_are_one_line(setup, tmp_path, which, content, says):
+    labels, neg, words = tmp_path / "classes.txt", tmp_path / "neg.txt", tmp_path / "words.txt"
+    labels.write_text("apple\nleaf\n")
+    neg.write_text("noun\tcar\n")
+    words.write_text("thing\n")
+    target = {"labels": labels, "neg": neg, "words": words}[which]
+    if content is None:
+        target.unlink()
+    else:
+        target.write_bytes(content)
+    if which == "words":
+        args = ["mine-labels", "--id-labels", str(labels), "--model", setup["model"], "--words", str(words),
+                "--out", str(tmp_path / "nl.txt"), "--device", "cpu"]
+    else:
+        args = ["score", "--model", setup["model"], "--id-labels", str(labels), "--method", "neglabel",
+                "--neg-labels", str(neg), "--source", str(setup["img"] / "id"), "--out", str(tmp_path / "s.csv"),
+                "--device", "cpu"]
+    r = runner.invoke(ood_app, args)
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), (r.output, r.exception)
+    assert says in r.output.strip().splitlines()[-1], r.output
