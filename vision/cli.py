@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 
 import click
@@ -195,9 +196,28 @@ def _root(
     """negvision command line."""
 
 
+# file-system errors on the paths a user gave (an output folder that is a file, no permission, a full disk): one
+# line naming the path and what is wrong, exit 1, instead of a traceback from whichever command hit it
+_PATH_ERRNOS = {errno.EACCES: "no permission", errno.EPERM: "not permitted",
+                errno.EEXIST: "a file of that name is in the way of a folder",
+                errno.ENOTDIR: "a part of the path is a file, not a folder",
+                errno.EISDIR: "it is a folder, a file was expected",
+                errno.ENOSPC: "the disk is full; finished files are whole (they are written atomically)",
+                errno.EDQUOT: "over the disk quota; finished files are whole (they are written atomically)",
+                errno.EROFS: "the file system is read-only"}
+
+
 def main() -> None:
     """Console-script entry point."""
-    app()
+    try:
+        app()
+    except OSError as e:
+        why = _PATH_ERRNOS.get(e.errno or -1)
+        if why is None:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        typer.echo(f"error: {where}{e.strerror or e} ({why})", err=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

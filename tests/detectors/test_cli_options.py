@@ -137,3 +137,13 @@ def test_truncated_pretrained_backbone_file_is_one_line(digits, tmp_path):
     r = runner.invoke(app, ["detect", "train", "--data", str(digits), "--out", str(tmp_path / "r"), *args])
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
     assert "backbone.pth: damaged checkpoint file" in r.output.strip().splitlines()[-1]
+
+
+def test_an_output_path_through_a_file_is_one_line_exit_1(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    proc = subprocess.run([sys.executable, "-m", "vision.cli", "data", "make-digits", "--out",
+                           str(tmp_path / "afile" / "sub"), "--n-train", "2", "--n-val", "1", "--img-size", "32"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {tmp_path / 'afile'}") and "a part of the path is a file, not a folder" in last
