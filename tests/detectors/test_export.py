@@ -91,7 +91,9 @@ def _torch_predict(model, arrays):
 
 
 def _assert_same(onnx_dets, torch_dets):
-    """One-to-one matching (Hungarian on IoU): IoU >= 0.99, scores within 1e-3, equal labels."""
+    """One-to-one matching (Hungarian on IoU): IoU >= 0.99, scores within 1e-3, equal labels. At the
+    detections_per_img cut (a full list of 100), candidates whose scores tie to float precision may be kept by one
+    runtime and dropped by the other: those within 1e-5 of the lowest kept score need no partner."""
     from scipy.optimize import linear_sum_assignment
     from torchvision.ops import box_iou
 
@@ -103,9 +105,13 @@ def _assert_same(onnx_dets, torch_dets):
         same = (o["labels"][:, None] == r["labels"][None, :]) & (np.abs(o["scores"][:, None] - r["scores"][None]) < 1e-3)
         rows, cols = linear_sum_assignment(-(iou * same))
         assert len(rows) == len(r["scores"])
-        assert (iou[rows, cols] >= 0.99).all()
+        full = len(r["scores"]) >= 100
+        tie = (r["scores"][cols] <= r["scores"].min() + 1e-5) if full else np.zeros(len(cols), bool)
+        assert tie.sum() <= 10  # only a few candidates can sit on the cut
+        firm = ~tie
+        assert (iou[rows, cols][firm] >= 0.99).all()
+        assert (o["labels"][rows][firm] == r["labels"][cols][firm]).all()
         assert np.abs(o["scores"][rows] - r["scores"][cols]).max() < 1e-3
-        assert (o["labels"][rows] == r["labels"][cols]).all()
         assert np.abs(o["scores"] - r["scores"]).max() < 1e-5  # in fact the same ranking, to float precision
 
 
