@@ -143,7 +143,8 @@ def evaluate(
 def predict(
     weights: Path = typer.Option(..., "--weights", help="Run folder, checkpoint, model.safetensors or an exported "
                                  ".onnx file."),
-    source: Path = typer.Option(..., "--source", help="An image or a folder of images."),
+    source: Path = typer.Option(..., "--source", help="An image, a folder of images (recursive), or a .txt list of "
+                                "image paths (one a line)."),
     out: Path = opt.out_option(Path("runs/detect/predict"), "Output folder."),
     conf: float = typer.Option(0.3, "--conf", "--threshold", min=0.0, max=1.0, help="Minimum score to keep and draw."),
     batch: int = opt.batch_option(4, "Images per forward pass."),

@@ -147,8 +147,25 @@ def list_image_files(folder: str | os.PathLike, extensions: tuple[str, ...] = IM
 
 
 def list_images(source: str | os.PathLike, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[Path]:
-    """Image files of a folder (recursive, sorted) or the single image given; clear errors otherwise."""
+    """Image files of a folder (recursive, sorted), the single image given, or the paths of a ``.txt`` list (one
+    image a line, absolute or relative to the list's folder; blank lines and ``#`` comments skipped; as ultralytics
+    ``source=list.txt``). A listed file that is missing is kept: reading it gives the error naming it (or is skipped
+    with --skip-bad). Clear errors otherwise."""
     src = Path(source)
+    if src.is_file() and src.suffix.lower() == ".txt":
+        try:
+            lines = src.read_text(encoding="utf-8-sig").splitlines()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{src}: image list is not UTF-8 text (byte {e.start}: {e.reason})") from None
+        out = []
+        for line in lines:
+            entry = line.strip()
+            if entry and not entry.startswith("#"):
+                p = Path(entry).expanduser()
+                out.append(p if p.is_absolute() else src.parent / p)
+        if not out:
+            raise FileNotFoundError(f"image list '{src}' names no image")
+        return out
     if src.is_file():
         return [src]
     if not src.is_dir():

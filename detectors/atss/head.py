@@ -19,10 +19,24 @@ class Scale(nn.Module):
         return x * self.scale
 
 
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that also takes one value per group (one image, one channel per group, a 1 x 1 map: the P7
+    level of an image of at most 128 px with --fpn-channels 32), where PyTorch raises "Expected more than 1 value per
+    channel". Normalising a single value gives 0, so the output is the bias: the exact limit of the formula. Same
+    parameters and state dict as nn.GroupNorm; exported graphs (ONNX, torch.export) keep the plain op."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (not torch.compiler.is_compiling() and x.dim() >= 2 and x.shape[0] * (x.shape[1] // self.num_groups)
+                * x[0, 0].numel() == 1):
+            out = x * 0.0
+            return out + self.bias.view(1, -1, *([1] * (x.dim() - 2))) if self.affine else out
+        return super().forward(x)
+
+
 def _tower(channels: int, num_convs: int, groups: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     for _ in range(num_convs):
-        layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(groups, channels), nn.ReLU(inplace=True)]
+        layers += [nn.Conv2d(channels, channels, 3, padding=1), GroupNorm(groups, channels), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
 
 

@@ -208,3 +208,23 @@ def test_atss_takes_an_injected_backbone_module():
     with pytest.raises(ValueError, match="needs the attributes"):
         ATSS(3, backbone=nn.Conv2d(3, 8, 3))
     assert "atss" in DETECTORS and list_detectors() == ["atss", "fcos", "retinanet"]
+
+
+def test_head_groupnorm_takes_one_value_per_group():
+    # one image, one channel per group, a 1 x 1 map (P7 of a <= 128 px image with --fpn-channels 32): PyTorch's
+    # GroupNorm refuses; the normalised single value is 0, so the output is the bias
+    from detectors.atss.head import GroupNorm
+
+    gn = GroupNorm(4, 4)
+    with torch.no_grad():
+        gn.weight.copy_(torch.tensor([2.0, 3.0, 4.0, 5.0]))
+        gn.bias.copy_(torch.tensor([0.5, -1.0, 0.0, 7.0]))
+    x = torch.randn(1, 4, 1, 1)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        torch.nn.functional.group_norm(x, 4, gn.weight, gn.bias)
+    assert torch.equal(gn(x), gn.bias.view(1, 4, 1, 1))
+    ref = torch.nn.GroupNorm(4, 4)
+    ref.load_state_dict(gn.state_dict())  # same parameters and keys
+    for shape in ((2, 4, 1, 1), (1, 4, 3, 2)):
+        y = torch.randn(*shape)
+        assert torch.equal(gn(y), ref(y))
