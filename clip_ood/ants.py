@@ -249,16 +249,12 @@ class ANTSState:
         """Restore a state written by ``save`` (the ID labels must match). A state file that is cut short,
         edited by hand or missing its features file is a ValueError naming the file; nothing is changed then."""
         from vision.engine import read_weights
+        from vision.io import read_json
 
         base = Path(path)
         jfile, tfile = base.with_suffix(".json"), base.with_suffix(".safetensors")
-        try:
-            st = json.loads(jfile.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{jfile}: not a readable ANTS state ({e}); move it away to start afresh") from None
-        keys = ("id_labels", "mode", "cfg", "tau", "history", "seen", "batches", "updates", "far_texts",
-                "near_cache", "near_texts", "class_counts", "sum_ens", "sum_vsnl", "num_neg")
-        missing = [k for k in keys if not isinstance(st, dict) or k not in st]
+        st = read_json(jfile, "not a readable ANTS state (move it away to start afresh)")
+        missing = [k for k in self.state_dict() if not isinstance(st, dict) or k not in st]  # what save() writes
         if missing:
             raise ValueError(f"{jfile}: not an ANTS state of negvision (lacks {', '.join(missing[:5])})")
         if st["id_labels"] != self.id_labels:

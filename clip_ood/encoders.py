@@ -113,9 +113,10 @@ def load_encoder(name: str, pretrained: str | None = None, device: str | torch.d
             local = pretrained if pretrained and os.path.isfile(pretrained) else None
             if local is None and not name.startswith("local-dir:"):
                 raise
+            from vision.io import error_line
+
             what = local or name.split(":", 1)[1]
-            msg = " ".join(str(e).split())[:200]
-            raise ValueError(f"{what}: cannot load these weights ({type(e).__name__}: {msg})") from None
+            raise ValueError(f"{what}: cannot load these weights ({error_line(e)})") from None
     tokenizer = open_clip.get_tokenizer(name)
     key_src = name if not (pretrained and os.path.exists(pretrained)) else f"{name}|{_file_id(pretrained)}"
     if name.startswith("local-dir:"):
@@ -128,6 +129,7 @@ def _check_local_files(name: str, pretrained: str | None) -> None:
     """A local model folder or weights file that is missing, cut short or not JSON fails here with its path,
     not inside open_clip (FileNotFoundError / CheckpointCorruptError, a ValueError)."""
     from vision.engine import check_weights_file
+    from vision.io import read_json
 
     if name.startswith("local-dir:"):
         folder = Path(name.split(":", 1)[1]).expanduser()
@@ -138,10 +140,7 @@ def _check_local_files(name: str, pretrained: str | None) -> None:
         if not cfg.is_file():
             raise FileNotFoundError(f"{cfg}: not found (a local-dir: model folder holds open_clip_config.json "
                                     "and open_clip_model.safetensors)")
-        try:
-            json.loads(cfg.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{cfg}: not valid JSON ({e})") from None
+        read_json(cfg)  # ValueError "{cfg}: not valid JSON (...)"
         for f in sorted(folder.iterdir()):
             if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt", ".pth"):
                 check_weights_file(f)

@@ -3,7 +3,6 @@ file (diffusers reports most of these as a missing download)."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -15,6 +14,7 @@ def check_pipeline_folder(path: str | os.PathLike) -> dict:
     sub-folder and that no weights file there is cut short. ``FileNotFoundError`` / ``ValueError`` (a
     ``CheckpointCorruptError`` for a damaged weights file) naming the file otherwise."""
     from vision.engine import check_weights_file
+    from vision.io import read_json
 
     path = Path(path)
     index_file = path / "model_index.json"
@@ -22,10 +22,7 @@ def check_pipeline_folder(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"'{path}' is not a diffusers pipeline folder (no model_index.json); save one with "
                                 "pipeline.save_pretrained(DIR) or download one with `huggingface-cli download ID "
                                 "--local-dir DIR`")
-    try:
-        index = json.loads(index_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{index_file}: not valid JSON ({e})") from None
+    index = read_json(index_file)
     if not isinstance(index, dict):
         raise ValueError(f"{index_file}: must hold a JSON object")
     for name, spec in index.items():

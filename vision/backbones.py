@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from vision.io import error_line
 from vision.registry import Registry
 
 BACKBONES: Registry[nn.Module] = Registry("backbone")
@@ -111,7 +112,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         try:
             sd = load_file(str(path))
         except Exception as e:  # noqa: BLE001 - SafetensorError: the contents are broken
-            raise BackboneWeightsError(f"could not read '{path}' as safetensors: {' '.join(str(e).split())}") from None
+            raise BackboneWeightsError(f"could not read '{path}' as safetensors: {error_line(e)}") from None
     else:
         try:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -212,7 +213,7 @@ def _variable_size_problem(body: nn.Module, in_chans: int) -> str | None:
         with torch.no_grad():
             body(torch.zeros(1, in_chans, 64, 96))
     except (AssertionError, RuntimeError, ValueError) as e:
-        return f"a 64x96 input fails: {' '.join(str(e).split())[:160]}"
+        return f"a 64x96 input fails: {error_line(e, 160)}"
     finally:
         body.train(was)
     return None

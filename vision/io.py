@@ -131,6 +131,26 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
+def error_line(err: BaseException, limit: int = 200) -> str:
+    """``"Type: first line of the message"`` (at most ``limit`` characters of it): a library's error inside a
+    one-line message of ours."""
+    text = str(err).strip()
+    line = text.splitlines()[0].strip() if text else ""
+    if len(line) > limit:
+        line = line[: limit - 3].rstrip() + "..."
+    return f"{type(err).__name__}: {line}" if line else type(err).__name__
+
+
+def read_json(path: str | os.PathLike, problem: str = "not valid JSON") -> Any:
+    """The parsed JSON of a UTF-8 file; ``ValueError("{path}: {problem} ({cause})")`` when it cannot be read,
+    decoded or parsed (a file cut short, edited by hand, not JSON)."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{p}: {problem} ({e})") from None
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically (numpy/torch values and paths converted)."""
     with atomic_writer(path, "w") as f:

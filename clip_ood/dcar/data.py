@@ -154,12 +154,11 @@ def verify_pair_images(pairs: Sequence[Pair], source: str | Path, skip_bad: bool
             return f"{source}: line {p.line}: {e}"
         return None
 
-    unique = list(dict.fromkeys(p.image for p in pairs))  # a file captioned several times is decoded once
-    first = {}
+    first: dict[str, Pair] = {}  # a file captioned several times is decoded once (its first line is named)
     for p in pairs:
         first.setdefault(p.image, p)
     with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes outside the GIL
-        found = dict(zip(unique, pool.map(lambda im: problem(first[im]), unique), strict=True))
+        found = dict(zip(first, pool.map(problem, first.values()), strict=True))
     bad = {im: msg for im, msg in found.items() if msg is not None}
     if bad and not skip_bad:
         shown = "\n  ".join(list(bad.values())[:5])

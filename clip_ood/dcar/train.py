@@ -201,6 +201,7 @@ def load_prompts(path: str | Path, clip: torch.nn.Module, tokenizer) -> DualProm
     A missing file is ``FileNotFoundError``, a damaged one (cut short, edited by hand, written for another model)
     ``ValueError``; both name the file."""
     from vision.engine import read_weights
+    from vision.io import error_line
 
     p = Path(path)
     folder = p if p.is_dir() else p.parent
@@ -220,8 +221,7 @@ def load_prompts(path: str | Path, clip: torch.nn.Module, tokenizer) -> DualProm
         model.set_attributes(cfg.get("attr_vocab", []), sd.get("attr_weights"))
         missing = model.load_state_dict(sd, strict=False)
     except (RuntimeError, ValueError, TypeError) as e:  # shapes of another model / context length
-        msg = " ".join(str(e).split())[:300]
-        raise ValueError(f"{wfile}: these prompts do not fit the given CLIP model ({msg})") from None
+        raise ValueError(f"{wfile}: these prompts do not fit the given CLIP model ({error_line(e, 300)})") from None
     if missing.missing_keys:
         raise ValueError(f"{wfile}: missing prompt tensors {missing.missing_keys}")
     return model
@@ -229,11 +229,10 @@ def load_prompts(path: str | Path, clip: torch.nn.Module, tokenizer) -> DualProm
 
 def read_prompt_config(path: str | Path) -> dict[str, Any]:
     """prompts.json of a prompts folder; ValueError naming the file when it is not valid or lacks a key."""
+    from vision.io import read_json
+
     p = Path(path)
-    try:
-        cfg = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{p}: not valid JSON ({e}); rewrite it with `negvision retrieval train`") from None
+    cfg = read_json(p, "not valid JSON (rewrite it with `negvision retrieval train`)")
     if not isinstance(cfg, dict):
         raise ValueError(f"{p}: must hold a JSON object")
     for key in ("class_specific", "categories", "n_vis", "vis_depth"):

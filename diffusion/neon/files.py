@@ -215,6 +215,7 @@ class _Source:
 def _torch_load(path: Path) -> tuple[Mapping[str, Any], dict[str, Any]]:
     """The checkpoint object and a flat {name: value} view of it (memory-mapped where the format allows)."""
     from vision.engine import check_weights_file
+    from vision.io import error_line
 
     check_weights_file(path)  # a zip cut short: CheckpointCorruptError (a ValueError) naming the file
     try:
@@ -223,8 +224,7 @@ def _torch_load(path: Path) -> tuple[Mapping[str, Any], dict[str, Any]]:
         except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - unpickling errors of every kind: name the file, in one line
-        raise ValueError(f"'{path}' is not a readable torch checkpoint ({type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:200]})") from None
+        raise ValueError(f"'{path}' is not a readable torch checkpoint ({error_line(e)})") from None
     if not isinstance(obj, Mapping):
         raise CheckpointMismatchError(f"'{path}' does not hold a state dict (got {type(obj).__name__})")
     return obj, _flatten(obj)

@@ -38,14 +38,14 @@ def load_pipeline(path: str | os.PathLike, device: torch.device | str | None = N
     from diffusers import DiffusionPipeline
 
     from diffusion.folders import check_pipeline_folder
+    from vision.io import error_line
 
     path = Path(path)
     check_pipeline_folder(path)  # no model_index.json, a component missing, weights cut short: named
     try:
         pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, EnvironmentError) as e:  # noqa: UP024
-        raise ValueError(f"could not load the pipeline folder '{path}' ({type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:300]})") from None
+        raise ValueError(f"could not load the pipeline folder '{path}' ({error_line(e, 300)})") from None
     if device is not None:
         pipe.to(device)
     if hasattr(pipe, "set_progress_bar_config"):

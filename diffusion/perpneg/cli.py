@@ -110,8 +110,9 @@ def load_pipeline(model: str, device: str | None = None, allow_xl: bool = False,
             )
     except (OSError, ValueError, EnvironmentError) as e:  # noqa: UP024
         if path.exists():
-            msg = " ".join(str(e).split())[:300]
-            fail(f"could not load the pipeline folder '{model}' ({type(e).__name__}: {msg})")
+            from vision.io import error_line
+
+            fail(f"could not load the pipeline folder '{model}' ({error_line(e, 300)})")
         fail(f"could not load the model '{model}' ({type(e).__name__}). Offline, pass --model a local folder holding a "
              f"diffusers Stable Diffusion pipeline (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
              f"scheduler/), e.g. `huggingface-cli download {model} --local-dir weights/{Path(model).name}` on a "

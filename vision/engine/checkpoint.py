@@ -28,6 +28,7 @@ from torch import nn
 from vision.io import (  # noqa: F401  (write_json_atomic re-exported)
     _json_default,
     apply_umask,
+    error_line,
     fsync_dir,
     make_temp_dir,
     write_json_atomic,
@@ -81,15 +82,6 @@ _DTYPE_BYTES = {
 }  # fmt: skip
 
 
-def _first_line(err: BaseException, limit: int = 200) -> str:
-    """``"Type: first line of the message"`` (at most ``limit`` characters of it)."""
-    text = str(err).strip()
-    line = text.splitlines()[0].strip() if text else ""
-    if len(line) > limit:
-        line = line[: limit - 3].rstrip() + "..."
-    return f"{type(err).__name__}: {line}" if line else type(err).__name__
-
-
 def _access_error(err: BaseException) -> bool:
     """An error about reaching the file (permissions, gone, I/O), not about its contents."""
     return isinstance(err, OSError) and err.errno in (
@@ -131,7 +123,7 @@ def _read_meta(directory: Path) -> dict[str, Any]:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointCorruptError(meta_path, f"not valid JSON: {_first_line(e)}") from None
+        raise CheckpointCorruptError(meta_path, f"not valid JSON: {error_line(e)}") from None
     if not isinstance(meta, dict):
         raise CheckpointCorruptError(meta_path, "not a JSON object")
     files = meta.get("files")
@@ -223,7 +215,7 @@ def _check_torch_zip(path: Path) -> None:
         with zipfile.ZipFile(path) as z:
             bad = z.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise CheckpointCorruptError(path, f"broken zip archive: {_first_line(e)}") from None
+        raise CheckpointCorruptError(path, f"broken zip archive: {error_line(e)}") from None
     if bad is not None:
         raise CheckpointCorruptError(path, f"zip member '{bad}' fails its CRC check")
 
@@ -246,7 +238,7 @@ def check_weights_file(path: str | os.PathLike) -> None:
         with zipfile.ZipFile(path):
             pass
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise CheckpointCorruptError(path, f"broken zip archive, truncated? ({_first_line(e)})") from None
+        raise CheckpointCorruptError(path, f"broken zip archive, truncated? ({error_line(e)})") from None
 
 
 def _torch_load(path: Path, what: str) -> Any:
@@ -262,14 +254,14 @@ def _torch_load(path: Path, what: str) -> Any:
     if not zipfile.is_zipfile(path):
         raise CheckpointCorruptError(
             path,
-            f"cannot unpickle {what} (not a torch zip archive, nor a legacy torch pickle: {_first_line(err)})",
+            f"cannot unpickle {what} (not a torch zip archive, nor a legacy torch pickle: {error_line(err)})",
         )
     try:
         with zipfile.ZipFile(path) as z:
             bad = z.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
         raise CheckpointCorruptError(
-            path, f"cannot unpickle {what} (broken zip archive: {_first_line(e)})"
+            path, f"cannot unpickle {what} (broken zip archive: {error_line(e)})"
         ) from None
     if bad is not None:
         raise CheckpointCorruptError(path, f"cannot unpickle {what} (zip member '{bad}' fails its CRC check)")
@@ -283,7 +275,7 @@ def _torch_load(path: Path, what: str) -> Any:
             f"{path}: cannot load {what} with weights_only=True: it holds Python objects other than tensors and "
             f"plain containers ({detail[:200]}); save a state_dict instead"
         ) from None
-    raise CheckpointCorruptError(path, f"cannot unpickle {what} ({_first_line(err)})")
+    raise CheckpointCorruptError(path, f"cannot unpickle {what} ({error_line(err)})")
 
 
 # ----------------------------------------------------------------------------------------------- weights
@@ -333,7 +325,7 @@ def _read_weights(path: Path, verify: bool = True) -> dict[str, torch.Tensor]:
         except Exception as e:  # SafetensorError and friends: the file's contents are broken
             if _access_error(e):
                 raise
-            raise CheckpointCorruptError(path, f"cannot read safetensors ({_first_line(e)})") from None
+            raise CheckpointCorruptError(path, f"cannot read safetensors ({error_line(e)})") from None
     obj = _torch_load(path, "weights")
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):

@@ -180,13 +180,10 @@ def find_spec(path: str | os.PathLike, spec_name: str) -> Path | None:
 
 def read_spec(path: str | os.PathLike) -> dict:
     """A spec JSON file; ValueError naming the file when it is not valid JSON."""
-    import json
+    from vision.io import read_json
 
     p = Path(path)
-    try:
-        spec = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{p}: cannot read the run's spec file ({e})") from None
+    spec = read_json(p, "cannot read the run's spec file")
     if not isinstance(spec, dict):
         raise ValueError(f"{p}: the run's spec file must hold a JSON object")
     return spec
