@@ -40,6 +40,7 @@ def _multiple_of_32(value: int) -> int:
 
 
 @detect_app.command("train")
+@opt.resumable
 def train(
     ctx: typer.Context,
     data: Path = typer.Option(..., "--data", help="COCO json/folder, YOLO data.yaml/folder, Pascal VOC or LabelMe "
@@ -65,6 +66,8 @@ def train(
     resume: str | None = opt.resume_option(),
     exist_ok: bool = opt.exist_ok_option(),
     keep_last: int = opt.keep_last_option(),
+    checkpoint_every: int = opt.checkpoint_every_option(),
+    deterministic: bool = opt.deterministic_option(),
     skip_bad: bool = opt.skip_bad_option(),
     no_augment: bool = typer.Option(False, "--no-augment", help="Disable flip / scale jitter / colour jitter."),
     hflip: float = typer.Option(0.5, "--hflip", min=0.0, max=1.0, help="Horizontal flip probability."),
@@ -89,7 +92,8 @@ def train(
                                  workers=workers, skip_bad=skip_bad, augment=augment,
                                  resume=opt.parse_resume(resume), max_steps=max_steps, mixed_precision=amp.value,
                                  seed=seed, cpu=dev == "cpu", device=dev, model_kwargs={"fpn_channels": fpn_channels},
-                                 exist_ok=exist_ok, keep_last=keep_last, run_config=opt.run_config(ctx.params))
+                                 exist_ok=exist_ok, keep_last=keep_last, checkpoint_every=checkpoint_every,
+                                 deterministic=deterministic, run_config=opt.run_config(ctx.params))
     except TrainingInterrupted as e:
         typer.echo(f"{e} (negvision detect train ... --resume)", err=True)
         raise typer.Exit(130) from None

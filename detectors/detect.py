@@ -153,6 +153,7 @@ def train_detector(
     seed: int = 0,
     eval_every: int = 1,
     checkpoint_every: int = 0,
+    deterministic: bool = False,
     val_split: str = "val",
     progress: bool = True,
     cpu: bool = False,
@@ -204,6 +205,7 @@ def train_detector(
             errors.append((val_split, e))
     if errors:
         raise combine_errors(errors)
+    train_ds.augment_seed = seed  # augmentation draws from (seed, epoch, index): any worker count, exact resume
     if val_ds is not None and list(val_ds.classes) != list(train_ds.classes):
         raise ValueError(f"class lists differ between train {train_ds.classes} and {val_split} {val_ds.classes} in "
                          f"{data} (COCO: the two annotation files declare different categories)")
@@ -223,6 +225,9 @@ def train_detector(
             raise ValueError(f"cannot resume {out}: it was trained with model {old.get('model')} / classes "
                              f"{old.get('classes')}, now {spec['model']} / {spec['classes']}")
         spec = old
+    from vision.seeding import seed_everything
+
+    seed_everything(seed)  # the initial weights (FPN, head, an unpretrained trunk) depend on the seed only
     net = build_from_spec(spec, pretrained_backbone=pretrained if not resuming else False)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / DETECTOR_JSON, spec)
@@ -247,7 +252,7 @@ def train_detector(
                       weight_decay=weight_decay, scheduler=scheduler, warmup_steps=warmup_steps,
                       clip_grad_norm=clip_grad_norm, mixed_precision=mixed_precision, seed=seed,
                       eval_every=eval_every if val_ds is not None else 0, checkpoint_every=checkpoint_every,
-                      progress=progress, cpu=cpu, keep_last=keep_last)
+                      progress=progress, cpu=cpu, keep_last=keep_last, deterministic=deterministic)
     trainer = Trainer(net, train_ds, cfg, loss_fn=loss_fn, eval_fn=eval_fn if val_ds is not None else None,
                       metric="AP" if val_ds is not None else None, mode="max", batch_size=batch, num_workers=workers,
                       collate_fn=detection_collate, batch_size_fn=lambda b: len(b[0]),

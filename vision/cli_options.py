@@ -10,6 +10,10 @@ enums that click checks while parsing (a wrong value exits 2 with the allowed va
 from __future__ import annotations
 
 import enum
+import functools
+import types
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +78,16 @@ def resume_option() -> Any:
     return typer.Option(None, "--resume", metavar="[PATH]",
                         help="Continue OUT's newest checkpoint (verified; falls back to the previous one if damaged), "
                              "or the checkpoint folder PATH.")
+
+
+def checkpoint_every_option() -> Any:
+    return typer.Option(0, "--checkpoint-every", min=0, help="Also checkpoint every N optimizer steps (a killed run "
+                        "then loses at most N steps; 0: at the end of each epoch only).")
+
+
+def deterministic_option() -> Any:
+    return typer.Option(False, "--deterministic", help="PyTorch's deterministic kernels: bit-identical GPU runs for one "
+                        "seed, at some speed cost (CPU runs are bit-identical without it).")
 
 
 def exist_ok_option() -> Any:
@@ -180,3 +194,95 @@ def config_option() -> Any:
 def run_config(params: dict[str, Any]) -> dict[str, Any]:
     """The resolved options of a command, as written to the run folder's config.yaml."""
     return {k: enum_value(v) for k, v in params.items() if k not in NOT_IN_CONFIG}
+
+
+# ------------------------------------------------------------------------------------------ resuming a run
+
+# options a continued run may change: how it runs (processes, device, precision, checkpoints), and how long it trains
+# (a finished run is extended with a larger --epochs / --max-steps). Anything else makes it a different run.
+RESUME_MAY_CHANGE = frozenset({"epochs", "max_steps", "workers", "device", "cpu", "amp", "deterministic", "keep_last",
+                               "checkpoint_every", "save_every", "eval_every", "progress", "out"})
+
+
+def _hint_type(hint: Any) -> Any:
+    """The non-None member of an optional annotation (``Path | None`` -> ``Path``)."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        members = [a for a in typing.get_args(hint) if a is not type(None)]
+        return members[0] if len(members) == 1 else hint
+    return hint
+
+
+def _as_option_value(hint: Any, value: Any) -> Any:
+    """A value read from a run's config.yaml, as the command's parameter would hold it (enum, Path)."""
+    kind = _hint_type(hint)
+    if value is None or not isinstance(kind, type):
+        return value
+    if issubclass(kind, enum.Enum) or issubclass(kind, Path):
+        return kind(value)
+    return value
+
+
+def _same_value(given: Any, recorded: Any) -> bool:
+    given = enum_value(given)
+    if isinstance(given, str) and isinstance(recorded, str) and given != recorded:
+        try:  # one path spelled two ways (runs/x, ./runs/x, an absolute path)
+            return Path(given).expanduser().resolve() == Path(recorded).expanduser().resolve()
+        except (OSError, RuntimeError):
+            return False
+    return given == recorded
+
+
+def resolve_resumed_options(ctx: typer.Context, command: Callable, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """With ``--resume``, a run continues with the options it was started with (ultralytics habit).
+
+    Options left out on the command line take the run's values (``OUT/config.yaml``, or ``config.resumed.yaml``
+    after an earlier resume). An option given with another value is refused in one line naming it (exit 2), unless
+    it is in :data:`RESUME_MAY_CHANGE` (how the run is executed, and how long it trains), or ``--resume PATH``
+    names a checkpoint of another run folder than ``--out``: that starts a new run from the checkpoint, where any
+    option may change."""
+    from vision.engine.run import read_run_options
+
+    value = parse_resume(kwargs.get("resume"))
+    out = kwargs.get("out")
+    if not value or out is None:
+        return kwargs
+    source_run = Path(out) if value is True else Path(value)
+    try:
+        found = read_run_options(source_run)
+    except ValueError as e:
+        usage_error(str(e))
+    if found is None:  # a run folder from before config.yaml, or a bare checkpoint: the command line as given
+        return kwargs
+    recorded, path = found
+    same_run = value is True or path.parent.resolve() == Path(out).expanduser().resolve()
+    hints = typing.get_type_hints(command)
+    flags = {p.name: p.opts[0] for p in ctx.command.params if getattr(p, "opts", None)}
+    merged = dict(kwargs)
+    taken: list[str] = []
+    for name, given in kwargs.items():
+        if name in NOT_IN_CONFIG or name not in recorded or name not in flags:
+            continue
+        source = ctx.get_parameter_source(name)
+        if source is None or source.name == "DEFAULT":  # (typer carries its own click: compare by name)
+            merged[name] = _as_option_value(hints.get(name), recorded[name])
+            if not _same_value(given, recorded[name]):
+                taken.append(f"{flags[name]} {recorded[name]}")
+        elif same_run and name not in RESUME_MAY_CHANGE and not _same_value(given, recorded[name]):
+            usage_error(f"{flags[name]} {enum_value(given)} differs from the run's {recorded[name]} ({path}): a resumed "
+                        f"run keeps its options; to start a new run from one of its checkpoints, give --resume "
+                        f"CHECKPOINT_FOLDER and a new --out")
+    if taken:
+        typer.echo(f"resuming with the run's options from {path}: {', '.join(taken)}", err=True)
+    ctx.params.update(merged)
+    return merged
+
+
+def resumable(command: Callable) -> Callable:
+    """Decorate a training command (whose first parameter is ``ctx: typer.Context``) so that ``--resume`` continues the run with its own options
+    (:func:`resolve_resumed_options`); the command's signature, and so its CLI, is unchanged."""
+
+    @functools.wraps(command)
+    def wrapper(ctx: typer.Context, **kwargs: Any) -> Any:
+        return command(ctx, **resolve_resumed_options(ctx, command, kwargs))
+
+    return wrapper

@@ -44,6 +44,7 @@ def _pairs(path: Path, image_root: Path | None, skip_bad: bool, categories=None,
 
 
 @retrieval_app.command()
+@opt.resumable
 def train(
     ctx: typer.Context,
     model: str = typer.Option(..., "--model", help=MODEL_HELP),
@@ -83,6 +84,8 @@ def train(
     amp: opt.Amp = opt.amp_option(),
     resume: str | None = opt.resume_option(),
     exist_ok: bool = opt.exist_ok_option(),
+    checkpoint_every: int = opt.checkpoint_every_option(),
+    deterministic: bool = opt.deterministic_option(),
     skip_bad: bool = opt.skip_bad_option("Skip malformed lines and unreadable images (with a warning; train lists them in OUT/skipped.txt)."),
     config: Path | None = opt.config_option(),
 ) -> None:
@@ -107,6 +110,7 @@ def train(
                                      batch_size=batch, lr=lr, seed=seed, cpu=enc.device.type == "cpu",
                                      max_steps=max_steps, mixed_precision=amp.value, num_workers=workers,
                                      resume=resume_from, exist_ok=exist_ok, run_config=opt.run_config(ctx.params),
+                                     checkpoint_every=checkpoint_every, deterministic=deterministic,
                                      extra_config={"model": model, "pretrained": pretrained or None},
                                      skipped={"train": bad_tr, "val": bad_va})
     except TrainingInterrupted as e:

@@ -247,7 +247,7 @@ def train_retrieval(clip: torch.nn.Module, tokenizer, preprocess, train_pairs: S
                     weight_decay: float = 0.0, seed: int = 0, cpu: bool = False, progress: bool = True,
                     max_steps: int | None = None, extra_config: dict | None = None, mixed_precision: str = "auto",
                     num_workers: int = 0, resume: bool | str = False, exist_ok: bool = False,
-                    run_config: dict | None = None,
+                    run_config: dict | None = None, checkpoint_every: int = 0, deterministic: bool = False,
                     skipped: dict[str, Sequence[str]] | None = None) -> tuple[DualPromptCLIP, dict]:
     """Train the prompts with ``vision.engine.Trainer``; writes the engine's logs and prompts.* to the run folder.
 
@@ -288,7 +288,8 @@ def train_retrieval(clip: torch.nn.Module, tokenizer, preprocess, train_pairs: S
     eval_fn = (lambda m: evaluate_retrieval(m, val_ds)) if val_ds is not None else None
     tcfg = TrainConfig(out_dir=str(out_dir), epochs=epochs, max_steps=max_steps, optimizer=optimizer, lr=lr,
                        weight_decay=weight_decay, scheduler="cosine", seed=seed, cpu=cpu, progress=progress,
-                       mixed_precision=mixed_precision, log_every=5, eval_every=1 if val_ds is not None else 0)
+                       mixed_precision=mixed_precision, log_every=5, eval_every=1 if val_ds is not None else 0,
+                       checkpoint_every=checkpoint_every, deterministic=deterministic)
     extra = {"dcar": asdict(cfg), **(extra_config or {})}
     train_data: Any = dataset
     if cfg.method == "dcar" and cfg.hard_share > 0:

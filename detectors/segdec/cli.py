@@ -54,6 +54,7 @@ class HeatmapKind(str, enum.Enum):
 
 
 @app.command("train")
+@opt.resumable
 def train(
     ctx: typer.Context,
     data: Path = typer.Option(..., "--data", help="Data folder (KolektorSDD, KSDD2, DAGM, Severstal or generic)."),
@@ -105,7 +106,8 @@ def train(
     max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
     eval_every: int | None = typer.Option(None, "--eval-every", help="Evaluate on the test split every N epochs "
                                              "(default 5, as the official code; 0 = never)."),
-    checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Also checkpoint every N steps."),
+    checkpoint_every: int = opt.checkpoint_every_option(),
+    deterministic: bool = opt.deterministic_option(),
     skip_bad: bool = opt.skip_bad_option(),
     cache: bool = typer.Option(False, "--cache", help="Keep decoded images in memory (small data sets)."),
     dagm_class: int | None = typer.Option(None, "--dagm-class", help="DAGM: train on ClassN only."),
@@ -131,6 +133,7 @@ def train(
             optimizer=optimizer.value, momentum=momentum, weight_decay=weight_decay, workers=workers,
             resume=opt.parse_resume(resume),
             max_steps=max_steps, seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every,
+            deterministic=deterministic,
             skip_bad=skip_bad, cache=cache, exist_ok=exist_ok, keep_last=keep_last, mixed_precision=amp.value,
             cpu=dev == "cpu", device=dev, dagm_class=dagm_class, fold=fold, run_config=opt.run_config(ctx.params),
         )

@@ -27,6 +27,7 @@ from vision.data.formats.ksdd import read as read_ksdd
 from vision.data.formats.ksdd2 import read as read_ksdd2
 from vision.data.formats.severstal import read as read_severstal
 from vision.io import ImageReadError, open_image
+from vision.seeding import sample_seed
 
 from .losses import dilate_mask, segmentation_targets
 
@@ -203,7 +204,7 @@ class DefectDataset(Dataset):
         if self.augment is None:
             return item
         # draws depend on (seed, epoch, index) only: the same under any worker count, and exact on resume
-        g = torch.Generator().manual_seed((self.augment_seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+        g = torch.Generator().manual_seed(sample_seed(self.augment_seed, self.epoch, i))
         return self.augment(item, g)
 
     def _item(self, i: int) -> dict[str, torch.Tensor]:

@@ -119,6 +119,7 @@ def train_segdec(
     seed: int = 0,
     eval_every: int | None = None,
     checkpoint_every: int = 0,
+    deterministic: bool = False,
     skip_bad: bool = False,
     cache: bool = False,
     mixed_precision: str = "auto",
@@ -262,7 +263,7 @@ def train_segdec(
                       lr=float(st["lr"]), momentum=momentum, weight_decay=weight_decay, scheduler=scheduler,
                       mixed_precision=mixed_precision, seed=seed, eval_every=every if eval_ds is not None else 0,
                       checkpoint_every=checkpoint_every, progress=progress, cpu=cpu,
-                      log_every=max(1, min(10, len(loader))), keep_last=keep_last)
+                      log_every=max(1, min(10, len(loader))), keep_last=keep_last, deterministic=deterministic)
     trainer = Trainer(net, loader, cfg, loss_fn=loss_fn, eval_fn=eval_fn if eval_ds is not None else None,
                       metric="AP" if eval_ds is not None else None, mode="max",
                       batch_size_fn=lambda b: int(b["image"].shape[0]),

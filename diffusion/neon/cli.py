@@ -103,6 +103,7 @@ def merge_cmd(
 
 
 @neon_app.command("selftrain")
+@opt.resumable
 def selftrain_cmd(
     ctx: typer.Context,
     model: Path = typer.Option(..., "--model", help="Base diffusers pipeline folder."),
@@ -126,6 +127,8 @@ def selftrain_cmd(
     amp: opt.Amp = opt.amp_option(),
     resume: str | None = opt.resume_option(),
     exist_ok: bool = opt.exist_ok_option(),
+    workers: int = opt.workers_option(0),
+    deterministic: bool = opt.deterministic_option(),
     config: Path | None = opt.config_option(),
 ) -> None:
     """Sample N images from the base model and fine-tune it on them with the denoising loss."""
@@ -141,6 +144,7 @@ def selftrain_cmd(
             batch_size=batch, sample_batch_size=sample_batch_size, lr=lr, num_inference_steps=num_inference_steps,
             prompts=_lines(prompts), class_labels=_ints(class_labels), guidance_scale=guidance_scale,
             seed=seed, device=dev, mixed_precision=amp.value, resume=resume_from, exist_ok=exist_ok,
+            workers=workers, deterministic=deterministic,
             run_config=opt.run_config(ctx.params), usage=(ConditioningError,),
         )
     except TrainingInterrupted as e:

@@ -279,6 +279,8 @@ def self_train(
     resume: bool | str = False,
     exist_ok: bool = False,
     run_config: dict[str, Any] | None = None,
+    workers: int = 0,
+    deterministic: bool = False,
 ) -> dict[str, Any]:
     """Sample ``num_samples`` images from pipeline ``model``, fine-tune its denoiser on them for ``steps`` steps.
 
@@ -388,12 +390,13 @@ def self_train(
         progress=progress,
         log_every=max(1, min(50, steps // 10)),
         eval_every=0,
+        deterministic=deterministic,
     )
     denoiser.train()
     trainer = Trainer(
         denoiser, data, cfg,
         loss_fn=denoising_loss(train_sched, class_conditional=class_cond, text_conditional=text_cond),
-        batch_size=batch_size, extra_config={"neon": {"model": str(model), "num_samples": len(x0)}},
+        batch_size=batch_size, num_workers=workers, extra_config={"neon": {"model": str(model), "num_samples": len(x0)}},
     )
     summary = trainer.fit(resume=resume)
     tuned = trainer.unwrapped_model

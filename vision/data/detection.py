@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vision.io import ImageReadError, open_image
+from vision.seeding import sample_seed, seed_albumentations
 
 from .formats import KIND_WORDS, DatasetError, Loaded, Problems, SplitNotFoundError, detect_format, get_format
 from .formats.coco import coco_dict
@@ -67,6 +68,8 @@ class DetectionDataset(Dataset):
         self.image_paths: list[Path] = [it.path for it in loaded.items]
         self.bad: list[str] = loaded.bad
         self._bad_kinds = loaded.bad_kinds
+        self.augment_seed = 0  # the run's seed: augmentation draws depend on (augment_seed, epoch, index) only
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -94,11 +97,18 @@ class DetectionDataset(Dataset):
             )
         return arr
 
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose augmentation draws ``__getitem__`` makes (called by the training engine)."""
+        self.epoch = int(epoch)
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
         it = self._items[i]
         image = self.load_image(i)
         boxes, labels = it.boxes, it.labels
         if self.transforms is not None:
+            if hasattr(self.transforms, "set_random_state"):  # albumentations keeps its own generators
+                # the same draws under any worker count, and replayed exactly when a killed epoch is resumed
+                seed_albumentations(self.transforms, sample_seed(self.augment_seed, self.epoch, i))
             out = self.transforms(image=image, bboxes=boxes.copy(), labels=labels.copy())
             image = out["image"]
             boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)

@@ -31,6 +31,7 @@ class TrainConfig:
     clip_grad_norm: float | None = None
     mixed_precision: str = "auto"  # "no" | "fp16" | "bf16" | "auto"
     seed: int = 0
+    deterministic: bool = False  # torch.use_deterministic_algorithms (GPU: bit-identical runs, some cost)
     log_every: int = 10  # steps
     checkpoint_every: int = 0  # steps; 0 = only at end of each epoch and at the end
     eval_every: int = 1  # epochs; 0 = never

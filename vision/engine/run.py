@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from vision.io import write_text_atomic
+from vision.io import error_line, write_text_atomic
 
 log = logging.getLogger("negvision.engine")
 
@@ -138,6 +138,27 @@ def write_run_config(out: str | os.PathLike, config: Mapping[str, object]) -> Pa
     write_text_atomic(path, "# negvision run options; replay with --config " + str(path) + "\n"
                       + yaml.safe_dump(body, sort_keys=False))
     return path
+
+
+def read_run_options(path: str | os.PathLike) -> tuple[dict, Path] | None:
+    """The options a run folder (or a checkpoint inside one) last ran with, and the file they came from: its
+    ``config.resumed.yaml`` (written by the latest ``--resume``), else its ``config.yaml``; None when it has no
+    ``config.yaml``. ValueError naming the file when it is not a YAML mapping."""
+    import yaml
+
+    first = find_spec(path, "config.yaml")
+    if first is None:
+        return None
+    found = first.with_name("config.resumed.yaml")
+    if not found.is_file():
+        found = first
+    try:
+        data = yaml.safe_load(found.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"{found}: cannot read the run's options ({error_line(e)})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{found}: the run's options must be a YAML mapping")
+    return data, found
 
 
 def write_skipped(out: str | os.PathLike, skipped: Mapping[str, Sequence[str]]) -> Path | None:

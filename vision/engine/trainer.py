@@ -25,7 +25,6 @@ from accelerate.utils import (
     DataLoaderConfiguration,
     DistributedDataParallelKwargs,
     InitProcessGroupKwargs,
-    set_seed,
 )
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
@@ -52,6 +51,7 @@ from .logs import truncate_csv as _truncate_csv
 from .optim import build_optimizer as _build_optimizer
 from .sampler import SeededSampler
 from .schedule import build_scheduler
+from ..seeding import seed_everything, use_deterministic
 
 logger = logging.getLogger("negvision.engine")
 
@@ -251,8 +251,11 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
 
+        self._deterministic_before = torch.are_deterministic_algorithms_enabled()
+        if cfg.deterministic:
+            use_deterministic(True)  # before the model reaches the device (cuBLAS reads its setting once)
         self.accelerator = _make_accelerator(cfg)
-        set_seed(cfg.seed)
+        seed_everything(cfg.seed)
 
         # data: a Dataset gets a (seed, epoch)-determined order; a DataLoader is used as given
         self._sampler: SeededSampler | None = None
@@ -387,6 +390,7 @@ class Trainer:
             "rng": rng_states,
             "num_processes": self.accelerator.num_processes,
             "grad_accum": self.config.grad_accum,
+            "total_steps": self.total_steps,
         }
 
     def _elapsed(self) -> float:
@@ -558,6 +562,16 @@ class Trainer:
         load_model_weights(self.unwrapped_model, path, verify=False)
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
+        # the next step's lr from this run's schedule: the saved one unless the total changed (a run extended with
+        # a larger --epochs / --max-steps follows the schedule recomputed for the new total from here on)
+        sched = self.scheduler
+        for group, base, factor in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+            group["lr"] = base * factor(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        old_total = st.get("total_steps")
+        if old_total is not None and old_total != self.total_steps and self.is_main:
+            logger.warning("the run was set to %d steps, now %d: the learning-rate schedule is recomputed for %d "
+                           "steps from step %d on", old_total, self.total_steps, self.total_steps, int(st["step"]))
         if st.get("scaler") is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(st["scaler"])
         self.global_step = int(st["step"])
@@ -764,7 +778,7 @@ class Trainer:
     def fit(self, resume: bool | str = False) -> dict:
         """Train to ``max_steps`` (or ``epochs``); returns a summary and writes ``summary.json``."""
         cfg, acc = self.config, self.accelerator
-        set_seed(cfg.seed)
+        seed_everything(cfg.seed)  # a resumed run then restores the generators of its checkpoint
         self._stop_signal = None
         resumed_from = None
         if resume:
@@ -830,6 +844,8 @@ class Trainer:
             for s, h in previous_handlers.items():
                 signal.signal(s, h)
             self._close_logs()
+            if cfg.deterministic and not self._deterministic_before:
+                use_deterministic(False)  # leave the process as it was (one run in a notebook or a test)
 
     def _summary(self, train_time: float, samples: int, last_row: dict, interrupted: bool) -> dict:
         return {
