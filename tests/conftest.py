@@ -1,7 +1,10 @@
 """Suite-wide settings: offline hubs, Agg backend, `gpu` tests skipped without CUDA."""
 
 import os
+import sys
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))  # shared test helpers (tests/_repro.py) import as top-level modules
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
