@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vision.seeding import sample_seed
+
 from .attributes import attribute_labels, attribute_loss, ema_update, mi_weights
 from .data import Pair, PairDataset, attribute_vocab, categories_of, collate_pairs, sample_negatives
 from .losses import category_similarity, negative_weights, same_text_mask, weighted_contrastive_loss
@@ -75,20 +77,25 @@ def category_text_features(model: DualPromptCLIP, categories: Sequence[str]) -> 
 
 
 class RetrievalLoss:
-    """``loss_fn(model, batch)`` for the engine: DCAR (weighted negatives + attributes) or CoOp (InfoNCE)."""
+    """``loss_fn(model, batch[, ctx])`` for the engine: DCAR (weighted negatives + attributes) or CoOp (InfoNCE).
+
+    The swapped-class negatives of a batch are drawn from ``(seed, epoch, batch index)`` when the engine passes its
+    context (so a resumed run draws what the uninterrupted one drew), else from one generator seeded once."""
 
     def __init__(self, cfg: DCARConfig, categories: Sequence[str], cat_sim: Tensor | None, seed: int = 0):
         self.cfg = cfg
         self.categories = list(categories)
         self.cat_index = {c: i for i, c in enumerate(self.categories)}
         self.cat_sim = cat_sim
+        self.seed = int(seed)
         self.rng = random.Random(seed)
 
     def _ids(self, cats: Sequence[str | None], device) -> Tensor:
         return torch.tensor([self.cat_index.get(c, -1) if c is not None else -1 for c in cats], device=device)
 
-    def __call__(self, model, batch: dict) -> dict[str, Tensor]:
+    def __call__(self, model, batch: dict, ctx: Any = None) -> dict[str, Tensor]:
         cfg = self.cfg
+        rng = self.rng if ctx is None else random.Random(sample_seed(self.seed, ctx.epoch, ctx.batch_in_epoch))
         inner = model.module if hasattr(model, "module") else model
         caps, cats = batch["captions"], batch["categories"]
         B = len(caps)
@@ -97,7 +104,7 @@ class RetrievalLoss:
         negs: list[list[tuple[str, str | None]]] = []
         if dcar and cfg.k_neg > 0:
             for cap, cat, given in zip(caps, cats, batch["negatives"], strict=True):
-                negs.append(sample_negatives(cap, cat, given, self.categories, cfg.k_neg, self.rng))
+                negs.append(sample_negatives(cap, cat, given, self.categories, cfg.k_neg, rng))
             K = min(len(n) for n in negs)  # equal K per image keeps the tensors rectangular
             negs = [n[:K] for n in negs]
             for n in negs:
