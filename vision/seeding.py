@@ -11,15 +11,12 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 from typing import Any
 
 import numpy as np
 import torch
-
-log = logging.getLogger("negvision.seeding")
 
 CUBLAS_WORKSPACE = ":4096:8"  # what cuBLAS needs for deterministic results (CUDA >= 10.2)
 

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..device import best_mixed_precision, pick_device
+from ..seeding import seed_everything, use_deterministic
 from .checkpoint import (
     META_FILE,
     CheckpointCorruptError,
@@ -51,7 +52,6 @@ from .logs import truncate_csv as _truncate_csv
 from .optim import build_optimizer as _build_optimizer
 from .sampler import SeededSampler
 from .schedule import build_scheduler
-from ..seeding import seed_everything, use_deterministic
 
 logger = logging.getLogger("negvision.engine")
 
