@@ -46,8 +46,8 @@ def reference(digits, tmp_path_factory):
 def test_same_seed_same_weights_any_worker_count_other_seed_other_weights(digits, reference, tmp_path):
     _train(digits, tmp_path / "w2", *TINY, "--epochs", "2", "--checkpoint-every", "2", "--workers", "2")
     assert_same_weights(reference, tmp_path / "w2")
-    _train(digits, tmp_path / "again", *TINY, "--epochs", "2", "--workers", "0")
-    assert_same_weights(reference, tmp_path / "again")
+    _train(digits, tmp_path / "again", *TINY, "--epochs", "2", "--workers", "0", "--deterministic")
+    assert_same_weights(reference, tmp_path / "again")  # (the CPU kernels are deterministic without the flag)
     _train(digits, tmp_path / "seed1", *TINY, "--epochs", "2", "--workers", "0", "--seed", "1")
     assert differing(reference, tmp_path / "seed1")
 
@@ -107,3 +107,19 @@ def test_resume_refuses_a_changed_option_unless_a_new_out(digits, reference, tmp
                             str(reference / "checkpoints" / "last"), "--epochs", "3", "--lr", "0.001"])
     assert r.exit_code == 0, r.output + repr(r.exception)
     assert checkpoint_step(new) == 12 and checkpoint_step(reference) == 8
+
+
+def test_resume_names_a_broken_options_file(digits, tmp_path):
+    run = tmp_path / "run"
+    _train(digits, run, *TINY, "--max-steps", "1", "--workers", "0")
+    (run / "config.yaml").write_text("img_size: [unclosed\n")
+    r = runner.invoke(app, ["detect", "train", "--data", str(digits), "--out", str(run), "--resume"])
+    assert r.exit_code == 2 and f"{run / 'config.yaml'}: cannot read the run's options" in r.output
+    (run / "config.yaml").write_text("- a list\n")
+    r = runner.invoke(app, ["detect", "train", "--data", str(digits), "--out", str(run), "--resume"])
+    assert r.exit_code == 2 and "must be a YAML mapping" in r.output
+    (run / "config.yaml").unlink()  # a run folder without one resumes with the command line as given
+    r = runner.invoke(app, ["detect", "train", "--data", str(digits), "--out", str(run), "--resume", *TINY,
+                            "--max-steps", "2", "--workers", "0"])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    assert checkpoint_step(run) == 2
