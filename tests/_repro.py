@@ -35,6 +35,17 @@ def assert_same_weights(a: Path, b: Path, rel: Path | str = LAST) -> None:
     assert not diff, f"{len(diff)} tensors differ between {a} and {b}, e.g. {diff[:3]}"
 
 
+def cli_ok(*args: str) -> str:
+    """Run ``negvision ARGS`` in this process; assert it succeeded, return its output."""
+    from typer.testing import CliRunner
+
+    from vision.cli import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    return r.output
+
+
 def kill_after_step(args: list[str], step: int, marker_dir: Path, timeout: float = 240.0) -> None:
     """Run ``negvision ARGS`` in a fresh process, SIGKILL it once optimizer step ``step`` is done (the checkpoint due
     at that step not yet written), and wait for it to die. The process gets this one's torch thread count."""

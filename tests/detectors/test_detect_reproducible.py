@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from _repro import assert_same_weights, checkpoint_step, differing, kill_after_step
+from _repro import assert_same_weights, checkpoint_step, cli_ok, differing, kill_after_step
 from typer.testing import CliRunner
 
 from vision.cli import app
@@ -22,8 +22,7 @@ TINY = ["--backbone", "resnet18", "--pretrained", "false", "--img-size", "64", "
 
 
 def _train(data, out, *extra: str) -> None:
-    r = runner.invoke(app, ["detect", "train", "--data", str(data), "--out", str(out), *extra])
-    assert r.exit_code == 0, r.output + repr(r.exception)
+    cli_ok("detect", "train", "--data", data, "--out", out, *extra)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ with the weights of the run that was never killed."""
 from __future__ import annotations
 
 import pytest
-from _repro import assert_same_weights, checkpoint_step, differing, kill_after_step
+from _repro import assert_same_weights, checkpoint_step, cli_ok, differing, kill_after_step
 from typer.testing import CliRunner
 
 from vision.cli import app
@@ -21,8 +21,7 @@ ARGS = ["--width", "0.25", "--cpu", "--batch", "4", "--epochs", "2", "--augment"
 
 
 def _train(data, out, *extra: str) -> None:
-    r = runner.invoke(app, ["defect", "train", "--data", str(data), "--out", str(out), *extra])
-    assert r.exit_code == 0, r.output + repr(r.exception)
+    cli_ok("defect", "train", "--data", data, "--out", out, *extra)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ part-way and resumed ends with the weights of the run that was never killed."""
 from __future__ import annotations
 
 import pytest
-from _repro import assert_same_weights, checkpoint_step, differing, kill_after_step
+from _repro import assert_same_weights, checkpoint_step, cli_ok, differing, kill_after_step
 from typer.testing import CliRunner
 
 from vision.cli import app
@@ -21,20 +21,15 @@ def setup(tmp_path_factory, tiny_ddpm):
     args = ["neon", "selftrain", "--model", str(root / "base"), "--num-samples", "8", "--max-steps", "6",
             "--save-every", "2", "--batch", "4", "--num-inference-steps", "3", "--device", "cpu"]
     ref = root / "ref"
-    _train(*args, "--out", str(ref), "--workers", "0")
+    cli_ok(*args, "--out", str(ref), "--workers", "0")
     return args, ref
-
-
-def _train(*args: str) -> None:
-    r = runner.invoke(app, list(args))
-    assert r.exit_code == 0, r.output + repr(r.exception)
 
 
 def test_same_seed_same_weights_any_worker_count_other_seed_other_weights(setup, tmp_path):
     args, ref = setup
-    _train(*args, "--out", str(tmp_path / "w2"), "--workers", "2")
+    cli_ok(*args, "--out", str(tmp_path / "w2"), "--workers", "2")
     assert_same_weights(ref, tmp_path / "w2", WEIGHTS)
-    _train(*args, "--out", str(tmp_path / "seed1"), "--workers", "0", "--seed", "1")
+    cli_ok(*args, "--out", str(tmp_path / "seed1"), "--workers", "0", "--seed", "1")
     assert differing(ref, tmp_path / "seed1", WEIGHTS)
 
 
@@ -44,7 +39,7 @@ def test_killed_then_resumed_equals_never_killed(setup, tmp_path, workers, kill_
     run = tmp_path / "run"
     kill_after_step([*args, "--out", str(run), "--workers", workers], kill_at, tmp_path)
     assert checkpoint_step(run, "train") == kill_at - 1
-    _train(*args[:4], "--out", str(run), "--resume")  # the base model; the rest is the run's own
+    cli_ok(*args[:4], "--out", str(run), "--resume")  # the base model; the rest is the run's own
     assert_same_weights(ref, run, WEIGHTS)
 
 
