@@ -104,8 +104,13 @@ def train(
     exist_ok: bool = opt.exist_ok_option(),
     keep_last: int = opt.keep_last_option(),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
-    eval_every: int | None = typer.Option(None, "--eval-every", help="Evaluate on the test split every N epochs "
-                                             "(default 5, as the official code; 0 = never)."),
+    eval_every: int | None = typer.Option(None, "--eval-every", help="Evaluate on the validation images every N "
+                                             "epochs (default 1; 0 = never, the model is then the last epoch's)."),
+    val_split: float = typer.Option(0.15, "--val-split", min=0.0, max=0.9,
+                                    help="Share of the training images held out (stratified, the same for every "
+                                         "seed) to pick the best epoch by validation AP; 0 = none."),
+    val_data: Path | None = typer.Option(None, "--val-data", help="Validate on the training split of this data "
+                                         "folder instead of a held-out share."),
     checkpoint_every: int = opt.checkpoint_every_option(),
     deterministic: bool = opt.deterministic_option(),
     skip_bad: bool = opt.skip_bad_option(),
@@ -133,7 +138,7 @@ def train(
             optimizer=optimizer.value, momentum=momentum, weight_decay=weight_decay, workers=workers,
             resume=opt.parse_resume(resume),
             max_steps=max_steps, seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every,
-            deterministic=deterministic,
+            deterministic=deterministic, val_split=val_split, val_data=val_data,
             skip_bad=skip_bad, cache=cache, exist_ok=exist_ok, keep_last=keep_last, mixed_precision=amp.value,
             cpu=dev == "cpu", device=dev, dagm_class=dagm_class, fold=fold, run_config=opt.run_config(ctx.params),
         )

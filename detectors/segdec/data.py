@@ -195,6 +195,17 @@ class DefectDataset(Dataset):
         chans = [self._resize(arr[..., c]) for c in range(arr.shape[2])]
         return np.stack(chans, axis=2)
 
+    def subset(self, indices: Sequence[int], split: str) -> DefectDataset:
+        """A dataset of the samples ``indices`` (same size, targets and settings), named ``split``."""
+        import copy
+
+        sub = copy.copy(self)
+        sub.samples = [self.samples[i] for i in indices]
+        sub._cache = {}
+        sub.split = split
+        sub.bad = []
+        return sub
+
     def set_epoch(self, epoch: int) -> None:
         """The epoch whose augmentation draws ``__getitem__`` makes (called by the training engine)."""
         self.epoch = int(epoch)
@@ -347,3 +358,30 @@ def load_defect_dataset(
         split=split,
         bad=checked.bad,
     )
+
+
+HOLDOUT_SEED = 0x5E6DEC  # the held-out validation images do not change with --seed: runs of any seed compare
+
+
+def holdout_split(dataset: DefectDataset, share: float) -> tuple[DefectDataset, DefectDataset | None]:
+    """(train, validation) from one split: a stratified share of the defective and of the good images held out.
+
+    Each class with at least two images gives ``max(1, round(share * n))`` of them (never all); the choice is fixed
+    (not the run's seed). ``share`` 0 -> (dataset, None)."""
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"the validation share must be in [0, 1), got {share}")
+    if share == 0.0:
+        return dataset, None
+    rng = np.random.default_rng(HOLDOUT_SEED)
+    labels = np.asarray(dataset.labels)
+    held: list[int] = []
+    for cls in (1, 0):
+        idx = np.flatnonzero(labels == cls)
+        if len(idx) < 2:
+            continue
+        k = min(max(1, round(share * len(idx))), len(idx) - 1)
+        held += sorted(rng.permutation(idx)[:k].tolist())
+    if not held:
+        return dataset, None
+    keep = sorted(set(range(len(dataset))) - set(held))
+    return dataset.subset(keep, dataset.split), dataset.subset(sorted(held), "val")

@@ -34,7 +34,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "folder": dict(img_size=None, channels=None, epochs=50, lr=0.05, delta=1.0, batch=1, p=1.0, w_pos=10.0,
                    dilate=1),
 }
-EVAL_EVERY = 5  # official VALIDATION_N_EPOCHS
 
 
 def resolve_settings(layout: str, **overrides: Any) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from vision.device import pick_device
 from vision.io import write_bytes_atomic, write_json_atomic
 
-from .data import DefectDataset, load_defect_dataset
+from .data import DefectDataset, holdout_split, load_defect_dataset
 from .evaluate import _interp_pr, _public, _upsample, evaluate_segdec, run_inference, save_eval_outputs
 from .losses import loss_weights, segdec_loss
 from .metrics import _dice_iou, image_metrics
@@ -28,7 +28,6 @@ from .predict import _default_threshold, predict_segdec
 from .sampler import FrequencySampler
 from .spec import (
     DEFAULT_WEIGHTS,
-    EVAL_EVERY,
     PRESETS,
     SAMPLER_FILE,
     SPEC_FILE,
@@ -120,6 +119,8 @@ def train_segdec(
     eval_every: int | None = None,
     checkpoint_every: int = 0,
     deterministic: bool = False,
+    val_split: float = 0.15,
+    val_data: str | Path | None = None,
     skip_bad: bool = False,
     cache: bool = False,
     mixed_precision: str = "auto",
@@ -148,6 +149,12 @@ def train_segdec(
     :data:`WEAK_BACKBONE` (with full masks: the paper's trunk); ``augment`` (default: on in weak / mixed mode)
     adds flips, 90-degree rotations and brightness / contrast jitter; with a registry trunk and no ``lr``, the
     trunk's stable default :data:`BACKBONE_LR` (AdamW) replaces the paper trunk's preset SGD rate.
+
+    Validation: the training split of ``val_data``, else a stratified ``val_split`` share of the training images
+    (:func:`holdout_split`, the same images for every seed) is evaluated every ``eval_every`` epochs (default 1); the
+    run's model is the best epoch by validation AP (``checkpoints/best``). The test split is only evaluated at the
+    end, on that model, and never chooses anything. With ``val_split=0`` and no ``val_data`` the model is the last
+    epoch's.
     """
     from vision.device import training_device
     from vision.engine import LossContext, TrainConfig, Trainer
@@ -170,9 +177,22 @@ def train_segdec(
         try:
             eval_ds: DefectDataset | None = load_defect_dataset(
                 data, "test", layout, img_size=train_ds.img_size, channels=train_ds.channels, progress=progress, **data_kw)
-        except SplitNotFoundError as e:  # only an absent split trains without evaluation; a broken one is an error
-            log.warning("%s; training without evaluation", e)
+        except SplitNotFoundError as e:  # only an absent split skips the final test; a broken one is an error
+            log.warning("%s; no final evaluation on a test split", e)
             eval_ds = None
+        if val_data is not None:
+            val_ds: DefectDataset | None = load_defect_dataset(
+                val_data, "train", "auto", img_size=train_ds.img_size, channels=train_ds.channels, progress=progress,
+                **data_kw)
+            val_ds.split = "val"
+        else:
+            train_ds, val_ds = holdout_split(train_ds, val_split)
+        if val_ds is not None:
+            log.info("validation: %d images (%d defective) from %s", len(val_ds), sum(val_ds.labels),
+                     f"the training split of {val_data}" if val_data is not None
+                     else f"a held-out {val_split:g} of the training images")
+        else:
+            log.warning("no validation images (--val-split 0, or too few images): the run's model is the last epoch's")
     n_pos = sum(train_ds.labels)
     n_seg = train_ds.num_segmented_defects
     weak = n_seg < n_pos  # weakly or mixed supervised: some defective images have no mask
@@ -201,7 +221,8 @@ def train_segdec(
     if run_config is not None:
         write_run_config(out, {**run_config, "_resumed": bool(resume)})
     cpu = cpu or training_device(device)
-    record_skipped(out, {"train": train_ds.bad, **({"test": eval_ds.bad} if eval_ds is not None else {})})
+    record_skipped(out, {"train": train_ds.bad, **({"val": val_ds.bad} if val_ds is not None else {}),
+                         **({"test": eval_ds.bad} if eval_ds is not None else {})})
 
     model_cfg = {"in_channels": train_ds.channels, "grad_multiplier": float(gm), "backbone": backbone,
                  "width": float(width)}
@@ -215,8 +236,11 @@ def train_segdec(
         "num_segmented": num_segmented, "optimizer": optimizer, "momentum": momentum,
         "weight_decay": weight_decay, "scheduler": scheduler, "seed": seed, "max_steps": max_steps,
         "dagm_class": dagm_class, "fold": fold,
+        "validation": None if val_ds is None else {"images": len(val_ds), "defective": sum(val_ds.labels),
+                                                   "source": str(val_data) if val_data is not None else "holdout",
+                                                   "share": None if val_data is not None else val_split},
     }
-    spec = {"format": "negvision.segdec/1", "weights": DEFAULT_WEIGHTS, "model": model_cfg,
+    spec = {"format": "negvision.segdec/1", "weights": "best" if val_ds is not None else "last", "model": model_cfg,
             "img_size": list(train_ds.img_size),
             "channels": train_ds.channels, "dataset_kind": layout, "data": str(data), "train": settings,
             "pretrained_backbone": pretrained if isinstance(pretrained, bool) else str(pretrained)}
@@ -253,19 +277,19 @@ def train_segdec(
         out_["w_seg"], out_["w_dec"] = w_seg, w_dec
         return out_
 
-    def eval_fn(m: nn.Module) -> dict[str, float]:
-        assert eval_ds is not None
-        res = evaluate_segdec(m, eval_ds, batch=max(1, int(st["batch"])), pixel=False)
+    def eval_fn(m: nn.Module) -> dict[str, float]:  # on the validation images: picks checkpoints/best
+        assert val_ds is not None
+        res = evaluate_segdec(m, val_ds, batch=max(1, int(st["batch"])), pixel=False)
         return {k: float(res[k]) for k in ("AP", "AUROC", "FP", "FN", "detection_rate", "FP_at_FN0")}
 
-    every = EVAL_EVERY if eval_every is None else eval_every
+    every = 1 if eval_every is None else eval_every
     cfg = TrainConfig(out_dir=str(out), epochs=int(st["epochs"]), max_steps=max_steps, optimizer=optimizer,
                       lr=float(st["lr"]), momentum=momentum, weight_decay=weight_decay, scheduler=scheduler,
-                      mixed_precision=mixed_precision, seed=seed, eval_every=every if eval_ds is not None else 0,
+                      mixed_precision=mixed_precision, seed=seed, eval_every=every if val_ds is not None else 0,
                       checkpoint_every=checkpoint_every, progress=progress, cpu=cpu,
                       log_every=max(1, min(10, len(loader))), keep_last=keep_last, deterministic=deterministic)
-    trainer = Trainer(net, loader, cfg, loss_fn=loss_fn, eval_fn=eval_fn if eval_ds is not None else None,
-                      metric="AP" if eval_ds is not None else None, mode="max",
+    trainer = Trainer(net, loader, cfg, loss_fn=loss_fn, eval_fn=eval_fn if val_ds is not None else None,
+                      metric="AP" if val_ds is not None else None, mode="max",
                       batch_size_fn=lambda b: int(b["image"].shape[0]),
                       extra_config={"task": "segdec", "segdec": spec},
                       callbacks=[_sampler_callback(sampler)])
@@ -278,6 +302,15 @@ def train_segdec(
     summary["skipped"] = {"train": len(train_ds.bad), "test": len(eval_ds.bad) if eval_ds is not None else 0}
     if not trainer.is_main:
         return summary
+    best = out / "checkpoints" / "best"
+    if val_ds is not None and (best / "model.safetensors").is_file():
+        from vision.engine import load_model_weights
+
+        load_model_weights(trainer.unwrapped_model, best)  # the run's model: the best validation epoch
+        summary["selected"] = {"checkpoint": "best", "val_AP": summary.get("best_metric"),
+                               "step": summary.get("best_step")}
+    else:
+        summary["selected"] = {"checkpoint": "last"}
     if final_eval and eval_ds is not None:
         final = trainer.unwrapped_model.eval()
         res = evaluate_segdec(final, eval_ds, batch=max(1, int(st["batch"])))
