@@ -56,6 +56,9 @@ def train(
     pretrained: str = typer.Option("", "--pretrained", help=PRETRAINED_HELP),
     val_data: Path | None = typer.Option(None, "--val-data", help="Held-out pairs evaluated after each epoch; the "
                                          "prompts of the best epoch (mean recall) are kept."),
+    val_split: float = typer.Option(0.15, "--val-split", min=0.0, max=0.9,
+                                    help="Without --val-data: share of the training images held out for validation "
+                                         "(the same for every seed; 0 = none, the last epoch is kept)."),
     image_root: Path | None = typer.Option(None, "--image-root", help="Folder image paths are relative to."),
     epochs: int = typer.Option(10, "--epochs", min=1),
     max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimizer steps "
@@ -111,6 +114,7 @@ def train(
                                      max_steps=max_steps, mixed_precision=amp.value, num_workers=workers,
                                      resume=resume_from, exist_ok=exist_ok, run_config=opt.run_config(ctx.params),
                                      checkpoint_every=checkpoint_every, deterministic=deterministic,
+                                     val_split=val_split,
                                      extra_config={"model": model, "pretrained": pretrained or None},
                                      skipped={"train": bad_tr, "val": bad_va})
     except TrainingInterrupted as e:
@@ -118,7 +122,11 @@ def train(
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except (FileNotFoundError, CheckpointCorruptError, WeightsMismatchError) as e:
         fail(str(e))
-    typer.echo(json.dumps({k: summary.get(k) for k in ("steps", "last_loss", "best_metric", "last_metrics")}))
+    typer.echo(json.dumps({k: summary.get(k) for k in ("steps", "last_loss", "best_metric", "last_metrics",
+                                                       "selected")}))
+    if str(summary.get("selected", "")).startswith("frozen"):
+        typer.echo("the frozen model (zero-shot) scored best on the validation pairs: the saved prompts are switched "
+                   "off and give its features", err=True)
     typer.echo(f"prompts written to {Path(summary['out']) / 'prompts.safetensors'}")
 
 

@@ -194,7 +194,7 @@ class DualPromptCLIP(nn.Module):
         """Plain-JSON description needed to rebuild this learner around the same CLIP."""
         return {"n_ctx": self.n_ctx, "ctx_init": self.ctx_init, "class_specific": self.class_specific,
                 "categories": self.categories, "n_vis": self.n_vis, "vis_depth": self.vis_depth,
-                "attr_vocab": self.attr_vocab}
+                "attr_vocab": self.attr_vocab, "enabled": self.enabled}
 
     # ------------------------------------------------------------------ text
 

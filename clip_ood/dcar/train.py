@@ -225,6 +225,7 @@ def load_prompts(path: str | Path, clip: torch.nn.Module, tokenizer) -> DualProm
                                class_specific=cfg["class_specific"], categories=cfg["categories"],
                                n_vis=cfg["n_vis"], vis_depth=cfg["vis_depth"] or 1)
         model.ctx_init = cfg.get("ctx_init")
+        model.enabled = bool(cfg.get("enabled", True))  # False: the frozen model won on validation
         model.set_attributes(cfg.get("attr_vocab", []), sd.get("attr_weights"))
         missing = model.load_state_dict(sd, strict=False)
     except (RuntimeError, ValueError, TypeError) as e:  # shapes of another model / context length
@@ -248,6 +249,22 @@ def read_prompt_config(path: str | Path) -> dict[str, Any]:
     return cfg
 
 
+HOLDOUT_SEED = 0xDCA2  # the held-out validation pairs do not change with --seed
+
+
+def holdout_pairs(pairs: Sequence[Pair], share: float) -> tuple[list[Pair], list[Pair]]:
+    """(train, validation): a fixed random ``share`` of the pairs held out, images kept whole (every caption of an
+    image goes to the same side). Fewer than 10 images, or ``share`` 0: nothing held out."""
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"the validation share must be in [0, 1), got {share}")
+    images = sorted({p.image for p in pairs})
+    k = round(share * len(images))
+    if share == 0.0 or len(images) < 10 or k == 0:
+        return list(pairs), []
+    held = set(random.Random(HOLDOUT_SEED).sample(images, k))
+    return [p for p in pairs if p.image not in held], [p for p in pairs if p.image in held]
+
+
 def train_retrieval(clip: torch.nn.Module, tokenizer, preprocess, train_pairs: Sequence[Pair], out_dir: str | Path,
                     cfg: DCARConfig | None = None, val_pairs: Sequence[Pair] | None = None, *,
                     epochs: int = 10, batch_size: int = 32, lr: float = 2e-3, optimizer: str = "adamw",
@@ -255,6 +272,7 @@ def train_retrieval(clip: torch.nn.Module, tokenizer, preprocess, train_pairs: S
                     max_steps: int | None = None, extra_config: dict | None = None, mixed_precision: str = "auto",
                     num_workers: int = 0, resume: bool | str = False, exist_ok: bool = False,
                     run_config: dict | None = None, checkpoint_every: int = 0, deterministic: bool = False,
+                    val_split: float = 0.15,
                     skipped: dict[str, Sequence[str]] | None = None) -> tuple[DualPromptCLIP, dict]:
     """Train the prompts with ``vision.engine.Trainer``; writes the engine's logs and prompts.* to the run folder.
 
@@ -263,6 +281,12 @@ def train_retrieval(clip: torch.nn.Module, tokenizer, preprocess, train_pairs: S
     (reuse it, removing the earlier logs and checkpoints); ``summary["out"]`` is the folder used. ``run_config``
     (the command's options) is written to its ``config.yaml``; ``skipped`` (split -> messages of the bad items
     left out) goes to its ``skipped.txt``.
+
+    Validation: ``val_pairs``, else a ``val_split`` share of the training pairs (:func:`holdout_pairs`, the same pairs
+    for every seed; 0 = none). The frozen model is evaluated on it before training (epoch 0) and after every epoch;
+    the prompts of the best epoch are kept, and when no epoch beats the frozen model the saved prompts are switched
+    off (``enabled: false``: they give the frozen model's features), so prompt learning never ends below zero-shot
+    on the validation pairs. ``summary["selected"]`` says which won.
     """
     from vision.engine import TrainConfig, Trainer, load_model_weights
     from vision.engine.checkpoint import MODEL_FILE
@@ -271,6 +295,8 @@ def train_retrieval(clip: torch.nn.Module, tokenizer, preprocess, train_pairs: S
     from .evaluate import evaluate_retrieval
 
     cfg = cfg or DCARConfig()
+    if not val_pairs:
+        train_pairs, val_pairs = holdout_pairs(train_pairs, val_split)
     if resume is True and not (Path(out_dir) / "checkpoints").is_dir():
         raise FileNotFoundError(f"cannot resume {out_dir}: it holds no checkpoints ({Path(out_dir) / 'checkpoints'}); "
                                 "start without --resume")
@@ -292,10 +318,18 @@ def train_retrieval(clip: torch.nn.Module, tokenizer, preprocess, train_pairs: S
     cat_sim = category_similarity(category_text_features(model, categories)) if categories else None
     loss_fn = RetrievalLoss(cfg, categories, cat_sim, seed)
     val_ds = PairDataset(val_pairs, preprocess) if val_pairs else None
-    eval_fn = (lambda m: evaluate_retrieval(m, val_ds)) if val_ds is not None else None
+
+    def eval_fn(m: DualPromptCLIP, ctx: Any) -> dict[str, float]:
+        assert val_ds is not None
+        if ctx.step == 0:  # before training: the frozen model (zero-shot) is the score to beat
+            with m.disabled():
+                return evaluate_retrieval(m, val_ds)
+        return evaluate_retrieval(m, val_ds)
+
     tcfg = TrainConfig(out_dir=str(out_dir), epochs=epochs, max_steps=max_steps, optimizer=optimizer, lr=lr,
                        weight_decay=weight_decay, scheduler="cosine", seed=seed, cpu=cpu, progress=progress,
                        mixed_precision=mixed_precision, log_every=5, eval_every=1 if val_ds is not None else 0,
+                       eval_at_start=val_ds is not None,
                        checkpoint_every=checkpoint_every, deterministic=deterministic)
     extra = {"dcar": asdict(cfg), **(extra_config or {})}
     train_data: Any = dataset
@@ -307,8 +341,8 @@ def train_retrieval(clip: torch.nn.Module, tokenizer, preprocess, train_pairs: S
         train_data = DataLoader(dataset, batch_sampler=HardNegativeBatchSampler(
             train_pairs, batch_size, cfg.hard_share, cfg.hard_group, seed), collate_fn=collate_pairs,
             num_workers=num_workers)
-    trainer = Trainer(model, train_data, tcfg, loss_fn=loss_fn, eval_fn=eval_fn,
-                      metric="mean_recall" if eval_fn else None, batch_size=batch_size, num_workers=num_workers,
+    trainer = Trainer(model, train_data, tcfg, loss_fn=loss_fn, eval_fn=eval_fn if val_ds is not None else None,
+                      metric="mean_recall" if val_ds is not None else None, batch_size=batch_size, num_workers=num_workers,
                       collate_fn=collate_pairs,
                       batch_size_fn=lambda b: len(b["captions"]), extra_config=extra, callbacks=callbacks)
     summary = trainer.fit(resume=resume)
@@ -316,7 +350,11 @@ def train_retrieval(clip: torch.nn.Module, tokenizer, preprocess, train_pairs: S
     best = Path(out_dir) / "checkpoints" / "best"
     if val_ds is not None and (best / MODEL_FILE).is_file():  # the prompts of the best validation epoch
         load_model_weights(model, best, strict=False)  # the engine's loader: verified against its sha256
-        summary["selected"] = "best validation mean recall"
+        if summary.get("best_step") == 0:
+            model.enabled = False
+            summary["selected"] = "frozen model: no epoch beat zero-shot on the validation pairs"
+        else:
+            summary["selected"] = "best validation mean recall"
     hist = callbacks[0].history if callbacks else []
     save_prompts(model, out_dir, {"method": cfg.method, **(extra_config or {}),
                                   "attr_history": hist[-1:] if hist else []})

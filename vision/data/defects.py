@@ -20,6 +20,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -28,7 +29,9 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from vision.io import write_bytes_atomic, write_text_atomic
 
-__all__ = ["DEFECT_TYPES", "TEXTURES", "make_defects", "render_defect_sample"]
+__all__ = ["DEFECT_TYPES", "FAMILIES", "FAMILY_DEFECTS", "FAMILY_TEXTURES", "GLOBAL_TEXTURE_DEFECTS",
+           "LOCAL_TEXTURE_DEFECTS", "RENDERERS", "STOCHASTIC_TEXTURES", "TEXTURES", "make_defects",
+           "render_defect_sample", "render_global_texture_sample", "render_local_texture_sample"]
 
 REAL_TEXTURES = ("brick", "grass", "gravel")
 PROCEDURAL_TEXTURES = ("noise", "fabric", "brushed", "wood")
@@ -193,6 +196,258 @@ def render_defect_sample(
     return (img * 255 + 0.5).astype(np.uint8), mask, texture, defect
 
 
+# ----------------------------------------------------------------------------------------------- texture families
+# A stochastic texture sample is ``mean + sigma0 * z`` with ``z = c * S(A x) + g * n``: S a canonical source field
+# (procedural, or a real photo) sampled through the 2x2 map A (orientation, scale) and normalised to zero mean and
+# unit std, c its contrast, n a fine unit-std grain field with weight g. A texture defect changes one of A, c, g.
+
+
+@dataclass(frozen=True)
+class _Stochastic:
+    """Nominal look of one stochastic texture (the "product"): orientation in degrees, isotropic or not."""
+
+    angle: float
+    isotropic: bool
+    sigma0: float = 0.09  # grey-level std of the structure
+    grain0: float = 0.2  # fine-grain weight g, in units of the structure std
+
+
+_STOCHASTIC = {
+    "fabric": _Stochastic(angle=0.0, isotropic=False),
+    "brushed": _Stochastic(angle=0.0, isotropic=False),
+    "wood": _Stochastic(angle=90.0, isotropic=False),
+    "noise": _Stochastic(angle=0.0, isotropic=True),
+    "grass": _Stochastic(angle=0.0, isotropic=True),
+    "gravel": _Stochastic(angle=0.0, isotropic=True),
+}
+STOCHASTIC_TEXTURES = tuple(_STOCHASTIC)
+TEXTURE_DEFECT_TYPES = ("orientation", "scale", "contrast", "grain")
+LOCAL_TEXTURE_DEFECTS = TEXTURE_DEFECT_TYPES
+GLOBAL_TEXTURE_DEFECTS = TEXTURE_DEFECT_TYPES
+FAMILIES = ("marks", "local_texture", "global_texture")
+FAMILY_TEXTURES = {"marks": TEXTURES, "local_texture": STOCHASTIC_TEXTURES, "global_texture": STOCHASTIC_TEXTURES}
+FAMILY_DEFECTS = {"marks": DEFECT_TYPES, "local_texture": LOCAL_TEXTURE_DEFECTS,
+                  "global_texture": GLOBAL_TEXTURE_DEFECTS}
+
+# Natural variation of every sample (defective or not) around the texture's nominal look.
+_JITTER = {"angle": 1.5, "scale": 0.03, "contrast": 0.04, "grain": 0.1, "mean": (0.42, 0.58)}
+# local_texture: how far the region's statistic moves (factor ranges; either direction unless noted).
+LOCAL_TEXTURE_PARAMS = {
+    "region_side": (0.08, 0.30),  # blob diameter or band width, share of the image side
+    "edge": 0.025,  # soft-edge width, share of the image side
+    "rotation_deg": (30.0, 90.0),  # oriented textures: the region's orientation turns by this much
+    "stretch": (1.6, 2.2),  # isotropic textures: the region is stretched along one direction (and squeezed across)
+    "scale": (1.5, 2.2),  # frequency factor (finer) or its inverse (coarser)
+    "contrast": (1.8, 2.5),  # contrast factor (stronger) or its inverse (weaker)
+    "grain": (0.5, 0.9),  # grain weight added; the total std is kept
+    "up_share": 0.5,  # share of changes that turn orientation positive, frequency finer, contrast stronger
+}
+# global_texture: the whole image's statistic moves slightly.
+GLOBAL_TEXTURE_PARAMS = {
+    "rotation_deg": (3.0, 8.0),
+    "stretch": (1.06, 1.15),
+    "scale": (1.10, 1.25),  # frequency factor (finer) or its inverse (coarser)
+    "contrast": (1.15, 1.30),  # contrast factor (stronger) or its inverse (weaker)
+    "grain": (0.25, 0.5),  # grain weight added; the total std is kept
+    "up_share": 0.5,
+}
+
+
+def _unit(a: np.ndarray) -> np.ndarray:
+    a = a - a.mean()
+    return (a / (a.std() + 1e-8)).astype(np.float32)
+
+
+def _gauss(a: np.ndarray, sigma: float | tuple[float, float]) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    return gaussian_filter(a, sigma=sigma, mode="wrap")
+
+
+def _stochastic_source(rng: np.random.Generator, name: str, size: int) -> tuple[np.ndarray, float, np.ndarray]:
+    """(canonical source field, source pixels per output pixel, centre in the source as (x, y))."""
+    if name in ("grass", "gravel"):
+        src = _real_texture(name)
+        zoom = 0.3 * min(src.shape) / size  # the image shows 30 % of the photo's side
+        r = 0.75 * size * zoom
+        cx, cy = (rng.uniform(r, s - r) for s in (src.shape[1], src.shape[0]))
+        return src, zoom, np.array([cx, cy])
+    side = int(math.ceil(1.9 * size)) + 8
+    u = size / 128  # feature sizes are set for 128 px images
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32)
+    if name == "noise":  # multi-scale isotropic noise, fine scales dominant
+        t = sum(w * _unit(_gauss(rng.standard_normal((side, side)).astype(np.float32), s * u))
+                for s, w in ((1.0, 0.5), (2.5, 0.4), (6.0, 0.3)))
+    elif name == "fabric":  # plain weave with wavy threads, uneven thread brightness and slubs
+        p = 9.0 * u
+        U = xx / p + 0.12 * _unit(_gauss(rng.standard_normal((side, side)).astype(np.float32), 5 * p))
+        V = yy / p + 0.12 * _unit(_gauss(rng.standard_normal((side, side)).astype(np.float32), 5 * p))
+        n_threads = int(side / p) + 4
+        warp_b, weft_b = rng.normal(0, 0.3, size=(2, n_threads))
+        warp = (np.sin(2 * np.pi * U) + warp_b[np.floor(U).astype(int) % n_threads]) * np.tanh(3 * np.sin(np.pi * V))
+        weft = (np.sin(2 * np.pi * V) + weft_b[np.floor(V).astype(int) % n_threads]) * np.tanh(3 * np.cos(np.pi * U))
+        t = warp + weft + 0.3 * _unit(_gauss(rng.standard_normal((side, side)).astype(np.float32), 1.5 * u))
+    elif name == "brushed":  # streaks along x
+        t = _unit(_gauss(rng.standard_normal((side, side)).astype(np.float32), (0.6 * u, 12 * u)))
+        t = t + 0.35 * _unit(_gauss(rng.standard_normal((side, side)).astype(np.float32), 6 * u))
+    else:  # wood: warped grain lines along x (early/late wood profile) with fibres
+        p = 7.0 * u
+        phase = yy / p + 1.2 * _unit(_gauss(rng.standard_normal((side, side)).astype(np.float32), 20 * u))
+        t = ((np.sin(2 * np.pi * phase) + 1) / 2) ** 2
+        t = _unit(t) + 0.3 * _unit(_gauss(rng.standard_normal((side, side)).astype(np.float32), (0.5 * u, 6 * u)))
+    c = (side - 1) / 2 + rng.uniform(-0.5, 0.5, size=2)
+    return t.astype(np.float32), 1.0, c
+
+
+def _rot(deg: float) -> np.ndarray:
+    a = math.radians(deg)
+    return np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+
+
+@dataclass
+class _Scene:
+    """One stochastic texture sample before its defect: the source and its nominal parameters."""
+
+    coeffs: np.ndarray  # spline coefficients of the source field
+    centre: np.ndarray  # source point (x, y) at the image centre
+    A: np.ndarray  # output -> source map (orientation, scale)
+    contrast: float
+    grain: float
+    grain_field: np.ndarray
+    mean: float
+    sigma0: float
+    isotropic: bool
+
+
+def _scene(rng: np.random.Generator, texture: str, size: int) -> _Scene:
+    from scipy.ndimage import spline_filter
+
+    spec = _STOCHASTIC[texture]
+    src, zoom, centre = _stochastic_source(rng, texture, size)
+    angle = spec.angle + rng.uniform(-1, 1) * _JITTER["angle"]
+    scale = zoom * (1 + rng.uniform(-1, 1) * _JITTER["scale"])
+    contrast = 1 + rng.uniform(-1, 1) * _JITTER["contrast"]
+    grain = spec.grain0 * (1 + rng.uniform(-1, 1) * _JITTER["grain"])
+    mean = rng.uniform(*_JITTER["mean"])
+    grain_field = _unit(_gauss(rng.standard_normal((size, size)).astype(np.float32), 0.5))
+    return _Scene(spline_filter(src, order=3, mode="mirror"), centre, scale * _rot(angle), contrast, grain,
+                  grain_field, mean, spec.sigma0, spec.isotropic)
+
+
+def _render_z(sc: _Scene, M: np.ndarray | None = None, p0: np.ndarray | None = None,
+              contrast: float | None = None, grain: float | None = None) -> np.ndarray:
+    """z = c * S + g * n, the source sampled at ``centre + A (p0 - o) + A M (p - p0)`` (o the image centre)."""
+    from scipy.ndimage import map_coordinates
+
+    size = sc.grain_field.shape[0]
+    o = (size - 1) / 2
+    p0 = np.array([o, o]) if p0 is None else p0
+    M = np.eye(2) if M is None else M
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float64)
+    d = np.stack([xs - p0[0], ys - p0[1]])
+    q = np.tensordot(sc.A @ M, d, axes=1) + (sc.centre + sc.A @ (p0 - o))[:, None, None]
+    S = _unit(map_coordinates(sc.coeffs, [q[1], q[0]], order=3, mode="mirror", prefilter=False))
+    c = sc.contrast if contrast is None else contrast
+    g = sc.grain if grain is None else grain
+    return c * S + g * sc.grain_field
+
+
+def _texture_change(rng: np.random.Generator, sc: _Scene, kind: str, params: dict) -> dict:
+    """Keyword arguments of ``_render_z`` that apply a ``kind`` change of the given size to the scene."""
+    sign = 1.0 if rng.random() < params["up_share"] else -1.0
+    if kind == "orientation":
+        if sc.isotropic:  # an isotropic texture gets a direction: stretched along phi, squeezed across
+            k, phi = rng.uniform(*params["stretch"]), rng.uniform(0, 180)
+            return {"M": _rot(phi) @ np.diag([k, 1 / k]) @ _rot(-phi)}
+        return {"M": _rot(sign * rng.uniform(*params["rotation_deg"]))}
+    if kind == "scale":  # source pixels per output pixel times f: a finer texture for f > 1
+        f = rng.uniform(*params["scale"]) ** sign
+        return {"M": np.eye(2) * f}
+    if kind == "contrast":
+        return {"contrast": sc.contrast * rng.uniform(*params["contrast"]) ** sign}
+    # grain: more fine grain, the structure weakened so that the total std stays
+    g = sc.grain + rng.uniform(*params["grain"])
+    total = sc.contrast**2 + sc.grain**2
+    return {"grain": g, "contrast": math.sqrt(max(total - g * g, 0.05 * total))}
+
+
+def _region_alpha(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(soft opacity [size, size] of a blob or a band, its reference point (x, y)); the mask is alpha > 0.5."""
+    ext = rng.uniform(*LOCAL_TEXTURE_PARAMS["region_side"]) * size
+    edge = max(1.0, LOCAL_TEXTURE_PARAMS["edge"] * size)
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float64)
+    phi = rng.uniform(0, math.pi)
+    n = np.array([math.cos(phi), math.sin(phi)])
+    if rng.random() < 0.5:  # blob: an irregular ellipse
+        r = ext / 2
+        p0 = rng.uniform(r + edge, size - r - edge, size=2) if size > 2 * (r + edge) else np.full(2, (size - 1) / 2)
+        aspect = rng.uniform(0.6, 1.0)
+        u = ((xs - p0[0]) * n[0] + (ys - p0[1]) * n[1]) / r
+        v = (-(xs - p0[0]) * n[1] + (ys - p0[1]) * n[0]) / (r * aspect)
+        ang = np.arctan2(v, u)
+        wobble = 1 + sum(rng.uniform(0, 0.12) * np.cos(k * ang + rng.uniform(0, 2 * math.pi)) for k in (2, 3))
+        dist = (np.hypot(u, v) - wobble) * r * aspect
+    else:  # band across the image
+        p0 = (size - 1) / 2 + rng.uniform(-0.3, 0.3) * size * n
+        dist = np.abs((xs - p0[0]) * n[0] + (ys - p0[1]) * n[1]) - ext / 2
+    t = np.clip(0.5 - dist / edge, 0, 1)
+    return (t * t * (3 - 2 * t)).astype(np.float32), p0
+
+
+def _to_uint8(img: np.ndarray) -> np.ndarray:
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def render_local_texture_sample(
+    rng: np.random.Generator, size: int, defective: bool, texture: str | None = None, defect: str | None = None
+) -> tuple[np.ndarray, np.ndarray, str, str]:
+    """(uint8 image, bool mask, texture, defect or "") of one ``local_texture`` sample.
+
+    A defect is a soft blob or band where orientation, scale, contrast or grain differs; its local mean is kept.
+    The non-defective image drawn from the same generator state is the defective one outside the region.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    texture = texture or STOCHASTIC_TEXTURES[int(rng.integers(len(STOCHASTIC_TEXTURES)))]
+    sc = _scene(rng, texture, size)
+    z = _render_z(sc)
+    if not defective:
+        return _to_uint8(sc.mean + sc.sigma0 * (z - z.mean())), np.zeros((size, size), bool), texture, ""
+    defect = defect or LOCAL_TEXTURE_DEFECTS[int(rng.integers(len(LOCAL_TEXTURE_DEFECTS)))]
+    for _ in range(20):
+        alpha, p0 = _region_alpha(rng, size)
+        mask = alpha > 0.5
+        if mask.sum() >= 4:
+            break
+    z_alt = _render_z(sc, p0=p0, **_texture_change(rng, sc, defect, LOCAL_TEXTURE_PARAMS))
+    sigma = max(1.0, 0.04 * size)  # keep the local mean: the changed texture's low-pass replaced by the base's
+    z_alt = z_alt - gaussian_filter(z_alt, sigma, mode="reflect") + gaussian_filter(z, sigma, mode="reflect")
+    img = sc.mean + sc.sigma0 * (z * (1 - alpha) + z_alt * alpha - z.mean())
+    return _to_uint8(img), mask, texture, defect
+
+
+def render_global_texture_sample(
+    rng: np.random.Generator, size: int, defective: bool, texture: str | None = None, defect: str | None = None
+) -> tuple[np.ndarray, np.ndarray, str, str]:
+    """(uint8 image, bool mask, texture, defect or "") of one ``global_texture`` sample.
+
+    A defective image has its whole texture's orientation, scale, contrast or grain shifted slightly, its mean
+    kept; the mask is the whole image.
+    """
+    texture = texture or STOCHASTIC_TEXTURES[int(rng.integers(len(STOCHASTIC_TEXTURES)))]
+    sc = _scene(rng, texture, size)
+    if not defective:
+        z = _render_z(sc)
+        return _to_uint8(sc.mean + sc.sigma0 * (z - z.mean())), np.zeros((size, size), bool), texture, ""
+    defect = defect or GLOBAL_TEXTURE_DEFECTS[int(rng.integers(len(GLOBAL_TEXTURE_DEFECTS)))]
+    z = _render_z(sc, **_texture_change(rng, sc, defect, GLOBAL_TEXTURE_PARAMS))
+    return _to_uint8(sc.mean + sc.sigma0 * (z - z.mean())), np.ones((size, size), bool), texture, defect
+
+
+RENDERERS = {"marks": render_defect_sample, "local_texture": render_local_texture_sample,
+             "global_texture": render_global_texture_sample}
+
+
 # ----------------------------------------------------------------------------------------------- writing
 
 
@@ -216,6 +471,7 @@ def make_defects(
     image_level_fraction: float = 0.3,
     textures: Sequence[str] | None = None,
     defects: Sequence[str] | None = None,
+    family: str = "marks",
 ) -> Path:
     """Write a DAGM-style defect data set (train + test) to ``out_dir``; returns ``out_dir``.
 
@@ -228,10 +484,15 @@ def make_defects(
         defect_fraction: share of images with a defect (0..1).
         image_level_fraction: share of defective training images marked image-level only
             (``segmented=0`` in labels.csv; their masks are still written, for evaluation).
-        textures: texture names to draw from (default: all of ``TEXTURES``); one texture and one defect
-            type give a single DAGM-like class.
-        defects: defect types to draw from (default: all of ``DEFECT_TYPES``).
+        textures: texture names to draw from (default: all of the family's textures, ``FAMILY_TEXTURES``);
+            one texture and one defect type give a single DAGM-like class.
+        defects: defect types to draw from (default: all of the family's types, ``FAMILY_DEFECTS``).
+        family: ``"marks"`` (visible scratches, spots, cracks, stains), ``"local_texture"`` (a region whose
+            texture statistics differ, mean kept) or ``"global_texture"`` (the whole image's texture statistics
+            shifted slightly; full-image masks). See ``FAMILIES``.
     """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown defect family {family!r}; choose from {', '.join(FAMILIES)}")
     if n_train < 0 or n_test < 0:
         raise ValueError(f"n_train and n_test must be >= 0, got {n_train}, {n_test}")
     if img_size < 32 or img_size % 8:
@@ -240,14 +501,16 @@ def make_defects(
         raise ValueError(f"defect_fraction must be in [0, 1], got {defect_fraction}")
     if not 0.0 <= image_level_fraction <= 1.0:
         raise ValueError(f"image_level_fraction must be in [0, 1], got {image_level_fraction}")
-    tex = tuple(textures) if textures else TEXTURES
-    dts = tuple(defects) if defects else DEFECT_TYPES
-    for name, allowed, what in ((tex, TEXTURES, "texture"), (dts, DEFECT_TYPES, "defect type")):
+    all_tex, all_dts = FAMILY_TEXTURES[family], FAMILY_DEFECTS[family]
+    tex = tuple(textures) if textures else all_tex
+    dts = tuple(defects) if defects else all_dts
+    for name, allowed, what in ((tex, all_tex, "texture"), (dts, all_dts, "defect type")):
         bad = [t for t in name if t not in allowed]
         if bad:
-            raise ValueError(f"unknown {what}(s) {bad}; choose from {', '.join(allowed)}")
+            raise ValueError(f"unknown {what}(s) {bad} for family {family!r}; choose from {', '.join(allowed)}")
+    render = RENDERERS[family]
     out = Path(out_dir)
-    info: dict = {"img_size": img_size, "seed": seed, "defect_fraction": defect_fraction,
+    info: dict = {"family": family, "img_size": img_size, "seed": seed, "defect_fraction": defect_fraction,
                   "image_level_fraction": image_level_fraction, "textures": list(tex), "defects": list(dts),
                   "splits": {}}
     for stream, (split, n) in enumerate((("train", n_train), ("test", n_test))):
@@ -262,7 +525,7 @@ def make_defects(
             rng = np.random.default_rng([seed, stream, i])
             texture = tex[int(rng.integers(len(tex)))]
             defect = dts[int(rng.integers(len(dts)))]
-            img, mask, texture, defect = render_defect_sample(rng, img_size, defective, texture, defect)
+            img, mask, texture, defect = render(rng, img_size, defective, texture, defect)
             name = f"{split}_{i:04d}.png"
             _write_png(img, img_dir / name)
             segmented = 1

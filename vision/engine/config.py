@@ -35,6 +35,7 @@ class TrainConfig:
     log_every: int = 10  # steps
     checkpoint_every: int = 0  # steps; 0 = only at end of each epoch and at the end
     eval_every: int = 1  # epochs; 0 = never
+    eval_at_start: bool = False  # also evaluate the untrained model (step 0): it can be the best checkpoint
     max_bad_steps: int = 5  # consecutive non-finite losses before stopping
     keep_last: int = 2  # checkpoints kept: "last" plus keep_last-1 older ones as checkpoints/step-XXXXXXX
     cpu: bool = False

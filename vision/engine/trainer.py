@@ -809,6 +809,8 @@ class Trainer:
         try:
             self._emit("fit_start", {"step": self.global_step,
                                      "resumed_from": str(resumed_from) if resumed_from is not None else None})
+            if self.eval_fn is not None and cfg.eval_at_start and resumed_from is None and self.global_step == 0:
+                self._run_eval()  # the starting point competes for checkpoints/best (training must beat it)
             # (an interrupted run may stop right at the end of an epoch: finish that epoch's bookkeeping)
             while self.global_step < self.total_steps or self.batch_in_epoch >= self.batches_per_epoch:
                 ended_epoch, interrupted, stats = self._train_epoch()
