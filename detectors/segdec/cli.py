@@ -45,6 +45,13 @@ def _print_metrics(res: dict) -> None:
     typer.echo("  ".join(f"{k}={_fmt(res[k])}" for k in keys if k in res))
 
 
+class Method(str, enum.Enum):
+    """segdec: the supervised two-stage network; patchcore: good images only (an anomaly baseline)."""
+
+    segdec = "segdec"
+    patchcore = "patchcore"
+
+
 class HeatmapKind(str, enum.Enum):
     """What ``defect predict`` draws as the heatmap."""
 
@@ -60,6 +67,12 @@ def train(
     data: Path = typer.Option(..., "--data", help="Data folder (KolektorSDD, KSDD2, DAGM, Severstal or generic)."),
     out: Path = opt.out_option(Path("runs/defect/exp"), "Run folder (config, checkpoints, logs, eval)."),
     dataset_kind: DatasetKind = typer.Option(DatasetKind.auto, "--dataset-kind", help=KIND_HELP),
+    method: Method = typer.Option(Method.segdec, "--method", help="segdec (the segmentation + decision network, "
+                                  "trained on good and defective images) or patchcore (an anomaly scorer built "
+                                  "from the good images only: k-NN distance of pretrained patch features)."),
+    coreset_ratio: float = typer.Option(0.1, "--coreset-ratio", min=0.001, max=1.0,
+                                        help="patchcore: share of the good images' patch features kept in the "
+                                             "memory bank (greedy k-center coreset)."),
     img_size: str | None = typer.Option(None, "--img-size", help="N or WIDTHxHEIGHT, multiples of 8 "
                                            "(default: the dataset's official size; folders: the image size)."),
     epochs: int | None = typer.Option(None, "--epochs", help="Default: the dataset preset (DAGM 70)."),
@@ -127,6 +140,11 @@ def train(
     from .train import train_segdec
 
     dev = opt.resolve_device(device, cpu)
+    if method is Method.patchcore:
+        _train_patchcore(ctx, data, out, dataset_kind.value, img_size, backbone, pretrained, coreset_ratio,
+                         batch, workers, seed, val_split, val_data, skip_bad, cache, dev, dagm_class, fold, resume,
+                         exist_ok)
+        return
     try:
         summary = train_segdec(
             data, out, dataset_kind=dataset_kind.value, img_size=img_size, epochs=epochs, batch=batch, lr=lr,
@@ -149,6 +167,40 @@ def train(
         _fail(str(e))
         return
     typer.echo(f"trained {summary['steps']} steps; run folder: {summary['out']}")
+    if "eval" in summary:
+        _print_metrics(summary["eval"])
+        typer.echo(f"evaluation written to {Path(summary['out']) / 'eval'}")
+
+
+def _train_patchcore(ctx: typer.Context, data: Path, out: Path, kind: str, img_size: str | None, backbone: str,
+                     pretrained: str, coreset_ratio: float, batch: int | None, workers: int, seed: int,
+                     val_split: float, val_data: Path | None, skip_bad: bool, cache: bool, dev: str | None,
+                     dagm_class: int | None, fold: int, resume: str | None, exist_ok: bool) -> None:
+    """``defect train --method patchcore``: fit the good-images-only scorer (no training steps, nothing to resume)."""
+    from vision.engine import WeightsMismatchError
+
+    from .anomaly import train_patchcore
+    from .data import DatasetError
+
+    if opt.parse_resume(resume):
+        usage_error("--resume: a patchcore run has no training steps to continue; run it again (--exist-ok to reuse "
+                    "the folder)")
+    if backbone in ("paper", "none", ""):
+        usage_error(f"--backbone {backbone}: patchcore needs a pretrained registry or timm backbone (default auto: "
+                    "efficientnet_lite0.offline)")
+    try:
+        summary = train_patchcore(
+            data, out, dataset_kind=kind, img_size=img_size, backbone=None if backbone == "auto" else backbone,
+            pretrained=None if pretrained.lower() == "auto" else _pretrained(pretrained), coreset_ratio=coreset_ratio,
+            batch=batch or 8, workers=workers, seed=seed, val_split=val_split, val_data=val_data, skip_bad=skip_bad,
+            cache=cache, device=dev, dagm_class=dagm_class, fold=fold, exist_ok=exist_ok,
+            run_config=opt.run_config(ctx.params))
+    except (DatasetError, ValueError, FileNotFoundError, WeightsMismatchError) as e:
+        _fail(str(e))
+        return
+    fit = summary["fit"]
+    typer.echo(f"memory bank: {fit['bank_size']} patch features of {fit['bank_images']} good images "
+               f"({fit['seconds']:.1f} s); run folder: {summary['out']}")
     if "eval" in summary:
         _print_metrics(summary["eval"])
         typer.echo(f"evaluation written to {Path(summary['out']) / 'eval'}")

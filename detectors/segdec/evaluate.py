@@ -160,3 +160,17 @@ def save_eval_outputs(res: dict[str, Any], dataset: DefectDataset, out: str | Pa
 
 def _public(res: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in res.items() if k not in ("per_image", "_segs", "pr_curve", "roc_curve")}
+
+
+def record_validation(model: nn.Module, val_ds: DefectDataset, out: Path, spec: dict[str, Any],
+                      batch: int = 8) -> dict[str, float]:
+    """Evaluate a run's model on its validation images and write their best-F1 decision threshold (what
+    ``defect predict`` uses) and AP / AUROC into the run's ``segdec.json`` (``spec``, updated); returns them."""
+    from .spec import SPEC_FILE
+
+    res = evaluate_segdec(model, val_ds, batch=batch, pixel=False)
+    figures = {k: float(res[k]) for k in ("AP", "AUROC", "threshold")}
+    spec["threshold"] = figures["threshold"]
+    spec["validation_metrics"] = figures
+    write_json_atomic(Path(out) / SPEC_FILE, spec)
+    return figures

@@ -293,7 +293,8 @@ class PatchCore(nn.Module):
         DataLoader over a DefectDataset: items whose ``"label"`` is not 0 are skipped). Image i (counted over the
         whole stream) with ``i % holdout_every == holdout_every - 1`` is held out of the bank (the last image when
         that picks none) and scored: ``score_center`` = the largest held-out image score, ``score_scale`` = their
-        standard deviation (at least 5 % of the centre), so a typical good image gets a logit <= 0.
+        standard deviation (at least 5 % of the centre), so a typical good image gets a logit <= 0 (about
+        1 in n_held + 1 new good images still scores above the largest held-out one, hence a logit > 0).
         """
         if holdout_every < 2:
             raise ValueError(f"holdout_every must be >= 2, got {holdout_every}")
@@ -310,18 +311,15 @@ class PatchCore(nn.Module):
         skipped = 0
         try:
             for batch in it:
-                x = batch
-                if isinstance(batch, Mapping):
-                    x = batch["image"]
-                    label = batch.get("label")
-                    if label is not None:
-                        good = torch.as_tensor(label).reshape(-1) == 0
-                        skipped += int((~good).sum())
-                        x = x[good.to(x.device)] if x.dim() == 4 else (x if bool(good.all()) else x[:0])
+                x = batch["image"] if isinstance(batch, Mapping) else batch
                 if not isinstance(x, Tensor):
                     raise ValueError(f"fit expects batches of image tensors [B, C, H, W], got {type(x).__name__}")
                 if x.dim() == 3:
                     x = x.unsqueeze(0)
+                if isinstance(batch, Mapping) and batch.get("label") is not None:
+                    good = torch.as_tensor(batch["label"]).reshape(-1).to(x.device) == 0
+                    skipped += int((~good).sum())
+                    x = x[good]
                 if x.shape[0] == 0:
                     continue
                 z = self.embed(x.to(device))

@@ -18,7 +18,11 @@ from .evaluate import _upsample
 from .spec import load_segdec
 
 
-def _default_threshold(weights: Path) -> float:
+def _default_threshold(weights: Path, spec: dict[str, Any] | None = None) -> float:
+    """The run's decision threshold: chosen on its validation images (``segdec.json``), else (runs from before
+    validation existed) the best-F1 threshold of its final evaluation, else 0.5."""
+    if spec is not None and isinstance(spec.get("threshold"), (int, float)):
+        return float(spec["threshold"])
     start = weights if weights.is_dir() else weights.parent
     for p in [start, *start.parents][:4]:
         f = p / "eval" / "metrics.json"
@@ -100,13 +104,13 @@ def predict_segdec(
 ) -> list[dict[str, Any]]:
     """Run a trained SegDecNet on images. Per image: defect probability (predictions.csv / .json), the
     full-resolution mask PNG (segmentation >= ``seg_threshold``) and a heatmap overlay. ``threshold``
-    (default: the run's best-F1 threshold from its evaluation, else 0.5) decides "defective". ``heatmap``:
+    (default: the run's best-F1 threshold on its validation images, else 0.5) decides "defective". ``heatmap``:
     'segmentation', 'cam' (Grad-CAM of the decision) or 'auto' (the CAM for labels-only runs, whose
     segmentation head no mask trained); each record and predictions.json say which kind was written."""
     model, spec = load_segdec(weights, device)
     kind = heatmap_kind(spec, heatmap)
     dev = next(model.parameters()).device
-    thr = _default_threshold(Path(weights)) if threshold is None else float(threshold)
+    thr = _default_threshold(Path(weights), spec) if threshold is None else float(threshold)
     h, w = spec["img_size"]
     grey = int(spec.get("channels", spec["model"].get("in_channels", 1))) == 1
     out = Path(out)

@@ -45,9 +45,23 @@ def resolve_settings(layout: str, **overrides: Any) -> dict[str, Any]:
     return s
 
 
-def build_from_spec(spec: dict[str, Any], pretrained_backbone: bool | str = False) -> SegDecNet:
-    """The (untrained) network described by a ``segdec.json`` spec."""
+METHODS = ("segdec", "patchcore")  # spec["method"]: the supervised network, or the good-images-only scorer
+
+
+def build_from_spec(spec: dict[str, Any], pretrained_backbone: bool | str = False) -> torch.nn.Module:
+    """The (untrained) model described by a ``segdec.json`` spec: a SegDecNet, or a PatchCore scorer whose memory
+    bank has the size recorded in the spec (so its weights file loads)."""
     m = dict(spec["model"])
+    method = spec.get("method", "segdec")
+    if method == "patchcore":
+        from .patchcore import PatchCore
+
+        bank_size = int(m.pop("bank_size", 0))
+        pc = PatchCore(**m, pretrained=pretrained_backbone)
+        pc.memory_bank = torch.zeros(bank_size, pc.feature_dim)
+        return pc
+    if method != "segdec":
+        raise ValueError(f"unknown method '{method}' in the run's spec (known: {', '.join(METHODS)})")
     return SegDecNet(
         in_channels=int(m.get("in_channels", 1)),
         grad_multiplier=float(m.get("grad_multiplier", 0.0)),
@@ -70,7 +84,7 @@ def load_segdec(
     *,
     img_size: Any = None,
     channels: int | None = None,
-) -> tuple[SegDecNet, dict[str, Any]]:
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A trained SegDecNet (eval mode) and its spec, from a run folder, checkpoint folder or weights file.
 
     A bare weights file without ``segdec.json`` (e.g. an official ``.pth``) needs ``img_size`` and ``channels``.

@@ -20,7 +20,15 @@ from vision.device import pick_device
 from vision.io import write_bytes_atomic, write_json_atomic
 
 from .data import DefectDataset, holdout_split, load_defect_dataset
-from .evaluate import _interp_pr, _public, _upsample, evaluate_segdec, run_inference, save_eval_outputs
+from .evaluate import (
+    _interp_pr,
+    _public,
+    _upsample,
+    evaluate_segdec,
+    record_validation,
+    run_inference,
+    save_eval_outputs,
+)
 from .losses import loss_weights, segdec_loss
 from .metrics import _dice_iou, image_metrics
 from .model import SegDecNet
@@ -311,6 +319,9 @@ def train_segdec(
                                "step": summary.get("best_step")}
     else:
         summary["selected"] = {"checkpoint": "last"}
+    if val_ds is not None:  # the decision threshold of predict: best F1 on the validation images, never the test's
+        summary["validation"] = record_validation(trainer.unwrapped_model.eval(), val_ds, out, spec,
+                                                   batch=max(1, int(st["batch"])))
     if final_eval and eval_ds is not None:
         final = trainer.unwrapped_model.eval()
         res = evaluate_segdec(final, eval_ds, batch=max(1, int(st["batch"])))

