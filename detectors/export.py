@@ -428,23 +428,11 @@ def export_detector(weights: str | Path, out: str | Path, img_size: int | None =
     return _export(wrapper, args, meta["inputs"], meta["outputs"], shapes, Path(out), meta, opset, simplify)
 
 
-def _eval_threshold(weights: Path) -> float | None:
-    """The best-F1 decision threshold of the run's evaluation (eval/metrics.json), when there is one."""
-    start = weights if weights.is_dir() else weights.parent
-    for p in [start, *start.parents][:4]:
-        f = p / "eval" / "metrics.json"
-        if f.is_file():
-            try:
-                return float(json.loads(f.read_text())["threshold"])
-            except (KeyError, ValueError, TypeError, OSError):
-                return None
-    return None
-
-
 def export_segdec(weights: str | Path, out: str | Path, dynamic: bool = True, half: bool = False, opset: int = 18,
                   simplify: bool = False, batch: int = 1) -> Path:
     """Export a trained SegDecNet run to ONNX (or ``.pt2``): input ``[B, C, H, W]`` in 0..1 at the run's
     img_size, outputs ``decision_logits [B]`` and ``seg_logits [B, 1, H/8, W/8]``; ``dynamic``: the batch."""
+    from detectors.segdec.predict import run_threshold
     from detectors.segdec.spec import find_weights_file, load_segdec
 
     model, spec = load_segdec(weights, "cpu")
@@ -458,7 +446,7 @@ def export_segdec(weights: str | Path, out: str | Path, dynamic: bool = True, ha
     meta = _common_metadata("segdec", find_weights_file(weights), opset, half, dynamic)
     meta.update({"img_size": [h, w], "channels": channels, "model": model.config, "inputs": ["images"],
                  "outputs": SEGDEC_OUTPUTS})
-    thr = _eval_threshold(Path(weights))
+    thr = run_threshold(Path(weights), spec)
     if thr is not None:
         meta["threshold"] = thr
     return _export(wrapper, (torch.rand(n, channels, h, w),), ["images"], SEGDEC_OUTPUTS, shapes, Path(out), meta,

@@ -39,6 +39,9 @@ from torch import Tensor, nn
 
 __all__ = ["PatchCore", "greedy_coreset", "knn_distance"]
 
+# cdist through a matrix product at every size (its default switches at 25 rows, a size test an exported graph with a
+# dynamic batch cannot keep): eager and exported scores are computed the same way
+CDIST_MODE = "use_mm_for_euclid_dist"
 STRIDE = 8  # the anomaly map is at 1/8 of the input resolution, as SegDecNet's segmentation map
 
 
@@ -90,9 +93,12 @@ def knn_distance(queries: Tensor, bank: Tensor, k: int = 1, chunk_size: int | No
     if chunk_size is None:
         chunk_size = max(1, 2**24 // bank.shape[0])
     bank = bank.to(queries.dtype)
+    if torch.compiler.is_exporting():  # an exported graph has a dynamic batch: one cdist, no size-dependent split
+        d = torch.cdist(queries, bank, compute_mode=CDIST_MODE)
+        return d.min(dim=1).values if k == 1 else d.topk(k, dim=1, largest=False).values.mean(dim=1)
     out = []
     for q in queries.split(chunk_size):
-        d = torch.cdist(q, bank)  # ||m_test - m||_2 for every bank feature m
+        d = torch.cdist(q, bank, compute_mode=CDIST_MODE)  # ||m_test - m||_2 for every bank feature m
         # s = min_{m in M} ||m_test - m||_2 (k = 1); mean of the k smallest otherwise
         out.append(d.min(dim=1).values if k == 1 else d.topk(k, dim=1, largest=False).values.mean(dim=1))
     return torch.cat(out) if out else queries.new_zeros(0)

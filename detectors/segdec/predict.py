@@ -18,9 +18,9 @@ from .evaluate import _upsample
 from .spec import load_segdec
 
 
-def _default_threshold(weights: Path, spec: dict[str, Any] | None = None) -> float:
+def run_threshold(weights: Path, spec: dict[str, Any] | None = None) -> float | None:
     """The run's decision threshold: chosen on its validation images (``segdec.json``), else (runs from before
-    validation existed) the best-F1 threshold of its final evaluation, else 0.5."""
+    validation existed) the best-F1 threshold of its final evaluation (``eval/metrics.json``); None without either."""
     if spec is not None and isinstance(spec.get("threshold"), (int, float)):
         return float(spec["threshold"])
     start = weights if weights.is_dir() else weights.parent
@@ -29,9 +29,14 @@ def _default_threshold(weights: Path, spec: dict[str, Any] | None = None) -> flo
         if f.is_file():
             try:
                 return float(json.loads(f.read_text())["threshold"])
-            except (KeyError, ValueError, TypeError):
-                break
-    return 0.5
+            except (KeyError, ValueError, TypeError, OSError):
+                return None
+    return None
+
+
+def _default_threshold(weights: Path, spec: dict[str, Any] | None = None) -> float:
+    thr = run_threshold(weights, spec)
+    return 0.5 if thr is None else thr
 
 
 HEATMAP_KINDS = ("auto", "segmentation", "cam")

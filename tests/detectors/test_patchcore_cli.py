@@ -58,3 +58,26 @@ def test_patchcore_usage_errors(defects, tmp_path):
     r = runner.invoke(app, ["defect", "train", "--data", str(only_bad), "--method", "patchcore", "--cpu", "--out",
                             str(tmp_path / "b")])
     assert r.exit_code == 1 and "defect-free image" in r.output
+
+
+def test_export_to_onnx_gives_the_same_scores_and_the_validation_threshold(defects, tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    run = tmp_path / "pc"
+    r = runner.invoke(app, ["defect", "train", "--data", str(defects), "--out", str(run), "--method", "patchcore",
+                            "--cpu", "--workers", "0", "--backbone", "resnet18", "--pretrained", "false"])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    r = runner.invoke(app, ["defect", "export", "--weights", str(run), "--out", str(tmp_path / "pc.onnx")])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    sess = ort.InferenceSession(str(tmp_path / "pc.onnx"))
+    spec = json.loads((run / "segdec.json").read_text())
+    assert float(sess.get_modelmeta().custom_metadata_map["threshold"]) == pytest.approx(spec["threshold"])
+    preds = {}
+    for name, weights in (("torch", run), ("onnx", tmp_path / "pc.onnx")):
+        out = tmp_path / f"pred_{name}"
+        r = runner.invoke(app, ["defect", "predict", "--weights", str(weights), "--source",
+                                str(defects / "test" / "images"), "--out", str(out), "--device", "cpu"])
+        assert r.exit_code == 0, r.output + repr(r.exception)
+        preds[name] = np.array([float(x["probability"]) for x in csv.DictReader(open(out / "predictions.csv"))])
+    np.testing.assert_allclose(preds["onnx"], preds["torch"], atol=1e-4)
