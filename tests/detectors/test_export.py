@@ -309,8 +309,8 @@ def test_segdec_export_matches_pytorch(segdec_run, tmp_path):
     net = OnnxSegDec(path, threads=1)
     meta = net.meta
     assert meta["task"] == "segdec" and meta["img_size"] == [32, 32] and meta["channels"] == 1
-    eval_thr = json.loads((run / "eval" / "metrics.json").read_text())["threshold"]
-    assert meta["threshold"] == pytest.approx(eval_thr) and net.threshold == pytest.approx(eval_thr)
+    val_thr = json.loads((run / "segdec.json").read_text())["threshold"]  # chosen on validation, not on the test
+    assert meta["threshold"] == pytest.approx(val_thr) and net.threshold == pytest.approx(val_thr)
     assert [o.name for o in net.session.get_outputs()] == ["decision_logits", "seg_logits"]
     model, _ = load_segdec(run, "cpu")
     ims = [Image.open(f).convert("L") for f in sorted(src.glob("*.png"))]
