@@ -15,6 +15,12 @@ class DigitsFormat(str, enum.Enum):
     labelme = "labelme"
 
 
+class DefectFamily(str, enum.Enum):
+    marks = "marks"
+    local_texture = "local_texture"
+    global_texture = "global_texture"
+
+
 app = typer.Typer(help="Data sets: make the sample digits set, check a folder.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
 
@@ -47,13 +53,20 @@ def make_defects_cmd(
     defect_fraction: float = typer.Option(0.3, "--defect-fraction", help="Share of defective images."),
     image_level_fraction: float = typer.Option(0.3, "--image-level-fraction",
                                                help="Share of defective training images marked image-level only."),
+    family: DefectFamily = typer.Option(
+        DefectFamily.marks, "--family",
+        help="marks: visible scratches, spots, cracks, stains | local_texture: a blob or band whose texture "
+             "orientation, scale, contrast or grain differs, mean kept | global_texture: the whole image's "
+             "texture statistics shifted slightly (full-image masks)."),
 ) -> None:
-    """DAGM-style surface set: real and procedural textures with scratches, spots, cracks and stains, pixel masks."""
+    """DAGM-style surface set with pixel masks: visible marks on real and procedural textures (default), or
+    texture-statistics defects on stochastic textures (--family local_texture | global_texture)."""
     from vision.data.defects import make_defects
 
     path = make_defects(out, n_train=n_train, n_test=n_test, img_size=img_size, seed=seed,
-                        defect_fraction=defect_fraction, image_level_fraction=image_level_fraction)
-    typer.echo(f"defect set ({n_train} train / {n_test} test, {img_size}px) -> {path}")
+                        defect_fraction=defect_fraction, image_level_fraction=image_level_fraction,
+                        family=family.value)
+    typer.echo(f"defect set ({family.value}, {n_train} train / {n_test} test, {img_size}px) -> {path}")
 
 
 @app.command("check")
