@@ -115,7 +115,7 @@ def train_segdec(
     backbone: str | None = "auto",
     pretrained: bool | str | None = None,
     width: float = 1.0,
-    augment: bool | None = None,
+    augment: bool | dict[str, Any] | None = None,
     optimizer: str = "sgd",
     momentum: float = 0.0,
     weight_decay: float = 0.0,
@@ -154,7 +154,7 @@ def train_segdec(
     where the decision loss then never reaches the trunk): the gradient multiplier applies only to defective
     images with a mask, every other sample's decision loss trains the trunk scaled by ``weak_grad_multiplier``
     (default 1; 0 = the official behaviour); ``backbone="auto"`` picks the pretrained registry trunk
-    :data:`WEAK_BACKBONE` (with full masks: the paper's trunk); ``augment`` (default: on in weak / mixed mode)
+    :data:`WEAK_BACKBONE` (with full masks: the paper's trunk); ``augment`` (default: on in weak / mixed mode; a dict: :class:`SurfaceAugment` arguments)
     adds flips, 90-degree rotations and brightness / contrast jitter; with a registry trunk and no ``lr``, the
     trunk's stable default :data:`BACKBONE_LR` (AdamW) replaces the paper trunk's preset SGD rate.
 
@@ -223,7 +223,7 @@ def train_segdec(
     if augment:
         from .data import SurfaceAugment
 
-        train_ds.augment = SurfaceAugment()
+        train_ds.augment = SurfaceAugment(**augment) if isinstance(augment, dict) else SurfaceAugment()
         train_ds.augment_seed = seed
     out = prepare_run_dir(out, resume=resume, exist_ok=exist_ok)
     if run_config is not None:
