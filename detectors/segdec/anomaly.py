@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from vision.io import write_json_atomic
 
-from .data import DefectDataset, holdout_split, load_defect_dataset
+from .data import load_defect_dataset, validation_and_test
 from .evaluate import _public, evaluate_segdec, record_validation, save_eval_outputs
 from .spec import SPEC_FILE
 
@@ -63,7 +63,7 @@ def train_patchcore(
     from vision.engine import save_checkpoint_atomic
     from vision.engine.run import main_process_first, prepare_run_dir, record_skipped, write_run_config
 
-    from .data import SplitNotFoundError, detect_layout
+    from .data import detect_layout
     from .patchcore import PatchCore
 
     t0 = time.perf_counter()
@@ -72,19 +72,8 @@ def train_patchcore(
     with main_process_first():
         train_ds = load_defect_dataset(data, "train", layout, img_size=img_size, channels=channels,
                                        progress=progress, **kw)
-        try:
-            eval_ds: DefectDataset | None = load_defect_dataset(
-                data, "test", layout, img_size=train_ds.img_size, channels=train_ds.channels, progress=progress, **kw)
-        except SplitNotFoundError as e:
-            log.warning("%s; no final evaluation on a test split", e)
-            eval_ds = None
-        if val_data is not None:
-            val_ds: DefectDataset | None = load_defect_dataset(
-                val_data, "train", "auto", img_size=train_ds.img_size, channels=train_ds.channels,
-                progress=progress, **kw)
-            val_ds.split = "val"
-        else:
-            train_ds, val_ds = holdout_split(train_ds, val_split)
+        train_ds, val_ds, eval_ds = validation_and_test(data, layout, train_ds, val_data=val_data,
+                                                        val_split=val_split, progress=progress, **kw)
     good = [i for i, lab in enumerate(train_ds.labels) if lab == 0]
     if len(good) < 2:
         raise ValueError(f"{data}: the training split has {len(good)} defect-free image(s); PatchCore builds its "

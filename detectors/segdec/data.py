@@ -385,3 +385,30 @@ def holdout_split(dataset: DefectDataset, share: float) -> tuple[DefectDataset, 
         return dataset, None
     keep = sorted(set(range(len(dataset))) - set(held))
     return dataset.subset(keep, dataset.split), dataset.subset(sorted(held), "val")
+
+
+def validation_and_test(
+    data: str | Path, layout: str, train_ds: DefectDataset, *, val_data: str | Path | None, val_split: float,
+    progress: bool = True, **kwargs: Any,
+) -> tuple[DefectDataset, DefectDataset | None, DefectDataset | None]:
+    """(train, validation, test) around a loaded training split, at its size and channels: validation is the
+    training split of ``val_data``, else a held-out ``val_split`` (:func:`holdout_split`, which also shrinks the
+    training set); test is ``data``'s test split (None, with a warning, when it has none; a broken one raises)."""
+    size = dict(img_size=train_ds.img_size, channels=train_ds.channels, progress=progress)
+    try:
+        test_ds: DefectDataset | None = load_defect_dataset(data, "test", layout, **size, **kwargs)
+    except SplitNotFoundError as e:
+        log.warning("%s; no final evaluation on a test split", e)
+        test_ds = None
+    if val_data is not None:
+        val_ds: DefectDataset | None = load_defect_dataset(val_data, "train", "auto", **size, **kwargs)
+        val_ds.split = "val"
+    else:
+        train_ds, val_ds = holdout_split(train_ds, val_split)
+    if val_ds is not None:
+        log.info("validation: %d images (%d defective) from %s", len(val_ds), sum(val_ds.labels),
+                 f"the training split of {val_data}" if val_data is not None
+                 else f"a held-out {val_split:g} of the training images")
+    else:
+        log.warning("no validation images (--val-split 0, or too few images): the run's model is the last epoch's")
+    return train_ds, val_ds, test_ds

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from vision.device import pick_device
 from vision.io import write_bytes_atomic, write_json_atomic
 
-from .data import DefectDataset, holdout_split, load_defect_dataset
+from .data import load_defect_dataset, validation_and_test
 from .evaluate import (
     _interp_pr,
     _public,
@@ -168,7 +168,7 @@ def train_segdec(
     from vision.engine import LossContext, TrainConfig, Trainer
     from vision.engine.run import main_process_first, prepare_run_dir, record_skipped, write_run_config
 
-    from .data import SplitNotFoundError, detect_layout
+    from .data import detect_layout
 
     layout = detect_layout(data) if dataset_kind == "auto" else dataset_kind
     st = resolve_settings(layout, img_size=img_size, channels=channels, epochs=epochs, batch=batch, lr=lr,
@@ -182,25 +182,8 @@ def train_segdec(
         log.info("%s", train_ds.summary())
         if sum(train_ds.labels) == 0:
             raise ValueError(f"{data}: the training split has no defective images; SegDecNet needs some to learn from")
-        try:
-            eval_ds: DefectDataset | None = load_defect_dataset(
-                data, "test", layout, img_size=train_ds.img_size, channels=train_ds.channels, progress=progress, **data_kw)
-        except SplitNotFoundError as e:  # only an absent split skips the final test; a broken one is an error
-            log.warning("%s; no final evaluation on a test split", e)
-            eval_ds = None
-        if val_data is not None:
-            val_ds: DefectDataset | None = load_defect_dataset(
-                val_data, "train", "auto", img_size=train_ds.img_size, channels=train_ds.channels, progress=progress,
-                **data_kw)
-            val_ds.split = "val"
-        else:
-            train_ds, val_ds = holdout_split(train_ds, val_split)
-        if val_ds is not None:
-            log.info("validation: %d images (%d defective) from %s", len(val_ds), sum(val_ds.labels),
-                     f"the training split of {val_data}" if val_data is not None
-                     else f"a held-out {val_split:g} of the training images")
-        else:
-            log.warning("no validation images (--val-split 0, or too few images): the run's model is the last epoch's")
+        train_ds, val_ds, eval_ds = validation_and_test(data, layout, train_ds, val_data=val_data,
+                                                        val_split=val_split, progress=progress, **data_kw)
     n_pos = sum(train_ds.labels)
     n_seg = train_ds.num_segmented_defects
     weak = n_seg < n_pos  # weakly or mixed supervised: some defective images have no mask
