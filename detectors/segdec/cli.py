@@ -103,9 +103,9 @@ def train(
     pretrained: str = typer.Option("auto", "--pretrained", help="Backbone weights: auto (true for an auto-chosen "
                                    "trunk) | true | false | PATH."),
     width: float = typer.Option(1.0, "--width", help="Channel multiplier of the paper's trunk (1 = the paper)."),
-    augment: bool | None = typer.Option(None, "--augment/--no-augment", help="Flips, 90-degree rotations, "
-                                        "brightness / contrast (default: on in weak / mixed mode, off with full "
-                                        "masks, as the official code)."),
+    augment: bool | None = typer.Option(None, "--augment/--no-augment", help="Flips and 90-degree rotations "
+                                        "(default: on in weak / mixed mode, off with full masks, as the official "
+                                        "code)."),
     optimizer: opt.Optimizer = typer.Option(opt.Optimizer.sgd, "--optimizer", help="sgd (official, plain) | adamw | adam"),
     momentum: float = typer.Option(0.0, "--momentum"),
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
