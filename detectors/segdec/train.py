@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from vision.device import pick_device
 from vision.io import write_bytes_atomic, write_json_atomic
 
-from .data import load_defect_dataset, validation_and_test
+from .data import load_defect_dataset, validation_and_test, validation_record
 from .evaluate import (
     _interp_pr,
     _public,
@@ -231,9 +231,7 @@ def train_segdec(
         "num_segmented": num_segmented, "optimizer": optimizer, "momentum": momentum,
         "weight_decay": weight_decay, "scheduler": scheduler, "seed": seed, "max_steps": max_steps,
         "dagm_class": dagm_class, "fold": fold,
-        "validation": None if val_ds is None else {"images": len(val_ds), "defective": sum(val_ds.labels),
-                                                   "source": str(val_data) if val_data is not None else "holdout",
-                                                   "share": None if val_data is not None else val_split},
+        "validation": validation_record(val_ds, val_data, val_split),
     }
     spec = {"format": "negvision.segdec/1", "weights": "best" if val_ds is not None else "last", "model": model_cfg,
             "img_size": list(train_ds.img_size),
