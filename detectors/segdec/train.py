@@ -186,8 +186,17 @@ def train_segdec(
         log.info("%s", train_ds.summary())
         if sum(train_ds.labels) == 0:
             raise ValueError(f"{data}: the training split has no defective images; SegDecNet needs some to learn from")
+        full_train = train_ds
         train_ds, val_ds, eval_ds = validation_and_test(data, layout, train_ds, val_data=val_data,
                                                         val_split=val_split, progress=progress, **data_kw)
+    if val_ds is not None and len(set(val_ds.labels)) < 2:  # AP / AUROC need both kinds to pick an epoch
+        kind = "defective" if val_ds.labels[0] else "good"
+        if val_data is not None:
+            raise ValueError(f"{val_data}: every validation image is {kind} ({len(val_ds)}); picking the best epoch "
+                             "needs good and defective images")
+        log.warning("the held-out validation images are all %s (too few of the other kind to hold one out): "
+                    "no validation, the run's model is the last epoch's", kind)
+        train_ds, val_ds = full_train, None
     n_pos = sum(train_ds.labels)
     n_seg = train_ds.num_segmented_defects
     weak = n_seg < n_pos  # weakly or mixed supervised: some defective images have no mask

@@ -77,3 +77,21 @@ def test_val_data_validates_on_another_folder(defects, tmp_path):
     r = runner.invoke(app, ["defect", "train", "--data", str(defects), "--out", str(tmp_path / "x"), *FAST,
                             "--val-data", str(tmp_path / "missing")])
     assert r.exit_code == 1 and "missing" in r.output
+
+
+def test_a_validation_set_of_one_kind(defects, tmp_path):
+    """AP / AUROC cannot rank epochs on one kind of image: --val-data of one kind is refused in one line; a held-out
+    share that can only take good images (one defective image) falls back to no validation with a warning."""
+    good = make_defects(tmp_path / "good", n_train=6, n_test=0, img_size=32, seed=6, defect_fraction=0.0)
+    r = runner.invoke(app, ["defect", "train", "--data", str(defects), "--out", str(tmp_path / "a"), *FAST,
+                            "--val-data", str(good)])
+    assert r.exit_code == 1 and "every validation image is good" in r.output and "good" in r.output
+    one = make_defects(tmp_path / "one", n_train=12, n_test=0, img_size=32, seed=7, defect_fraction=1 / 12)
+    ds = load_defect_dataset(one, "train", progress=False)
+    assert sum(ds.labels) == 1
+    run = tmp_path / "b"
+    r = runner.invoke(app, ["defect", "train", "--data", str(one), "--out", str(run), *FAST, "--epochs", "1"])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    spec = json.loads((run / "segdec.json").read_text())
+    assert spec["weights"] == "last" and spec["train"]["validation"] is None
+    assert ": 12 images, 1 defective" in json.loads((run / "train_summary.json").read_text())["train_data"]
