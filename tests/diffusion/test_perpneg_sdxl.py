@@ -6,35 +6,12 @@ import torch
 
 from diffusion.perpneg.guidance import perpendicular_component
 from diffusion.perpneg.pipeline_xl import PerpNegStableDiffusionXLPipeline, perp_neg_unet_forward
-from diffusion.perpneg.tiny import write_tiny_clip_tokenizer
+from diffusion.perpneg.tiny import make_tiny_sdxl_components
 
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    tok_dir = write_tiny_clip_tokenizer(tmp_path_factory.mktemp("tok"))
-    tok = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77,
-                        pad_token="<|endoftext|>")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=16 + 6 * 8,
-        cross_attention_dim=32, norm_num_groups=8)
-    vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
-                        norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16)
-    cfg = dict(vocab_size=len(tok), hidden_size=16, intermediate_size=37, num_attention_heads=2, num_hidden_layers=2,
-               max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-               pad_token_id=tok.pad_token_id, projection_dim=16)
-    p = PerpNegStableDiffusionXLPipeline(
-        vae=vae.eval(), text_encoder=CLIPTextModel(CLIPTextConfig(**cfg)).eval(),
-        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**cfg)).eval(), tokenizer=tok, tokenizer_2=tok,
-        unet=unet.eval(), scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
-                                                           beta_end=0.012, timestep_spacing="leading", steps_offset=1))
+    p = PerpNegStableDiffusionXLPipeline(**make_tiny_sdxl_components(tmp_path_factory.mktemp("xl")))
     p.set_progress_bar_config(disable=True)
     return p
 
