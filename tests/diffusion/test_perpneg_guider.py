@@ -153,3 +153,47 @@ def test_modular_errors(xl, tmp_path):
         _gen(plain, negative_prompts=["dog"])
     with pytest.raises(ValueError, match="not supported"):
         perp_neg_blocks(stable_diffusion_xl.StableDiffusionXLAutoBlocks().sub_blocks["denoise"])
+
+
+def _flow(pipe, **kw):
+    return pipe(prompt="a red cat", num_inference_steps=3, generator=torch.Generator().manual_seed(0), height=32,
+                width=32, output="latents", **kw)
+
+
+def test_modular_sd3_reduces_to_the_stock_guider(tmp_path):
+    from diffusers.modular_pipelines import stable_diffusion_3
+
+    from diffusion.perpneg.tiny import make_tiny_sd3_components
+
+    comps = make_tiny_sd3_components(tmp_path)
+    stock = stable_diffusion_3.StableDiffusion3AutoBlocks().init_pipeline()
+    stock.update_components(**comps, guider=ClassifierFreeGuidance(guidance_scale=5.0))
+    pn = perp_neg_blocks(stable_diffusion_3.StableDiffusion3AutoBlocks()).init_pipeline()
+    pn.update_components(**comps, guider=PerpNegGuidance(guidance_scale=5.0))
+    ref = _flow(stock, negative_prompt="")  # stock SD3 runs CFG only with a negative_prompt; Perp-Neg brings ""
+    assert torch.equal(_flow(pn), ref)
+    assert torch.equal(_flow(pn, negative_prompts=["blue dog"], negative_weights=[0.0]), ref)
+    torch.testing.assert_close(_flow(pn, negative_prompts=["a red cat"]), ref, rtol=1e-4, atol=1e-4)
+    assert (_flow(pn, negative_prompts=["blue dog"]) - ref).abs().max() > 1e-3
+
+
+def test_modular_flux_gets_a_guider_and_true_cfg(tmp_path):
+    from diffusers import FluxPipeline
+    from diffusers.modular_pipelines import flux
+
+    from diffusion.perpneg.tiny import make_tiny_flux_components
+
+    comps = make_tiny_flux_components(tmp_path)  # guidance-distilled (dev-like)
+    stock = flux.FluxAutoBlocks().init_pipeline()
+    stock.update_components(**comps)
+    pn = perp_neg_blocks(flux.FluxAutoBlocks()).init_pipeline()
+    pn.update_components(**comps, guider=PerpNegGuidance(guidance_scale=1.0))
+    assert torch.equal(_flow(pn), _flow(stock))  # s = 1, no negatives: the distilled model alone, one pass
+    pn.update_components(guider=PerpNegGuidance(guidance_scale=4.0))
+    classic = FluxPipeline(**comps)
+    classic.set_progress_bar_config(disable=True)
+    want = classic(prompt="a red cat", num_inference_steps=3, true_cfg_scale=4.0, negative_prompt="", height=32,
+                   width=32, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    want = classic._unpack_latents(want, 32, 32, classic.vae_scale_factor)
+    assert torch.equal(_flow(pn, negative_prompts=["blue"], negative_weights=[0.0]), want)  # diffusers' true CFG
+    assert (_flow(pn, negative_prompts=["blue"]) - want).abs().max() > 1e-3
