@@ -29,20 +29,20 @@ class ViewSchedule(str, enum.Enum):
 SCHEDULE_HELP = "Negative-weight schedule over the azimuth: threestudio or dreamfusion (stable-dreamfusion)."
 AMP_HELP = ("Pipeline precision: auto (fp16 on a GPU, fp32 on the CPU), no (fp32), fp16 (GPU only), bf16.")
 
-MODEL_HELP = ("Stable Diffusion 1.x/2.x checkpoint (SDXL too for `image`): hub id (in the local HF cache) or a local "
-              "pipeline folder.")
+MODEL_HELP = ("Stable Diffusion 1.x/2.x checkpoint (SDXL, SD3 and Flux too for `image`): hub id (in the local HF "
+              "cache) or a local pipeline folder.")
 
 
-def _pipeline_class(path: Path, model: str, offline: bool) -> str:
-    """The ``_class_name`` of a pipeline folder or hub id ('' when it cannot be read)."""
+def _pipeline_index(path: Path, model: str, offline: bool) -> dict:
+    """model_index.json of a pipeline folder or hub id ({} when it cannot be read)."""
     try:
         if path.exists():
-            return str(json.loads((path / "model_index.json").read_text()).get("_class_name", ""))
+            return dict(json.loads((path / "model_index.json").read_text()))
         from diffusers import DiffusionPipeline
 
-        return str(DiffusionPipeline.load_config(model, local_files_only=offline).get("_class_name", ""))
+        return dict(DiffusionPipeline.load_config(model, local_files_only=offline))
     except Exception:  # noqa: BLE001 - unreadable: loading below gives the clear error
-        return ""
+        return {}
 
 
 def _check_local_pipeline(path: Path) -> None:
@@ -65,17 +65,40 @@ def looks_local(model: str) -> bool:
             or (len(model) > 1 and model[1] == ":"))
 
 
-def load_pipeline(model: str, device: str | None = None, allow_xl: bool = False, amp: str = "auto"):
-    """Load PerpNegStableDiffusionPipeline (or the SDXL variant where ``allow_xl``) from a local folder or a cached
-    hub id, in the precision ``amp`` (auto: fp16 on a GPU, fp32 otherwise); one clear error (exit 1) when missing,
-    exit 2 for SDXL where ``allow_xl`` is False or for fp16 on the CPU."""
+# model_index.json's _class_name -> family; each family's Perp-Neg pipeline (module, class) and what it is called
+FAMILIES: dict[str, tuple[str, str, str]] = {
+    "sd": (".pipeline", "PerpNegStableDiffusionPipeline", "Stable Diffusion 1.x / 2.x"),
+    "sdxl": (".pipeline_xl", "PerpNegStableDiffusionXLPipeline", "SDXL"),
+    "sd3": (".pipeline_sd3", "PerpNegStableDiffusion3Pipeline", "SD3"),
+    "flux": (".pipeline_flux", "PerpNegFluxPipeline", "Flux"),
+}
+SD_ONLY = ("sd",)
+
+
+CLASS_FAMILY = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
+                "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+# --guidance when not given: diffusers' own default of each family (Flux: a true-CFG scale, as in its docs)
+DEFAULT_GUIDANCE = {"sd": 7.5, "sdxl": 7.5, "sd3": 7.0, "flux": 4.0}
+
+
+def pipeline_family(class_name: str) -> str | None:
+    """The family of a pipeline class name (a ``PerpNeg`` subclass counts as its parent); '' when unknown (loaded as
+    Stable Diffusion, whose loader then names the problem), None for another diffusers pipeline."""
+    if not class_name:
+        return ""
+    return CLASS_FAMILY.get(class_name.removeprefix("PerpNeg"))
+
+
+def load_pipeline(model: str, device: str | None = None, allow: tuple[str, ...] = SD_ONLY, amp: str = "auto"):
+    """Load the Perp-Neg pipeline of ``model``'s family (``FAMILIES``: SD 1.x/2.x, SDXL, SD3, Flux, told apart by
+    model_index.json) from a local folder or a cached hub id, in the precision ``amp`` (auto: fp16 on a GPU, fp32
+    otherwise); one clear error (exit 1) when missing, exit 2 for a family not in ``allow`` or for fp16 on the CPU."""
+    import importlib
     import os
 
     import torch
 
     from vision.device import pick_device
-
-    from .pipeline import PerpNegStableDiffusionPipeline
 
     path = Path(model)
     if path.exists() and not (path / "model_index.json").is_file():
@@ -93,31 +116,37 @@ def load_pipeline(model: str, device: str | None = None, allow_xl: bool = False,
         fail(f"--model {model}: no such folder (a local diffusers pipeline folder was expected; a hub id looks "
              "like ORG/NAME)")
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-    xl = "XL" in _pipeline_class(path, model, offline)
-    if xl and not allow_xl:
-        usage_error(f"'{model}' is an SDXL pipeline; this command needs Stable Diffusion 1.x / 2.x "
-                    "(SDXL works with `negvision generate image`)")
+    index = _pipeline_index(path, model, offline)
+    class_name = str(index.get("_class_name", ""))
+    family = pipeline_family(class_name)
+    if family is None:
+        usage_error(f"'{model}' holds a {class_name}; Perp-Neg pipelines exist for "
+                    + ", ".join(v[2] for v in FAMILIES.values()) + " (diffusers' modular pipelines take "
+                    "diffusion.perpneg.guider.PerpNegGuidance)")
+    family = family or "sd"
+    if family not in allow:
+        usage_error(f"'{model}' holds a {FAMILIES[family][2]} pipeline; this command needs "
+                    + " or ".join(FAMILIES[f][2] for f in allow)
+                    + " (SDXL, SD3 and Flux work with `negvision generate image`)")
+    module, cls_name, _ = FAMILIES[family]
+    cls = getattr(importlib.import_module(module, __package__), cls_name)
+    extra = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" else {}
+    # components saved as [null, null] (SD3 without its T5 encoder, no image encoder) are loaded as None
+    extra.update({k: None for k, v in index.items() if not k.startswith("_") and v in ([None, None], None)})
     try:
-        if xl:
-            from .pipeline_xl import PerpNegStableDiffusionXLPipeline
-
-            pipe = PerpNegStableDiffusionXLPipeline.from_pretrained(
-                str(path) if path.exists() else model, dtype=dtype, local_files_only=offline or path.exists())
-        else:
-            pipe = PerpNegStableDiffusionPipeline.from_pretrained(
-                str(path) if path.exists() else model, dtype=dtype, safety_checker=None,
-                requires_safety_checker=False, local_files_only=offline or path.exists(),
-            )
+        pipe = cls.from_pretrained(str(path) if path.exists() else model, dtype=dtype,
+                                   local_files_only=offline or path.exists(), **extra)
     except (OSError, ValueError, EnvironmentError) as e:  # noqa: UP024
         if path.exists():
             from vision.io import error_line
 
             fail(f"could not load the pipeline folder '{model}' ({error_line(e, 300)})")
         fail(f"could not load the model '{model}' ({type(e).__name__}). Offline, pass --model a local folder holding a "
-             f"diffusers Stable Diffusion pipeline (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
-             f"scheduler/), e.g. `huggingface-cli download {model} --local-dir weights/{Path(model).name}` on a "
-             "machine with network, then --model weights/... (see weights/README.md)")
+             f"diffusers pipeline (model_index.json and its components: unet/ or transformer/, vae/, text_encoder/, "
+             f"tokenizer/, scheduler/ ...), e.g. `huggingface-cli download {model} --local-dir "
+             f"weights/{Path(model).name}` on a machine with network, then --model weights/... (see weights/README.md)")
     pipe.set_progress_bar_config(disable=True)
+    pipe.negvision_family = family
     return pipe.to(dev)
 
 
@@ -156,28 +185,74 @@ def _weights(names: list[str], weights: list[float] | None, what: str) -> list[f
     return weights
 
 
+class GuidanceMode(str, enum.Enum):
+    """How a guidance-distilled model (Flux-dev) is guided: auto (true-CFG passes when --negative or --uncond is
+    given, else the distilled embedding alone), cfg (always true-CFG passes), distilled (one pass; no negatives)."""
+
+    auto = "auto"
+    cfg = "cfg"
+    distilled = "distilled"
+
+
+def _family_kwargs(pipe, family: str, *, guidance: float, mode: GuidanceMode, distilled_guidance: float,
+                   negatives: bool, uncond: str, positives: bool, batch: int | None) -> dict:
+    """The family-specific arguments of the pipeline call (what --guidance means, the model batch chunking)."""
+    if family in ("sd", "sdxl"):
+        if mode is GuidanceMode.distilled:
+            usage_error(f"--guidance-mode distilled is for guidance-distilled models (Flux-dev); this is "
+                        f"{FAMILIES[family][2]}")
+        return {"guidance_scale": guidance, "unet_batch_size": batch}
+    if positives:
+        usage_error("--positive (perpendicular composition of extra prompts) needs an SD 1.x / 2.x or SDXL model")
+    if family == "sd3":
+        if mode is GuidanceMode.distilled:
+            usage_error("--guidance-mode distilled is for guidance-distilled models (Flux-dev); SD3 is not one")
+        return {"guidance_scale": guidance, "transformer_batch_size": batch}
+    distilled = bool(getattr(pipe.transformer.config, "guidance_embeds", False))
+    if mode is GuidanceMode.auto:
+        mode = GuidanceMode.cfg if (negatives or uncond or not distilled) else GuidanceMode.distilled
+    if mode is GuidanceMode.distilled:
+        if not distilled:
+            usage_error("--guidance-mode distilled: this Flux model has no distilled guidance embedding "
+                        "(guidance_embeds false); use cfg")
+        if negatives or uncond:
+            usage_error("--negative / --uncond need true-CFG passes: --guidance-mode cfg (or auto)")
+        return {"guidance_scale": distilled_guidance, "true_cfg_scale": 1.0, "transformer_batch_size": batch}
+    # Flux's true CFG: --guidance is diffusers' true_cfg_scale; a distilled model keeps its embedding as well
+    return {"guidance_scale": distilled_guidance, "true_cfg_scale": guidance, "transformer_batch_size": batch}
+
+
 @generate_app.command("image")
 def image_cmd(
     model: str = typer.Option(..., "--model", help=MODEL_HELP),
     prompt: str = typer.Option(..., "--prompt", help="Main (positive) prompt."),
     negative: list[str] = typer.Option([], "--negative", help="Negative prompt removed with Perp-Neg (repeatable)."),
     negative_weight: list[float] = typer.Option([], "--negative-weight", help="Weight per --negative (>= 0, default 1)."),
-    positive: list[str] = typer.Option([], "--positive", help="Extra positive prompt (perpendicular part added)."),
+    positive: list[str] = typer.Option([], "--positive", help="Extra positive prompt (perpendicular part added; "
+                                       "SD / SDXL)."),
     positive_weight: list[float] = typer.Option([], "--positive-weight", help="Weight per --positive (default 1)."),
     uncond: str = typer.Option("", "--uncond", help="Unconditional text (diffusers' negative_prompt)."),
     steps: int = typer.Option(30, "--steps", min=1, help="Sampler (denoising) steps."),
-    guidance: float = typer.Option(7.5, "--guidance", help="Guidance scale s."),
+    guidance: float = typer.Option(None, "--guidance", help="Guidance scale s (Flux: the true-CFG scale). Default: "
+                                   "the family's (SD / SDXL 7.5, SD3 7.0, Flux 4.0)."),
+    guidance_mode: GuidanceMode = typer.Option(GuidanceMode.auto, "--guidance-mode",
+                                               help="Guidance-distilled models (Flux-dev): auto (true-CFG passes only "
+                                               "with --negative / --uncond), cfg, or distilled (one pass)."),
+    distilled_guidance: float = typer.Option(3.5, "--distilled-guidance",
+                                             help="Flux-dev's embedded (distilled) guidance value."),
     guidance_rescale: float = typer.Option(0.0, "--guidance-rescale"),
     num_images: int = typer.Option(1, "--num-images", min=1, help="Images; image i uses seed --seed + i."),
     height: int = typer.Option(None, "--height"),
     width: int = typer.Option(None, "--width"),
     seed: int = opt.seed_option(),
-    unet_batch_size: int = typer.Option(None, "--unet-batch-size", help="Chunk the batched UNet call (memory)."),
+    model_batch_size: int = typer.Option(None, "--model-batch-size", "--unet-batch-size",
+                                         help="At most this many samples per UNet / transformer call (memory)."),
     device: str | None = opt.device_option(),
     amp: opt.Amp = typer.Option(opt.Amp.auto, "--amp", help=AMP_HELP),
     out: Path = opt.out_option(None, "Output folder: image_*.png, grid.png, settings.json."),
 ) -> None:
-    """Text-to-image with Perp-Neg negative prompts; PNGs + grid + a JSON of every setting (seeded)."""
+    """Text-to-image with Perp-Neg negative prompts (SD 1.x/2.x, SDXL, SD3, Flux); PNGs + grid + a JSON of every
+    setting (seeded)."""
     import torch
 
     neg_w = _weights(negative, negative_weight, "negative")
@@ -185,19 +260,31 @@ def image_cmd(
     if any(w < 0 for w in neg_w):
         usage_error("--negative-weight must be >= 0")
     dev = opt.resolve_device(device)
-    pipe = load_pipeline(model, dev, allow_xl=True, amp=amp.value)
+    pipe = load_pipeline(model, dev, allow=tuple(FAMILIES), amp=amp.value)
+    family = pipe.negvision_family
+    guidance = DEFAULT_GUIDANCE[family] if guidance is None else guidance
+    kw = _family_kwargs(pipe, family, guidance=guidance, mode=guidance_mode, distilled_guidance=distilled_guidance,
+                        negatives=bool(negative), uncond=uncond, positives=bool(positive), batch=model_batch_size)
+    if positive:
+        kw.update(positive_prompts=positive, positive_weights=pos_w)
     seeds = [seed + i for i in range(num_images)]  # image i from seed + i: `--seed S+i --num-images 1` redoes it
     gen = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    images = pipe(
-        prompt, uncond_prompt=uncond or None, negative_prompts=negative or None, negative_weights=neg_w or None,
-        positive_prompts=positive or None, positive_weights=pos_w or None, num_inference_steps=steps,
-        guidance_scale=guidance, guidance_rescale=guidance_rescale, num_images_per_prompt=num_images,
-        height=height, width=width, generator=gen, unet_batch_size=unet_batch_size,
-    ).images
-    settings = {"command": "image", "model": model, "prompt": prompt, "negative": negative, "negative_weight": neg_w,
-                "positive": positive, "positive_weight": pos_w, "uncond": uncond, "steps": steps, "guidance": guidance,
-                "guidance_rescale": guidance_rescale, "num_images": num_images, "height": height, "width": width,
-                "seed": seed, "seeds": seeds, "amp": amp.value, "scheduler": type(pipe.scheduler).__name__}
+    try:
+        images = pipe(
+            prompt, uncond_prompt=uncond or None, negative_prompts=negative or None, negative_weights=neg_w or None,
+            num_inference_steps=steps, guidance_rescale=guidance_rescale, num_images_per_prompt=num_images,
+            height=height, width=width, generator=gen, **kw,
+        ).images
+    except ValueError as e:  # the pipelines' own checks (sizes, a timestep-distilled model asked for CFG ...)
+        usage_error(str(e))
+    settings = {"command": "image", "model": model, "family": family, "prompt": prompt, "negative": negative,
+                "negative_weight": neg_w, "positive": positive, "positive_weight": pos_w, "uncond": uncond,
+                "steps": steps, "guidance": guidance, "guidance_rescale": guidance_rescale,
+                "num_images": num_images, "height": height, "width": width, "seed": seed, "seeds": seeds,
+                "amp": amp.value, "scheduler": type(pipe.scheduler).__name__}
+    if family == "flux":
+        settings.update(guidance_mode=guidance_mode.value, true_cfg_scale=kw["true_cfg_scale"],
+                        distilled_guidance=kw["guidance_scale"])
     _save(out, images, settings)
     typer.echo(f"wrote {len(images)} image(s) to {out}")
 
