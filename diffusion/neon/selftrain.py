@@ -1,7 +1,8 @@
 """Neon self-training: sample from the base diffusion model, then fine-tune it on its own samples.
 
-The fine-tuning uses the standard denoising loss (the scheduler's ``prediction_type``: epsilon, v or x0) through
-the shared engine ``vision.engine.Trainer``, which saves a checkpoint every ``save_every`` steps. The run folder
+The fine-tuning uses the standard denoising loss (the scheduler's ``prediction_type``: epsilon, v or x0), or for SD3
+and Flux transformers the rectified-flow loss of :mod:`diffusion.neon.flow`, through the shared engine
+``vision.engine.Trainer``, which saves a checkpoint every ``save_every`` steps. The run folder
 follows ``vision.engine.run``: a used folder makes ``NAME2`` unless ``resume`` (continue ``train/``'s checkpoints)
 or ``exist_ok`` (reuse it, removing the earlier run's logs and checkpoints).
 """
@@ -41,9 +42,15 @@ def load_pipeline(path: str | os.PathLike, device: torch.device | str | None = N
     from vision.io import error_line
 
     path = Path(path)
-    check_pipeline_folder(path)  # no model_index.json, a component missing, weights cut short: named
+    index = check_pipeline_folder(path)  # no model_index.json, a component missing, weights cut short: named
+    cls = _pipeline_class(str(index.get("_class_name", "")))
+    # a component saved as None (SD3 without its T5: text_encoder_3 / tokenizer_3 are [null, null]) is not restored
+    # by from_pretrained unless passed as None, as diffusers' docs do (from_pretrained(..., text_encoder_3=None))
+    expected = set(cls._get_signature_keys(cls)[0]) if cls is not DiffusionPipeline else set()
+    nulls = {k: None for k, v in index.items()
+             if k in expected and isinstance(v, list) and len(v) == 2 and v[0] is None and v[1] is None}
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
+        pipe = cls.from_pretrained(str(path), local_files_only=True, **nulls)
     except (OSError, ValueError, EnvironmentError) as e:  # noqa: UP024
         raise ValueError(f"could not load the pipeline folder '{path}' ({error_line(e, 300)})") from None
     if device is not None:
@@ -51,6 +58,30 @@ def load_pipeline(path: str | os.PathLike, device: torch.device | str | None = N
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# negvision's pipeline subclasses that a model_index.json may name (diffusers itself only knows its own classes)
+_NEGVISION_PIPELINES = {
+    "PerpNegStableDiffusionPipeline": "diffusion.perpneg.pipeline",
+    "PerpNegStableDiffusionXLPipeline": "diffusion.perpneg.pipeline_xl",
+    "PerpNegStableDiffusion3Pipeline": "diffusion.perpneg.pipeline_sd3",
+    "PerpNegFluxPipeline": "diffusion.perpneg.pipeline_flux",
+}
+
+
+def _pipeline_class(class_name: str) -> type:
+    """The pipeline class a model_index.json names: one of negvision's, a diffusers one, else DiffusionPipeline (which
+    then resolves the name itself, or says why it cannot)."""
+    import importlib
+
+    import diffusers
+
+    if class_name in _NEGVISION_PIPELINES:
+        return getattr(importlib.import_module(_NEGVISION_PIPELINES[class_name]), class_name)
+    cls = getattr(diffusers, class_name, None) if class_name.isidentifier() else None
+    if isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline):
+        return cls
+    return diffusers.DiffusionPipeline
 
 
 def _accepts(fn: Callable, name: str) -> bool:
@@ -99,11 +130,15 @@ def sample_images(
     class_labels: Sequence[int] | None = None,
     guidance_scale: float | None = None,
     progress: bool = False,
+    height: int | None = None,
+    width: int | None = None,
+    max_sequence_length: int | None = None,
 ) -> tuple[Tensor, list[Any]]:
     """``num_samples`` images [N, C, H, W] in [0, 1] from any diffusers pipeline, plus the condition of each.
 
     Unconditional pipelines get ``batch_size``; text-to-image ones cycle through ``prompts``; class-conditional
-    ones through ``class_labels``. Only arguments the pipeline accepts are passed.
+    ones through ``class_labels``. Only arguments the pipeline accepts are passed; ``height``, ``width`` and
+    ``max_sequence_length`` (None: the pipeline's defaults) are an error for a pipeline that takes none.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -142,7 +177,12 @@ def sample_images(
         if num_inference_steps is not None and _accepts(call, "num_inference_steps"):
             kwargs["num_inference_steps"] = int(num_inference_steps)
         if guidance_scale is not None and _accepts(call, "guidance_scale"):
-            kwargs["guidance_scale"] = float(guidance_scale)
+            kwargs["guidance_scale"] = float(guidance_scale)  # Flux.1-dev: the distilled guidance embedding
+        for key, value in (("height", height), ("width", width), ("max_sequence_length", max_sequence_length)):
+            if value is not None:
+                if not _accepts(call, key):
+                    raise ConditioningError(f"{type(pipe).__name__} takes no {key}")
+                kwargs[key] = int(value)
         gen_device = device.type if isinstance(device, torch.device) and device.type == "cuda" else "cpu"
         kwargs["generator"] = torch.Generator(gen_device).manual_seed(int(seed) * 1_000_003 + b)
         kwargs["output_type"] = "np"
@@ -281,6 +321,9 @@ def self_train(
     run_config: dict[str, Any] | None = None,
     workers: int = 0,
     deterministic: bool = False,
+    height: int | None = None,
+    width: int | None = None,
+    max_sequence_length: int | None = None,
 ) -> dict[str, Any]:
     """Sample ``num_samples`` images from pipeline ``model``, fine-tune its denoiser on them for ``steps`` steps.
 
@@ -289,6 +332,13 @@ def self_train(
     ``info["out"]`` is the run folder used (``out_dir``, or ``out_dir2``... when ``out_dir`` already holds a run).
     ``resume``: True continues ``train/checkpoints/last`` (the samples are drawn again with the same seed), a path
     continues that checkpoint folder. ``run_config`` (the command's options) is written to ``config.yaml``.
+
+    SD3 (``SD3Transformer2DModel``) and Flux (``FluxTransformer2DModel``) pipelines are fine-tuned with the
+    rectified-flow loss of :mod:`diffusion.neon.flow` (logit-normal sigma, velocity target, each pipeline's timestep
+    convention; a guidance-distilled Flux trains at the sampling ``guidance_scale``, the pipeline's default when not
+    given). The whole transformer is fine-tuned: LoRA (via ``peft``) is left out, as peft is not installed offline
+    here. ``height``, ``width``, ``max_sequence_length``: passed to the sampling pipeline when given (Flux's default
+    is 1024 x 1024 for a real VAE) and used for the prompt embeddings of the fine-tuning.
     """
     from torch.utils.data import TensorDataset
 
@@ -304,9 +354,16 @@ def self_train(
     name, denoiser = trainable_component(pipe, component)
     from diffusers import UNet2DConditionModel, UNet2DModel
 
+    from .flow import check_flow_pipeline, flow_family, flow_training_setup
+
+    flow = flow_family(denoiser)  # "sd3" / "flux": a rectified-flow transformer
     text_cond = isinstance(denoiser, UNet2DConditionModel)
     dit = is_dit(denoiser)
-    if dit:
+    if flow:
+        check_flow_pipeline(pipe, flow)  # the VAE and the text encoders
+        if not prompts:
+            raise ConditioningError("a text-to-image pipeline needs a prompt list (--prompts FILE, one prompt a line)")
+    elif dit:
         # DiT: class-conditional transformer in a VAE latent space
         if getattr(pipe, "vae", None) is None:
             raise NotImplementedError("self-training a DiT transformer needs a pipeline with a 'vae'")
@@ -346,7 +403,7 @@ def self_train(
         samples, conds = sample_images(
             pipe, num_samples, batch_size=sample_batch_size, num_inference_steps=num_inference_steps,
             seed=seed, prompts=prompts, class_labels=class_labels, guidance_scale=guidance_scale,
-            progress=progress,
+            progress=progress, height=height, width=width, max_sequence_length=max_sequence_length,
         )
     else:
         if prompts:
@@ -358,7 +415,13 @@ def self_train(
     save_image(image_grid(list(samples[:64])), out / "samples.png")
     x0 = samples.to(torch.float32) * 2.0 - 1.0  # pipelines output [0, 1]; the model is trained on [-1, 1]
     torch.manual_seed(seed)  # the VAE posterior samples below: the same latents when a run is resumed
-    if text_cond:
+    flow_info: dict[str, Any] = {}
+    if flow:
+        data, flow_loss, flow_info = flow_training_setup(
+            pipe, flow, x0, conds, device=dev, guidance_scale=guidance_scale, max_sequence_length=max_sequence_length,
+            batch_size=sample_batch_size)
+        x0 = data.latents
+    elif text_cond:
         x0, emb, idx = _encode_text_to_image_data(pipe, x0, conds, batch_size=sample_batch_size)
         data = _TextCondData(x0, emb, idx)
     elif class_cond:
@@ -372,9 +435,13 @@ def self_train(
     # one engine "epoch" spans all steps, so checkpoints land every save_every steps and at the end only
     data = _Repeated(data, int(steps) * int(batch_size))
 
-    from diffusers import DDPMScheduler
+    if flow:
+        loss_fn = flow_loss
+    else:
+        from diffusers import DDPMScheduler
 
-    train_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+        train_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+        loss_fn = denoising_loss(train_sched, class_conditional=class_cond, text_conditional=text_cond)
     cfg = TrainConfig(
         out_dir=str(out / "train"),
         max_steps=int(steps),
@@ -395,8 +462,8 @@ def self_train(
     denoiser.train()
     trainer = Trainer(
         denoiser, data, cfg,
-        loss_fn=denoising_loss(train_sched, class_conditional=class_cond, text_conditional=text_cond),
-        batch_size=batch_size, num_workers=workers, extra_config={"neon": {"model": str(model), "num_samples": len(x0)}},
+        loss_fn=loss_fn, batch_size=batch_size, num_workers=workers,
+        extra_config={"neon": {"model": str(model), "num_samples": len(x0), **flow_info}},
     )
     summary = trainer.fit(resume=resume)
     tuned = trainer.unwrapped_model

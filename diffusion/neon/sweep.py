@@ -74,11 +74,15 @@ def neon_sweep(
     k: int = 3,
     max_reference: int | None = None,
     progress: bool = True,
+    height: int | None = None,
+    width: int | None = None,
+    max_sequence_length: int | None = None,
 ) -> dict[str, Any]:
     """Score Neon-merged models over ``ws``; writes ``sweep.csv``, ``fid_vs_w.png``, sample grids, ``sweep.json``.
 
-    ``reference`` is a folder of real images (or a tensor [N, C, H, W] in [0, 1]); ``features`` a spec for
-    :func:`load_feature_extractor` or a callable. Every w uses the same sampling seed (common random numbers).
+    ``reference`` is a folder of real images (or a tensor [N, C, H, W] in [0, 1]), resized to the samples' size;
+    ``features`` a spec for :func:`load_feature_extractor` or a callable. Every w uses the same sampling seed (common
+    random numbers). ``height``, ``width``, ``max_sequence_length``: passed to the pipeline when given (SD3, Flux).
     """
     from vision.device import pick_device
     from vision.viz import image_grid, plot_metric_curve, save_image
@@ -109,6 +113,11 @@ def neon_sweep(
         hw = (size, size) if isinstance(size, int) else (tuple(size) if size else None)
         if getattr(pipe, "vae", None) is not None and hw is not None:
             hw = tuple(s * 2 ** (len(pipe.vae.config.block_out_channels) - 1) for s in hw)
+        default, factor = getattr(pipe, "default_sample_size", None), getattr(pipe, "vae_scale_factor", None)
+        if hw is None and isinstance(default, int) and isinstance(factor, int):
+            hw = (default * factor, default * factor)  # a denoiser without sample_size (Flux): the pipeline's default
+        if height is not None or width is not None:
+            hw = (height or (hw[0] if hw else width), width or (hw[1] if hw else height))
         channels = int(getattr(cfg, "out_channels", 3)) if getattr(pipe, "vae", None) is None else 3
         ref_images = load_image_folder(reference, size=hw, channels=channels, limit=max_reference)
     ref_feats = compute_features(extractor, ref_images, batch_size=batch_size, device=dev)
@@ -126,7 +135,7 @@ def neon_sweep(
                 images, _ = sample_images(
                     pipe, num_samples, batch_size=batch_size, num_inference_steps=num_inference_steps,
                     seed=seed, prompts=prompts, class_labels=class_labels, guidance_scale=gs,
-                    progress=progress,
+                    progress=progress, height=height, width=width, max_sequence_length=max_sequence_length,
                 )
                 feats = compute_features(extractor, images, batch_size=batch_size, device=dev)
                 fid = fid_from_features(ref_feats, feats)
