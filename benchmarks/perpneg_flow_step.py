@@ -8,7 +8,11 @@ target (K + 2) / 2 (the transformer batch grows from 2 to K + 2 samples) are pri
 to stderr). For Flux, ``no_cfg_step_ms`` is the distilled model's single pass (what Flux.1-dev costs without CFG).
 
     python benchmarks/perpneg_flow_step.py [--families sd3,flux] [--size 64] [--hidden 96] [--layers 3] [--steps 5]
-        [--repeats 8] [--threads 1]
+        [--repeats 8] [--threads 1] [--guider]
+
+``--guider`` adds ``guider_vs_pipeline``: diffusers' modular SD3 pipeline with ``PerpNegGuidance`` against the classic
+``PerpNegStableDiffusion3Pipeline`` on the same model (whole-call time divided by the steps, text encoding included
+for both; the largest difference of their latents).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5, help="denoising steps per call (steps - 1 timed gaps)")
     p.add_argument("--repeats", type=int, default=8, help="timed calls per mode")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per mode first")
+    p.add_argument("--guider", action="store_true", help="also time the modular SD3 pipeline with PerpNegGuidance")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: steadier figures on a shared CPU; 0: torch's default)")
     a = p.parse_args(argv)
@@ -99,8 +104,57 @@ def main(argv: list[str] | None = None) -> int:
         out[family] = res
         for m, v in med.items():
             print(f"{family:5s} {m:7s} {v:9.2f} ms/step  x{v / med['cfg']:.2f} CFG", file=sys.stderr)
+    if a.guider:
+        out["guider_vs_pipeline"] = guider_vs_pipeline(a, tmp)
     print(json.dumps(out))
     return 0
+
+
+def guider_vs_pipeline(a: argparse.Namespace, tmp: str) -> dict:
+    """Modular SD3 + PerpNegGuidance (one transformer call per slot, as every diffusers guider) vs the classic
+    pipeline (one batched call) on the same tiny model: ms per step (whole calls) and the largest latent difference."""
+    import torch
+    from diffusers.modular_pipelines import stable_diffusion_3
+
+    from diffusion.perpneg.guider import PerpNegGuidance, perp_neg_blocks
+    from diffusion.perpneg.pipeline_sd3 import PerpNegStableDiffusion3Pipeline
+    from diffusion.perpneg.tiny import make_tiny_sd3_components
+
+    comps = make_tiny_sd3_components(tmp, sample_size=a.size // 2, hidden=a.hidden, num_layers=a.layers)
+    classic = PerpNegStableDiffusion3Pipeline(**comps)
+    classic.set_progress_bar_config(disable=True)
+    modular = perp_neg_blocks(stable_diffusion_3.StableDiffusion3AutoBlocks()).init_pipeline()
+    modular.update_components(**comps, guider=PerpNegGuidance(guidance_scale=5.0))
+    negs = ["a dog", "green grass"]
+    common = dict(num_inference_steps=a.steps, height=a.size, width=a.size, max_sequence_length=a.max_seq)
+
+    def run(which: str, k: int) -> tuple[float, torch.Tensor]:
+        g = torch.Generator().manual_seed(0)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if which == "classic":
+                x = classic("a red cat on a sofa", guidance_scale=5.0, negative_prompts=negs[:k], generator=g,
+                            output_type="latent", **common).images
+            else:
+                x = modular(prompt="a red cat on a sofa", negative_prompts=negs[:k], generator=g, output="latents",
+                            **common)
+        return (time.perf_counter() - t0) / a.steps, x
+
+    res: dict = {}
+    for k in (1, 2):
+        for _ in range(a.warmup):
+            run("classic", k), run("guider", k)
+        t = {"classic": [], "guider": []}
+        for _ in range(a.repeats):
+            for which in t:
+                t[which].append(run(which, k)[0])
+        diff = float((run("classic", k)[1] - run("guider", k)[1]).abs().max())
+        c, g = statistics.median(t["classic"]) * 1e3, statistics.median(t["guider"]) * 1e3
+        res[str(k)] = {"classic_ms_per_step": round(c, 3), "guider_ms_per_step": round(g, 3),
+                       "guider_vs_classic": round(g / c, 3), "max_abs_diff": diff}
+        print(f"guider K={k}: classic {c:.2f} ms/step, guider {g:.2f} ms/step (x{g / c:.2f}), max diff {diff:.2e}",
+              file=sys.stderr)
+    return res
 
 
 def logging_off() -> None:

@@ -35,3 +35,38 @@ def check_pipeline_folder(path: str | os.PathLike) -> dict:
             if f.is_file() and f.suffix in WEIGHT_SUFFIXES:
                 check_weights_file(f)
     return index
+
+
+# negvision's pipeline subclasses that a model_index.json may name (diffusers itself only resolves its own classes)
+NEGVISION_PIPELINES = {
+    "PerpNegStableDiffusionPipeline": "diffusion.perpneg.pipeline",
+    "PerpNegStableDiffusionXLPipeline": "diffusion.perpneg.pipeline_xl",
+    "PerpNegStableDiffusion3Pipeline": "diffusion.perpneg.pipeline_sd3",
+    "PerpNegFluxPipeline": "diffusion.perpneg.pipeline_flux",
+}
+
+
+def pipeline_class(class_name: str) -> type:
+    """The pipeline class a model_index.json names: one of negvision's, a diffusers one, else DiffusionPipeline (which
+    then resolves the name itself, or says why it cannot)."""
+    import importlib
+
+    import diffusers
+
+    if class_name in NEGVISION_PIPELINES:
+        return getattr(importlib.import_module(NEGVISION_PIPELINES[class_name]), class_name)
+    cls = getattr(diffusers, class_name, None) if class_name.isidentifier() else None
+    if isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline):
+        return cls
+    return diffusers.DiffusionPipeline
+
+
+def null_components(index: dict, cls: type) -> dict:
+    """``{name: None}`` for the components model_index.json saved as ``[null, null]`` that ``cls`` expects (SD3 without
+    its T5: text_encoder_3 / tokenizer_3): diffusers' from_pretrained restores them only when passed as None."""
+    import diffusers
+
+    expected = set(cls._get_signature_keys(cls)[0]) if cls is not diffusers.DiffusionPipeline else set(index)
+    return {k: None for k, v in index.items()
+            if k in expected and not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is None
+            and v[1] is None}

@@ -36,21 +36,15 @@ class ConditioningError(ValueError):
 
 def load_pipeline(path: str | os.PathLike, device: torch.device | str | None = None) -> Any:
     """A diffusers pipeline from a local folder (never downloads), moved to ``device``."""
-    from diffusers import DiffusionPipeline
 
-    from diffusion.folders import check_pipeline_folder
+    from diffusion.folders import check_pipeline_folder, null_components, pipeline_class
     from vision.io import error_line
 
     path = Path(path)
     index = check_pipeline_folder(path)  # no model_index.json, a component missing, weights cut short: named
-    cls = _pipeline_class(str(index.get("_class_name", "")))
-    # a component saved as None (SD3 without its T5: text_encoder_3 / tokenizer_3 are [null, null]) is not restored
-    # by from_pretrained unless passed as None, as diffusers' docs do (from_pretrained(..., text_encoder_3=None))
-    expected = set(cls._get_signature_keys(cls)[0]) if cls is not DiffusionPipeline else set()
-    nulls = {k: None for k, v in index.items()
-             if k in expected and isinstance(v, list) and len(v) == 2 and v[0] is None and v[1] is None}
+    cls = pipeline_class(str(index.get("_class_name", "")))
     try:
-        pipe = cls.from_pretrained(str(path), local_files_only=True, **nulls)
+        pipe = cls.from_pretrained(str(path), local_files_only=True, **null_components(index, cls))
     except (OSError, ValueError, EnvironmentError) as e:  # noqa: UP024
         raise ValueError(f"could not load the pipeline folder '{path}' ({error_line(e, 300)})") from None
     if device is not None:
@@ -58,30 +52,6 @@ def load_pipeline(path: str | os.PathLike, device: torch.device | str | None = N
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-# negvision's pipeline subclasses that a model_index.json may name (diffusers itself only knows its own classes)
-_NEGVISION_PIPELINES = {
-    "PerpNegStableDiffusionPipeline": "diffusion.perpneg.pipeline",
-    "PerpNegStableDiffusionXLPipeline": "diffusion.perpneg.pipeline_xl",
-    "PerpNegStableDiffusion3Pipeline": "diffusion.perpneg.pipeline_sd3",
-    "PerpNegFluxPipeline": "diffusion.perpneg.pipeline_flux",
-}
-
-
-def _pipeline_class(class_name: str) -> type:
-    """The pipeline class a model_index.json names: one of negvision's, a diffusers one, else DiffusionPipeline (which
-    then resolves the name itself, or says why it cannot)."""
-    import importlib
-
-    import diffusers
-
-    if class_name in _NEGVISION_PIPELINES:
-        return getattr(importlib.import_module(_NEGVISION_PIPELINES[class_name]), class_name)
-    cls = getattr(diffusers, class_name, None) if class_name.isidentifier() else None
-    if isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline):
-        return cls
-    return diffusers.DiffusionPipeline
 
 
 def _accepts(fn: Callable, name: str) -> bool:

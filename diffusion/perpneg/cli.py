@@ -65,12 +65,12 @@ def looks_local(model: str) -> bool:
             or (len(model) > 1 and model[1] == ":"))
 
 
-# model_index.json's _class_name -> family; each family's Perp-Neg pipeline (module, class) and what it is called
-FAMILIES: dict[str, tuple[str, str, str]] = {
-    "sd": (".pipeline", "PerpNegStableDiffusionPipeline", "Stable Diffusion 1.x / 2.x"),
-    "sdxl": (".pipeline_xl", "PerpNegStableDiffusionXLPipeline", "SDXL"),
-    "sd3": (".pipeline_sd3", "PerpNegStableDiffusion3Pipeline", "SD3"),
-    "flux": (".pipeline_flux", "PerpNegFluxPipeline", "Flux"),
+# each family's Perp-Neg pipeline class (diffusion.folders.NEGVISION_PIPELINES says where it lives) and its name
+FAMILIES: dict[str, tuple[str, str]] = {
+    "sd": ("PerpNegStableDiffusionPipeline", "Stable Diffusion 1.x / 2.x"),
+    "sdxl": ("PerpNegStableDiffusionXLPipeline", "SDXL"),
+    "sd3": ("PerpNegStableDiffusion3Pipeline", "SD3"),
+    "flux": ("PerpNegFluxPipeline", "Flux"),
 }
 SD_ONLY = ("sd",)
 
@@ -93,11 +93,11 @@ def load_pipeline(model: str, device: str | None = None, allow: tuple[str, ...] 
     """Load the Perp-Neg pipeline of ``model``'s family (``FAMILIES``: SD 1.x/2.x, SDXL, SD3, Flux, told apart by
     model_index.json) from a local folder or a cached hub id, in the precision ``amp`` (auto: fp16 on a GPU, fp32
     otherwise); one clear error (exit 1) when missing, exit 2 for a family not in ``allow`` or for fp16 on the CPU."""
-    import importlib
     import os
 
     import torch
 
+    from diffusion.folders import null_components, pipeline_class
     from vision.device import pick_device
 
     path = Path(model)
@@ -121,18 +121,16 @@ def load_pipeline(model: str, device: str | None = None, allow: tuple[str, ...] 
     family = pipeline_family(class_name)
     if family is None:
         usage_error(f"'{model}' holds a {class_name}; Perp-Neg pipelines exist for "
-                    + ", ".join(v[2] for v in FAMILIES.values()) + " (diffusers' modular pipelines take "
+                    + ", ".join(v[1] for v in FAMILIES.values()) + " (diffusers' modular pipelines take "
                     "diffusion.perpneg.guider.PerpNegGuidance)")
     family = family or "sd"
     if family not in allow:
-        usage_error(f"'{model}' holds a {FAMILIES[family][2]} pipeline; this command needs "
-                    + " or ".join(FAMILIES[f][2] for f in allow)
+        usage_error(f"'{model}' holds a {FAMILIES[family][1]} pipeline; this command needs "
+                    + " or ".join(FAMILIES[f][1] for f in allow)
                     + " (SDXL, SD3 and Flux work with `negvision generate image`)")
-    module, cls_name, _ = FAMILIES[family]
-    cls = getattr(importlib.import_module(module, __package__), cls_name)
+    cls = pipeline_class(FAMILIES[family][0])
     extra = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" else {}
-    # components saved as [null, null] (SD3 without its T5 encoder, no image encoder) are loaded as None
-    extra.update({k: None for k, v in index.items() if not k.startswith("_") and v in ([None, None], None)})
+    extra.update(null_components(index, cls))  # SD3 saved without its T5 encoder, no image encoder ...
     try:
         pipe = cls.from_pretrained(str(path) if path.exists() else model, dtype=dtype,
                                    local_files_only=offline or path.exists(), **extra)
@@ -200,7 +198,7 @@ def _family_kwargs(pipe, family: str, *, guidance: float, mode: GuidanceMode, di
     if family in ("sd", "sdxl"):
         if mode is GuidanceMode.distilled:
             usage_error(f"--guidance-mode distilled is for guidance-distilled models (Flux-dev); this is "
-                        f"{FAMILIES[family][2]}")
+                        f"{FAMILIES[family][1]}")
         return {"guidance_scale": guidance, "unet_batch_size": batch}
     if positives:
         usage_error("--positive (perpendicular composition of extra prompts) needs an SD 1.x / 2.x or SDXL model")
