@@ -36,7 +36,6 @@ class ConditioningError(ValueError):
 
 def load_pipeline(path: str | os.PathLike, device: torch.device | str | None = None) -> Any:
     """A diffusers pipeline from a local folder (never downloads), moved to ``device``."""
-
     from diffusion.folders import check_pipeline_folder, null_components, pipeline_class
     from vision.io import error_line
 
