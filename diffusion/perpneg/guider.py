@@ -44,6 +44,7 @@ from .guidance import perp_neg_guidance
 from .pipeline import _as_batch, prompt_group, resolve_uncond
 
 COND, UNCOND, NEG = "pred_cond", "pred_uncond", "pred_neg_"
+SLOTS = "pred_slots"  # every slot stacked along the batch in one model call (batch_slots=True)
 
 # per modular pipeline (the blocks' model_name): guider input name of the denoiser -> the text encoder step's output
 FIELDS: dict[str, dict[str, str]] = {
@@ -79,14 +80,19 @@ class PerpNegGuidance(BaseGuidance):
         guidance_rescale: rescale of the guided prediction toward the prompt's std (Lin et al. 2023), as in CFG.
         start, stop: fraction of the steps where guidance runs (outside it only ``pred_cond`` is computed).
         enabled: False computes only the prompt's prediction.
+        batch_slots: hand the denoiser ONE batch with every slot stacked (one model call per step, as the classic
+            pipelines do) instead of one batch per slot (diffusers' convention). Needs a denoiser that passes the
+            latents through the guider: SD3 and Flux (``perp_neg_blocks``) do, SDXL's does not (refused).
     """
 
     _input_predictions = [COND, UNCOND]  # + pred_neg_0 .. pred_neg_{K-1}, as many as set_negatives gave
 
     @register_to_config
     def __init__(self, guidance_scale: float = 7.5, negative_weight: float = 1.0, guidance_rescale: float = 0.0,
-                 start: float = 0.0, stop: float = 1.0, enabled: bool = True):
+                 start: float = 0.0, stop: float = 1.0, enabled: bool = True, batch_slots: bool = False):
         super().__init__(start, stop, enabled)
+        self.batch_slots = batch_slots
+        self._slot_ids: list[str] = []
         if negative_weight < 0:
             raise ValueError("PerpNegGuidance: negative_weight must be >= 0 (negatives are subtracted)")
         self.guidance_scale = guidance_scale
@@ -171,7 +177,28 @@ class PerpNegGuidance(BaseGuidance):
             for name, value in neg.items():
                 setattr(b, name, _match_batch(value, getattr(first, name, None), f"negative {k}'s '{name}'"))
             out.append(b)
-        return out
+        return [self._stack(out)] if self.batch_slots else out
+
+    def _stack(self, batches: list) -> Any:
+        """The slots as one batch: per-sample tensors (batch = the prompt's) concatenated in slot order, the rest
+        (shared tensors, None) kept; :meth:`__call__` splits the prediction again."""
+        from diffusers.modular_pipelines import BlockState
+
+        rows = [{k: v for k, v in b.as_dict().items() if k != self._identifier_key} for b in batches]
+        differing = [v for k, v in rows[0].items() if isinstance(v, Tensor) and rows[1].get(k) is not v]
+        if not differing:
+            raise ValueError("PerpNegGuidance: the slots' inputs do not differ; nothing to guide")
+        n = differing[0].shape[0]
+        merged = {k: (torch.cat([r[k] for r in rows]) if isinstance(v, Tensor) and v.ndim and v.shape[0] == n else v)
+                  for k, v in rows[0].items()}
+        self._slot_ids = [getattr(b, self._identifier_key) for b in batches]
+        return BlockState(**merged, **{self._identifier_key: SLOTS})
+
+    def __call__(self, data: list) -> GuiderOutput:
+        if len(data) == 1 and getattr(data[0], self._identifier_key) == SLOTS:
+            preds = data[0].noise_pred.chunk(len(self._slot_ids))
+            return self.forward(**dict(zip(self._slot_ids, preds, strict=True)))
+        return super().__call__(data)
 
     def prepare_inputs(self, data: dict[str, Any]) -> list:
         has_uncond = any(isinstance(v, tuple) and v[1] is not None for v in data.values())
@@ -212,10 +239,11 @@ class PerpNegPromptsStep(ModularPipelineBlocks):
 
     model_name = None
 
-    def __init__(self, encoder: ModularPipelineBlocks, fields: Mapping[str, str]):
+    def __init__(self, encoder: ModularPipelineBlocks, family: str):
         super().__init__()
         self._encoder = encoder
-        self._fields = dict(fields)
+        self._family = family
+        self._fields = dict(FIELDS[family])
 
     @property
     def description(self) -> str:
@@ -256,6 +284,9 @@ class PerpNegPromptsStep(ModularPipelineBlocks):
                 raise ValueError("negative_prompts need the PerpNegGuidance guider: "
                                  "pipe.update_components(guider=PerpNegGuidance(guidance_scale=...))")
             return components, state
+        if guider.batch_slots and self._family == "stable-diffusion-xl":
+            raise ValueError("PerpNegGuidance(batch_slots=True) needs a denoiser that passes the latents through the "
+                             "guider (SD3, Flux); SDXL's reads them from the block state: use batch_slots=False")
         uncond = resolve_uncond(bs.negative_prompt, negatives, bs.uncond_prompt, "modular pipeline")
         prompt = bs.prompt
         if prompt is None:
@@ -301,13 +332,15 @@ class PerpNegFluxLoopDenoiser(ModularPipelineBlocks):
         guider = components.guider
         guider.set_state(step=i, num_inference_steps=block_state.num_inference_steps, timestep=t)
         batches = guider.prepare_inputs({
+            "hidden_states": block_state.latents, "guidance": block_state.guidance,  # the same in every slot
             "encoder_hidden_states": (block_state.prompt_embeds, None),
             "pooled_projections": (block_state.pooled_prompt_embeds, None),
         })
         for b in batches:
             guider.prepare_models(components.transformer)
+            x = b.hidden_states
             b.noise_pred = components.transformer(
-                hidden_states=block_state.latents, timestep=t.flatten() / 1000, guidance=block_state.guidance,
+                hidden_states=x, timestep=t.flatten().expand(x.shape[0]) / 1000, guidance=getattr(b, "guidance", None),
                 encoder_hidden_states=b.encoder_hidden_states, pooled_projections=b.pooled_projections,
                 joint_attention_kwargs=block_state.joint_attention_kwargs, txt_ids=block_state.txt_ids,
                 img_ids=block_state.img_ids, return_dict=False)[0]
@@ -331,7 +364,7 @@ def perp_neg_blocks(blocks: Any) -> Any:
         raise ValueError(f"perp_neg_blocks: {type(blocks).__name__} (model '{family}') is not supported; supported: "
                          "the SDXL, SD3 and Flux auto blocks. Other guider pipelines take PerpNegGuidance with "
                          "set_negatives(...) (see FIELDS)")
-    step = PerpNegPromptsStep(blocks.sub_blocks["text_encoder"], FIELDS[family])
+    step = PerpNegPromptsStep(blocks.sub_blocks["text_encoder"], family)
     blocks.sub_blocks.insert("perp_neg_prompts", step, list(blocks.sub_blocks).index("text_encoder") + 1)
     if family == "flux":
         _sub(blocks, ["denoise", "denoise"]).sub_blocks["denoiser"] = PerpNegFluxLoopDenoiser()

@@ -151,6 +151,10 @@ def test_modular_errors(xl, tmp_path):
     plain.update_components(**make_tiny_sdxl_components(tmp_path), guider=ClassifierFreeGuidance(guidance_scale=5.0))
     with pytest.raises(ValueError, match="need the PerpNegGuidance guider"):
         _gen(plain, negative_prompts=["dog"])
+    pn.update_components(guider=PerpNegGuidance(guidance_scale=5.0, batch_slots=True))
+    with pytest.raises(ValueError, match="SDXL's reads them"):
+        _gen(pn, negative_prompts=["dog"])
+    pn.update_components(guider=PerpNegGuidance(guidance_scale=5.0))
     with pytest.raises(ValueError, match="not supported"):
         perp_neg_blocks(stable_diffusion_xl.StableDiffusionXLAutoBlocks().sub_blocks["denoise"])
 
@@ -174,7 +178,20 @@ def test_modular_sd3_reduces_to_the_stock_guider(tmp_path):
     assert torch.equal(_flow(pn), ref)
     assert torch.equal(_flow(pn, negative_prompts=["blue dog"], negative_weights=[0.0]), ref)
     torch.testing.assert_close(_flow(pn, negative_prompts=["a red cat"]), ref, rtol=1e-4, atol=1e-4)
-    assert (_flow(pn, negative_prompts=["blue dog"]) - ref).abs().max() > 1e-3
+    two = _flow(pn, negative_prompts=["blue dog", "green"], negative_weights=[1.0, 0.5])
+    assert (two - ref).abs().max() > 1e-3
+    # every slot in one transformer call: the same output as one call per slot, and as the classic pipeline
+    pn.update_components(guider=PerpNegGuidance(guidance_scale=5.0, batch_slots=True))
+    torch.testing.assert_close(_flow(pn, negative_prompts=["blue dog", "green"], negative_weights=[1.0, 0.5]), two,
+                               rtol=1e-4, atol=1e-4)
+    from diffusion.perpneg.pipeline_sd3 import PerpNegStableDiffusion3Pipeline
+
+    classic = PerpNegStableDiffusion3Pipeline(**comps)
+    classic.set_progress_bar_config(disable=True)
+    want = classic(prompt="a red cat", num_inference_steps=3, guidance_scale=5.0, height=32, width=32,
+                   generator=torch.Generator().manual_seed(0), output_type="latent",
+                   negative_prompts=["blue dog", "green"], negative_weights=[1.0, 0.5]).images
+    torch.testing.assert_close(two, want, rtol=1e-4, atol=1e-4)
 
 
 def test_modular_flux_gets_a_guider_and_true_cfg(tmp_path):
@@ -196,4 +213,15 @@ def test_modular_flux_gets_a_guider_and_true_cfg(tmp_path):
                    width=32, generator=torch.Generator().manual_seed(0), output_type="latent").images
     want = classic._unpack_latents(want, 32, 32, classic.vae_scale_factor)
     assert torch.equal(_flow(pn, negative_prompts=["blue"], negative_weights=[0.0]), want)  # diffusers' true CFG
-    assert (_flow(pn, negative_prompts=["blue"]) - want).abs().max() > 1e-3
+    one = _flow(pn, negative_prompts=["blue"])
+    assert (one - want).abs().max() > 1e-3
+    pn.update_components(guider=PerpNegGuidance(guidance_scale=4.0, batch_slots=True))
+    torch.testing.assert_close(_flow(pn, negative_prompts=["blue"]), one, rtol=1e-4, atol=1e-4)
+    from diffusion.perpneg.pipeline_flux import PerpNegFluxPipeline
+
+    ours = PerpNegFluxPipeline(**comps)
+    ours.set_progress_bar_config(disable=True)
+    classic = ours(prompt="a red cat", num_inference_steps=3, true_cfg_scale=4.0, negative_prompts=["blue"],
+                   height=32, width=32, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    torch.testing.assert_close(one, ours._unpack_latents(classic, 32, 32, ours.vae_scale_factor), rtol=1e-4,
+                               atol=1e-4)
