@@ -121,7 +121,12 @@ def selftrain_cmd(
                                             help="Sampler (denoising) steps per sample (pipeline default if unset)."),
     prompts: Path = typer.Option(None, "--prompts", help="Text file, one prompt a line (text-to-image pipelines)."),
     class_labels: str = typer.Option(None, "--class-labels", help="Comma-separated class ids (class-conditional; default: every class in turn)."),
-    guidance_scale: float = typer.Option(None, "--guidance-scale"),
+    guidance_scale: float = typer.Option(None, "--guidance-scale", help="Sampling guidance (Flux-dev: its distilled "
+                                         "guidance, also used while fine-tuning)."),
+    height: int = typer.Option(None, "--height", min=8, help="Sample height (pipeline default if unset)."),
+    width: int = typer.Option(None, "--width", min=8, help="Sample width (pipeline default if unset)."),
+    max_sequence_length: int = typer.Option(None, "--max-sequence-length", min=1,
+                                            help="T5 tokens of SD3 / Flux prompts (pipeline default if unset)."),
     seed: int = opt.seed_option(),
     device: str | None = opt.device_option(),
     amp: opt.Amp = opt.amp_option(),
@@ -144,8 +149,8 @@ def selftrain_cmd(
             batch_size=batch, sample_batch_size=sample_batch_size, lr=lr, num_inference_steps=num_inference_steps,
             prompts=_lines(prompts), class_labels=_ints(class_labels), guidance_scale=guidance_scale,
             seed=seed, device=dev, mixed_precision=amp.value, resume=resume_from, exist_ok=exist_ok,
-            workers=workers, deterministic=deterministic,
-            run_config=opt.run_config(ctx.params), usage=(ConditioningError,),
+            workers=workers, deterministic=deterministic, height=height, width=width,
+            max_sequence_length=max_sequence_length, run_config=opt.run_config(ctx.params), usage=(ConditioningError,),
         )
     except TrainingInterrupted as e:
         typer.echo(f"{e} (negvision neon selftrain ... --resume)", err=True)

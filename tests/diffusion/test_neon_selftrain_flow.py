@@ -197,6 +197,12 @@ def test_sd3_cli_selftrain_and_sweep(bases, tmp_path):
     assert r.exit_code == 0, r.output + repr(r.exception)
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["best_w"] in (0.0, 1.0) and (tmp_path / "sweep" / "samples" / "w1.png").is_file()
+    # Flux from the command line at a chosen size and T5 length (its pipeline default is 256 px on the tiny VAE)
+    r = runner.invoke(app, ["neon", "selftrain", "--model", str(bases / "flux"), "--num-samples", "2", "--max-steps",
+                            "1", "--batch", "2", "--height", "32", "--width", "32", "--max-sequence-length", "16",
+                            "--out", str(tmp_path / "fx"), *common])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    assert Image.open(tmp_path / "fx" / "samples.png").size[1] <= 40  # one row of 32 px samples (grid padding)
 
 
 def test_flow_errors_are_one_line(bases, tmp_path):
