@@ -18,10 +18,9 @@ class BadImageError(vio.ImageReadError):
 
 
 def list_images(source: str | Path, data_root: str | Path | None = None) -> list[Path]:
-    """All images under a folder (recursive, sorted), or the paths of an OpenOOD-style list file.
-
-    A list file has one ``relative/path [label]`` a line, relative to ``data_root`` (default: the list's folder).
-    """
+    """All images under a folder (recursive, sorted), or the paths of an image list file
+    (:func:`vision.io.read_image_list`: absolute paths or paths relative to ``data_root`` (default: the list's folder),
+    spaces allowed, an optional label column as OpenOOD writes it)."""
     source = Path(source)
     if source.is_dir():
         try:
@@ -29,18 +28,7 @@ def list_images(source: str | Path, data_root: str | Path | None = None) -> list
         except FileNotFoundError:  # no images: an empty source, which the caller reports by its set name
             return []
     if source.is_file():
-        root = Path(data_root) if data_root else source.parent
-        out = []
-        with open(source, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                line = line.strip()
-                if not line or line.startswith("#"):
-                    continue
-                rel = line.split()[0]
-                if Path(rel).is_absolute() or ".." in Path(rel).parts:
-                    raise ValueError(f"{source}:{lineno}: image path must be relative to the data root, got {rel!r}")
-                out.append(root / rel)
-        return out
+        return [e.path for e in vio.read_image_list(source, data_root)]
     raise FileNotFoundError(f"image source {source} is neither a folder nor a list file")
 
 

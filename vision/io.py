@@ -10,6 +10,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -166,23 +167,62 @@ def list_image_files(folder: str | os.PathLike, extensions: tuple[str, ...] = IM
     return [Path(f) for f in sorted(out)]
 
 
+@dataclass(frozen=True)
+class ListEntry:
+    """One line of an image list: the image's path, its label column (None without one) and the line number."""
+
+    path: Path
+    label: str | None
+    line: int
+
+
+def _split_label(entry: str) -> tuple[str, str | None]:
+    """``path<TAB>label`` (the unambiguous form), or OpenOOD's ``path label`` when the last space-separated token is
+    an integer after a path with a file extension; else the whole entry is the path (spaces included)."""
+    if "\t" in entry:
+        path, _, label = entry.partition("\t")
+        return path.strip(), label.strip() or None
+    head, _, tail = entry.rpartition(" ")
+    if head and tail.lstrip("-").isdigit() and Path(head.strip()).suffix:
+        return head.strip(), tail
+    return entry, None
+
+
+def read_image_list(list_file: str | os.PathLike, root: str | os.PathLike | None = None) -> list[ListEntry]:
+    """The entries of an image list file, the one list reader of every command that takes one.
+
+    One image a line: an absolute path, or a path relative to ``root`` (default: the list's folder); paths may hold
+    spaces. An optional label follows a TAB (``path<TAB>label``), or, as OpenOOD image lists write it, a space and an
+    integer after a path with an image extension (``class/0001.png 3``). Blank lines and ``#`` comments are skipped; a
+    BOM and CRLF line ends are fine. A listed file that is missing is kept (reading it names it); a line with a label
+    but no path, or a list that is not UTF-8 text, raises ``ValueError`` naming the file and line."""
+    src = Path(list_file)
+    base = Path(root) if root is not None else src.parent
+    try:
+        lines = src.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{src}: image list is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    out: list[ListEntry] = []
+    for lineno, line in enumerate(lines, 1):
+        entry = line.strip(" \r\n")  # a leading TAB is kept: it means a label without a path
+        if not entry.strip() or entry.startswith("#"):
+            continue
+        path, label = _split_label(entry)
+        if not path:
+            raise ValueError(f"{src}:{lineno}: no image path before the label {label!r}")
+        p = Path(path).expanduser()
+        out.append(ListEntry(p if p.is_absolute() else base / p, label, lineno))
+    return out
+
+
 def list_images(source: str | os.PathLike, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[Path]:
-    """Image files of a folder (recursive, sorted), the single image given, or the paths of a ``.txt`` list (one
-    image a line, absolute or relative to the list's folder; blank lines and ``#`` comments skipped; as ultralytics
-    ``source=list.txt``). A listed file that is missing is kept: reading it gives the error naming it (or is skipped
-    with --skip-bad). Clear errors otherwise."""
+    """Image files of a folder (recursive, sorted), the single image given, or the paths of a ``.txt`` list
+    (:func:`read_image_list`: absolute or relative to the list's folder, as ultralytics ``source=list.txt``). A listed
+    file that is missing is kept: reading it gives the error naming it (or is skipped with --skip-bad). Clear errors
+    otherwise."""
     src = Path(source)
     if src.is_file() and src.suffix.lower() == ".txt":
-        try:
-            lines = src.read_text(encoding="utf-8-sig").splitlines()
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{src}: image list is not UTF-8 text (byte {e.start}: {e.reason})") from None
-        out = []
-        for line in lines:
-            entry = line.strip()
-            if entry and not entry.startswith("#"):
-                p = Path(entry).expanduser()
-                out.append(p if p.is_absolute() else src.parent / p)
+        out = [e.path for e in read_image_list(src)]
         if not out:
             raise FileNotFoundError(f"image list '{src}' names no image")
         return out
