@@ -212,7 +212,7 @@ def train_detector(
     out = prepare_run_dir(out, resume=resume, exist_ok=exist_ok)
     if run_config is not None:
         write_run_config(out, {**run_config, "_resumed": bool(resume)})
-    cpu = cpu or training_device(device)
+    device = "cpu" if cpu or training_device(device) else device
     record_skipped(out, {"train": train_ds.bad, **({val_split: val_ds.bad} if val_ds is not None else {})})
     classes = list(train_ds.classes)
     spec = model_spec(model, len(classes), classes, backbone, pretrained, img_size, **(model_kwargs or {}))
@@ -252,7 +252,7 @@ def train_detector(
                       weight_decay=weight_decay, scheduler=scheduler, warmup_steps=warmup_steps,
                       clip_grad_norm=clip_grad_norm, mixed_precision=mixed_precision, seed=seed,
                       eval_every=eval_every if val_ds is not None else 0, checkpoint_every=checkpoint_every,
-                      progress=progress, cpu=cpu, keep_last=keep_last, deterministic=deterministic)
+                      progress=progress, device=device, keep_last=keep_last, deterministic=deterministic)
     trainer = Trainer(net, train_ds, cfg, loss_fn=loss_fn, eval_fn=eval_fn if val_ds is not None else None,
                       metric="AP" if val_ds is not None else None, mode="max", batch_size=batch, num_workers=workers,
                       collate_fn=detection_collate, batch_size_fn=lambda b: len(b[0]),

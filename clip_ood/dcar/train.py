@@ -327,7 +327,7 @@ def train_retrieval(clip: torch.nn.Module, tokenizer, preprocess, train_pairs: S
         return evaluate_retrieval(m, val_ds)
 
     tcfg = TrainConfig(out_dir=str(out_dir), epochs=epochs, max_steps=max_steps, optimizer=optimizer, lr=lr,
-                       weight_decay=weight_decay, scheduler="cosine", seed=seed, cpu=cpu, progress=progress,
+                       weight_decay=weight_decay, scheduler="cosine", seed=seed, device="cpu" if cpu else None, progress=progress,
                        mixed_precision=mixed_precision, log_every=5, eval_every=1 if val_ds is not None else 0,
                        eval_at_start=val_ds is not None,
                        checkpoint_every=checkpoint_every, deterministic=deterministic)

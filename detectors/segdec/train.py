@@ -23,7 +23,6 @@ from .data import load_defect_dataset, validation_and_test, validation_record
 from .evaluate import (
     _interp_pr,
     _public,
-    _upsample,
     evaluate_segdec,
     record_validation,
     run_inference,
@@ -50,7 +49,6 @@ __all__ = [
     "_default_threshold",
     "_dice_iou",
     "_interp_pr",
-    "_upsample",
     "PRESETS",
     "SPEC_FILE",
     "build_from_spec",
@@ -224,7 +222,7 @@ def train_segdec(
     out = prepare_run_dir(out, resume=resume, exist_ok=exist_ok)
     if run_config is not None:
         write_run_config(out, {**run_config, "_resumed": bool(resume)})
-    cpu = cpu or training_device(device)
+    device = "cpu" if cpu or training_device(device) else device
     record_skipped(out, {"train": train_ds.bad, **({"val": val_ds.bad} if val_ds is not None else {}),
                          **({"test": eval_ds.bad} if eval_ds is not None else {})})
 
@@ -262,7 +260,7 @@ def train_segdec(
                     pretrained=pretrained if not resume else False, width=width)
 
     sampler = FrequencySampler(train_ds.labels, seed=seed, frequency=frequency)
-    use_cuda = not cpu and pick_device().type == "cuda"
+    use_cuda = device != "cpu" and pick_device().type == "cuda"
     loader = DataLoader(train_ds, batch_size=int(st["batch"]), sampler=sampler, num_workers=workers,
                         pin_memory=use_cuda, drop_last=False, persistent_workers=False)
 
@@ -288,7 +286,7 @@ def train_segdec(
     cfg = TrainConfig(out_dir=str(out), epochs=int(st["epochs"]), max_steps=max_steps, optimizer=optimizer,
                       lr=float(st["lr"]), momentum=momentum, weight_decay=weight_decay, scheduler=scheduler,
                       mixed_precision=mixed_precision, seed=seed, eval_every=every if val_ds is not None else 0,
-                      checkpoint_every=checkpoint_every, progress=progress, cpu=cpu,
+                      checkpoint_every=checkpoint_every, progress=progress, device=device,
                       log_every=max(1, min(10, len(loader))), keep_last=keep_last, deterministic=deterministic)
     trainer = Trainer(net, loader, cfg, loss_fn=loss_fn, eval_fn=eval_fn if val_ds is not None else None,
                       metric="AP" if val_ds is not None else None, mode="max",

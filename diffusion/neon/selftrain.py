@@ -422,7 +422,7 @@ def self_train(
         checkpoint_every=int(save_every),
         keep_last=10**6 if save_every else 1,  # keep every saved step as checkpoints/step-XXXXXXX
         seed=seed,
-        cpu=dev.type == "cpu",
+        device=str(dev),
         progress=progress,
         log_every=max(1, min(50, steps // 10)),
         eval_every=0,

@@ -44,7 +44,7 @@ def main(out: str) -> None:
         lr=0.05,
         grad_accum=2,
         checkpoint_every=2,
-        cpu=True,
+        device="cpu",
         progress=False,
         log_every=1,
     )

@@ -46,7 +46,7 @@ def mse_loss(model: nn.Module, batch) -> torch.Tensor:
 
 def cfg(out: Path, **kw) -> TrainConfig:
     base = dict(
-        out_dir=str(out), max_steps=6, checkpoint_every=1, lr=0.05, cpu=True, progress=False, eval_every=0
+        out_dir=str(out), max_steps=6, checkpoint_every=1, lr=0.05, device="cpu", progress=False, eval_every=0
     )
     base.update(kw)
     return TrainConfig(**base)

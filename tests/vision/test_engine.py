@@ -57,7 +57,7 @@ def mse_loss(model: nn.Module, batch) -> dict:
 
 
 def cfg(tmp: Path, **kw) -> TrainConfig:
-    base = dict(out_dir=str(tmp), epochs=3, lr=0.05, cpu=True, progress=False, log_every=1, eval_every=0)
+    base = dict(out_dir=str(tmp), epochs=3, lr=0.05, device="cpu", progress=False, log_every=1, eval_every=0)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -431,7 +431,7 @@ def test_loss_fn_and_eval_fn_may_take_the_loop_context(tmp_path):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(8, 4, generator=g)
     data = TensorDataset(x, x.sum(1))
-    cfg = TrainConfig(out_dir=str(tmp_path), epochs=2, lr=0.01, cpu=True, progress=False, eval_every=1)
+    cfg = TrainConfig(out_dir=str(tmp_path), epochs=2, lr=0.01, device="cpu", progress=False, eval_every=1)
     Trainer(nn.Linear(4, 1), data, cfg, loss_fn=loss3, eval_fn=eval2, metric="m", batch_size=4).fit()
     assert seen == [(0, 0, 4, 0), (0, 1, 4, 1), (1, 2, 4, 0), (1, 3, 4, 1)]
     assert evals == [(1, 2, 2), (2, 4, 4)]

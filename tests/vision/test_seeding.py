@@ -101,7 +101,7 @@ def test_use_deterministic_switches_torch_and_the_engine_restores_it(tmp_path):
     def fit(out, deterministic):
         torch.manual_seed(0)
         model = nn.Linear(3, 1)
-        cfg = TrainConfig(out_dir=str(out), epochs=2, lr=0.1, cpu=True, progress=False,
+        cfg = TrainConfig(out_dir=str(out), epochs=2, lr=0.1, device="cpu", progress=False,
                           deterministic=deterministic)
         seen = []
         tr = Trainer(model, data, cfg, loss_fn=lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), batch_size=4,

@@ -107,7 +107,7 @@ def _loss(model, batch) -> dict:
 
 
 def _cfg(tmp_path, **kw) -> TrainConfig:
-    base = dict(out_dir=str(tmp_path), epochs=3, lr=0.05, cpu=True, progress=False, log_every=1, eval_every=1)
+    base = dict(out_dir=str(tmp_path), epochs=3, lr=0.05, device="cpu", progress=False, log_every=1, eval_every=1)
     base.update(kw)
     return TrainConfig(**base)
 

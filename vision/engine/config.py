@@ -38,7 +38,7 @@ class TrainConfig:
     eval_at_start: bool = False  # also evaluate the untrained model (step 0): it can be the best checkpoint
     max_bad_steps: int = 5  # consecutive non-finite losses before stopping
     keep_last: int = 2  # checkpoints kept: "last" plus keep_last-1 older ones as checkpoints/step-XXXXXXX
-    cpu: bool = False
+    device: str | None = None  # "cpu", "cuda", "cuda:N", "mps"; None: Accelerate's choice (the launcher's under DDP)
     progress: bool = True
     ddp_find_unused_parameters: bool = False
     ddp_timeout_s: int = 3600  # collectives wait this long (e.g. while the main process evaluates)

@@ -119,9 +119,15 @@ def _to_float(v: Any) -> float:
 def _resolve_mixed_precision(cfg: TrainConfig) -> str:
     if cfg.mixed_precision != "auto":
         return cfg.mixed_precision
-    if cfg.cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+    if _on_cpu(cfg) or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
         return "no"
     return best_mixed_precision(pick_device())
+
+
+def _on_cpu(cfg: TrainConfig) -> bool:
+    """Whether the run trains on the CPU (``cfg.device``; a task applies ``cuda:N`` with
+    ``vision.device.training_device`` before CUDA starts)."""
+    return (cfg.device or "").lower() == "cpu"
 
 
 def _make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -130,7 +136,7 @@ def _make_accelerator(cfg: TrainConfig) -> Accelerator:
     kwargs: dict[str, Any] = dict(
         mixed_precision=_resolve_mixed_precision(cfg),
         gradient_accumulation_steps=cfg.grad_accum,
-        cpu=cfg.cpu,
+        cpu=_on_cpu(cfg),
         step_scheduler_with_optimizer=False,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         kwargs_handlers=[
