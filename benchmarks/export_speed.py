@@ -5,9 +5,9 @@
     python benchmarks/export_speed.py --backbone resnet10t --random-backbone --fpn-channels 32   # any timm name, random
 
 The run is ATSS on the offline EfficientNet-Lite0 (ImageNet weights) with a random head (speed does not need
-training), written as a run folder and exported with ``detectors.export.export_detector`` (dynamic shapes, NMS in
-the graph). Both paths time ``predict`` on decoded images: resize / normalise / pad, network, post-processing
-and boxes mapped back. CPU threads: ``torch.set_num_threads`` / onnxruntime ``intra_op_num_threads``. CUDA
+training), written as a run folder and exported with ``detectors.atss.export.export_detector`` (dynamic shapes,
+NMS in the graph). Both paths time ``predict`` on decoded images: resize / normalise / pad, network,
+post-processing and boxes mapped back. CPU threads: ``torch.set_num_threads`` / onnxruntime ``intra_op_num_threads``. CUDA
 figures (PyTorch eager, fp32 and an fp16 export in onnxruntime's CUDA provider when installed) only with CUDA.
 """
 
@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from detectors.atss.export import OnnxDetector, export_detector  # noqa: E402
 from detectors.detect import build_from_spec, load_detector, model_spec  # noqa: E402
-from detectors.export import OnnxDetector, export_detector  # noqa: E402
 
 
 def make_run(root: Path, backbone: str, img_size: int, fpn_channels: int, score_thresh: float,

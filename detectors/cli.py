@@ -165,7 +165,7 @@ def predict(
     dev = opt.resolve_device(device)
     try:
         if weights.suffix.lower() == ".onnx":  # an exported model: onnxruntime, same outputs
-            from detectors.export import predict_images_onnx
+            from detectors.atss.export import predict_images_onnx
 
             providers = ["CPUExecutionProvider"] if dev == "cpu" else None
             res = predict_images_onnx(weights, source, out, score_thresh=conf, batch=batch, draw=not no_draw,
@@ -203,7 +203,7 @@ def export(
 ) -> None:
     """Export a trained detector: ONNX (the graph takes the normalised, resized, padded batch and returns boxes,
     scores, labels after NMS; class names, input size and normalisation in the file's metadata) or .pt2."""
-    from detectors.export import export_detector
+    from detectors.atss.export import export_detector
 
     target = out or ((weights if weights.is_dir() else weights.parent) / f"model.{fmt.value}")
     if target.suffix.lower() != f".{fmt.value}":

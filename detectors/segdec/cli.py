@@ -274,7 +274,7 @@ def predict(
 
     try:
         if weights.suffix.lower() == ".onnx":  # an exported model: onnxruntime, same outputs
-            from detectors.export import predict_segdec_onnx
+            from .export import predict_segdec_onnx
 
             providers = ["CPUExecutionProvider"] if opt.resolve_device(device) == "cpu" else None
             if heatmap == HeatmapKind.cam:
@@ -307,7 +307,7 @@ def export(
 ) -> None:
     """Export a trained SegDecNet to ONNX (input [B, C, H, W] in 0..1 at the run's size; decision and segmentation
     logits out; size, channels and the run's decision threshold in the metadata) or .pt2."""
-    from detectors.export import export_segdec
+    from .export import export_segdec
 
     target = out or ((weights if weights.is_dir() else weights.parent) / "model.onnx")
     if target.suffix.lower() not in (".onnx", ".pt2"):

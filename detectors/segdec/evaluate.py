@@ -49,7 +49,8 @@ def run_inference(
     return np.asarray(scores, dtype=np.float64), segs
 
 
-def _upsample(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+def upsample_map(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A probability map [h, w] resized bilinearly to ``shape`` (height, width), as float32."""
     t = torch.from_numpy(np.ascontiguousarray(prob, dtype=np.float32))[None, None]
     return F.interpolate(t, size=shape, mode="bilinear", align_corners=False)[0, 0].numpy()
 
@@ -83,7 +84,7 @@ def evaluate_segdec(
         if pixel:
             gt = dataset.full_mask(i)
             if gt is not None:
-                pred = _upsample(segs[i], gt.shape) >= seg_threshold
+                pred = upsample_map(segs[i], gt.shape) >= seg_threshold
                 d, j = _dice_iou(pred, gt)
                 row["dice"], row["iou"] = round(d, 6), round(j, 6)
                 dice_all.append(d)
@@ -148,7 +149,7 @@ def save_eval_outputs(res: dict[str, Any], dataset: DefectDataset, out: str | Pa
         tiles, titles = [], []
         for i in order[:max_images]:
             img = dataset.read_image(i)
-            heat = _upsample(segs[i], img.shape[:2])
+            heat = upsample_map(segs[i], img.shape[:2])
             gt = dataset.full_mask(i)
             gt_img = (gt.astype(np.uint8) * 255) if gt is not None else np.zeros(img.shape[:2], np.uint8)
             tiles.append(np.concatenate([np.asarray(overlay_heatmap(img, np.clip(heat, 0, 1)), dtype=np.uint8),

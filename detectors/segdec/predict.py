@@ -14,7 +14,7 @@ from PIL import Image
 
 from vision.io import list_images, open_image_or_skip, output_names, write_bytes_atomic, write_json_atomic
 
-from .evaluate import _upsample
+from .evaluate import upsample_map
 from .spec import load_segdec
 
 
@@ -145,8 +145,8 @@ def predict_segdec(
         probs = torch.sigmoid(dec.float()).cpu().numpy()
         seg_p = torch.sigmoid(seg.float())[:, 0].cpu().numpy()
         for j, (f, orig, prob, sp) in enumerate(zip(chunk, originals, probs, seg_p, strict=True)):
-            full = _upsample(sp, orig.shape[:2])
-            heat = _upsample(cams[j], orig.shape[:2]) if cams is not None else None
+            full = upsample_map(sp, orig.shape[:2])
+            heat = upsample_map(cams[j], orig.shape[:2]) if cams is not None else None
             stem = names[f].as_posix()
             results.append(write_defect_prediction(out, f, stem, orig, full, float(prob), thr, seg_threshold,
                                                    heatmaps, heat, kind))

@@ -16,17 +16,10 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+from detectors.atss.export import ATSSExport, OnnxDetector, export_detector, predict_images_onnx  # noqa: E402
 from detectors.detect import load_detector, predict_images  # noqa: E402
-from detectors.export import (  # noqa: E402
-    ATSSExport,
-    OnnxDetector,
-    OnnxSegDec,
-    export_detector,
-    export_segdec,
-    predict_images_onnx,
-    predict_segdec_onnx,
-    read_metadata,
-)
+from detectors.export import read_metadata  # noqa: E402
+from detectors.segdec.export import OnnxSegDec, export_segdec, predict_segdec_onnx  # noqa: E402
 from vision.cli import app  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/detectors/conftest.py
