@@ -141,9 +141,9 @@ def main() -> None:
         log_every=100, eval_every=0,
     )
     data = TensorDataset(x[train_idx] * 2.0 - 1.0)
-    from diffusion.neon.selftrain import _Repeated
+    from diffusion.neon.selftrain import Repeated
 
-    Trainer(unet, _Repeated(data, args.base_steps * args.batch), cfg, loss_fn=denoising_loss(sched),
+    Trainer(unet, Repeated(data, args.base_steps * args.batch), cfg, loss_fn=denoising_loss(sched),
             batch_size=args.batch).fit()
     unet.eval()
     DDIMPipeline(unet=unet, scheduler=sched).save_pretrained(tmp / "base")

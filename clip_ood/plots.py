@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
-from vision.viz import _font, _new_figure, _save_figure, _to_numpy, class_color, save_image
+from vision.viz import class_color, load_font, new_figure, save_figure, save_image, to_numpy
 
 GREEN = (30, 150, 50)
 RED = (210, 40, 40)
@@ -26,10 +26,10 @@ RED = (210, 40, 40)
 def fpr95_point(scores_id: Any, scores_ood: Any, tpr: float = 0.95) -> tuple[float, float, float]:
     """(FPR, TPR, threshold) of the operating point behind ``ood_metrics``' fpr95: the threshold keeps
     ceil(tpr * n_id) ID scores; TPR is the share of ID scores >= it (>= ``tpr``; more with ties)."""
-    from clip_ood.metrics import _as_numpy, fpr_at_tpr
+    from clip_ood.metrics import as_numpy, fpr_at_tpr
 
     fpr, thr = fpr_at_tpr(scores_id, scores_ood, tpr)
-    return fpr, float(np.mean(_as_numpy(scores_id) >= thr)), thr
+    return fpr, float(np.mean(as_numpy(scores_id) >= thr)), thr
 
 
 def roc_logfpr_data(scores_id: Any, scores_ood: Any) -> dict[str, Any]:
@@ -41,7 +41,7 @@ def roc_logfpr_data(scores_id: Any, scores_ood: Any) -> dict[str, Any]:
     m = ood_metrics(scores_id, scores_ood)
     f95, t95, thr = fpr95_point(scores_id, scores_ood)
     return {"fpr": fpr, "tpr": tpr, "auroc": m["auroc"], "fpr95": f95, "tpr95": t95, "threshold95": thr,
-            "n_id": int(np.size(_to_numpy(scores_id))), "n_ood": int(np.size(_to_numpy(scores_ood)))}
+            "n_id": int(np.size(to_numpy(scores_id))), "n_ood": int(np.size(to_numpy(scores_ood)))}
 
 
 def fpr_floor(n_ood: int, lowest: float = 1e-4) -> float:
@@ -60,7 +60,7 @@ def plot_roc_logfpr(
     marked and AUROC / FPR95 in the legend; save a PNG. FPR = 0 is drawn on the axis' left edge."""
     data = {name: roc_logfpr_data(sid, sood) for name, (sid, sood) in curves.items()}
     floor = min((fpr_floor(d["n_ood"], lowest_fpr) for d in data.values()), default=1e-4)
-    fig = _new_figure((6.4, 4.8 + 0.2 * len(data)))  # the legend sits below the axes, one line per curve
+    fig = new_figure((6.4, 4.8 + 0.2 * len(data)))  # the legend sits below the axes, one line per curve
     ax = fig.add_subplot()
     ax.axhline(0.95, ls="--", lw=0.9, color="0.45", zorder=1)
     ax.text(floor * 1.15, 0.955, "TPR 95%", fontsize=8, color="0.35", va="bottom")
@@ -81,7 +81,7 @@ def plot_roc_logfpr(
     ax.grid(alpha=0.3, which="major")
     ax.grid(alpha=0.12, which="minor")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize="small", frameon=False)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------- retrieval: top-K examples
@@ -144,10 +144,10 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int, max_lines: int
 _PAD, _FRAME = 8, 4
 
 
-def _layout(n_img: int, n_txt: int, n: int, k: int, thumb: int) -> dict[str, Any]:
+def grid_layout(n_img: int, n_txt: int, n: int, k: int, thumb: int) -> dict[str, Any]:
     """Fonts, row heights, picked queries and the canvas size of :func:`retrieval_examples`."""
     k = max(1, min(k, n_img, n_txt))
-    fonts = {"head": _font(18), "cap": _font(15), "small": _font(12)}
+    fonts = {"head": load_font(18), "cap": load_font(15), "small": load_font(12)}
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     h = {name: probe.textbbox((0, 0), "Ag", font=f)[3] for name, f in fonts.items()}
     L = {"k": k, "fonts": fonts, "cap_w": 2 * thumb + 40, "cell": thumb + 2 * _FRAME,
@@ -163,7 +163,7 @@ def _layout(n_img: int, n_txt: int, n: int, k: int, thumb: int) -> dict[str, Any
 
 def retrieval_examples_size(n_img: int, n_txt: int, n: int = 6, k: int = 5, thumb: int = 128) -> tuple[int, int]:
     """(width, height) of the :func:`retrieval_examples` picture for these sizes."""
-    L = _layout(n_img, n_txt, n, k, thumb)
+    L = grid_layout(n_img, n_txt, n, k, thumb)
     return L["W"], L["H"]
 
 
@@ -194,13 +194,13 @@ def retrieval_examples(
     Image->text: ``n`` images, each with its top-``k`` captions as lines (green check = correct, red cross =
     wrong) and, when missed, the rank of its first correct caption. Size: :func:`retrieval_examples_size`.
     """
-    s = _to_numpy(sim).astype(np.float64)
-    gt = _to_numpy(positives).astype(bool)
+    s = to_numpy(sim).astype(np.float64)
+    gt = to_numpy(positives).astype(bool)
     if s.ndim != 2 or gt.shape != s.shape or len(texts) != s.shape[1] or len(image_paths) != s.shape[0]:
         raise ValueError(f"retrieval_examples: sim {s.shape}, positives {gt.shape}, {len(texts)} texts and "
                          f"{len(image_paths)} images do not agree")
     n_img, n_txt = s.shape
-    L = _layout(n_img, n_txt, n, k, thumb)
+    L = grid_layout(n_img, n_txt, n, k, thumb)
     k, cell, cap_w, pad = L["k"], L["cell"], L["cap_w"], _PAD
     f_head, f_cap, f_small = L["fonts"]["head"], L["fonts"]["cap"], L["fonts"]["small"]
     line_cap, line_small, W = L["line_cap"], L["line_small"], L["W"]

@@ -28,7 +28,7 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
 ImageLike = Any  # PIL.Image | np.ndarray (HWC/HW) | torch.Tensor (CHW/HW)
 
 
-def _to_numpy(x: Any) -> np.ndarray:
+def to_numpy(x: Any) -> np.ndarray:
     """Tensor / array / list -> numpy array (detached, on CPU)."""
     if hasattr(x, "detach"):
         x = x.detach().cpu()
@@ -43,7 +43,7 @@ def to_pil(image: ImageLike) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB") if image.mode != "RGB" else image
     is_tensor = hasattr(image, "detach")
-    arr = _to_numpy(image)
+    arr = to_numpy(image)
     if arr.ndim == 3 and is_tensor:
         arr = np.transpose(arr, (1, 2, 0))  # CHW -> HWC
     elif arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
@@ -66,7 +66,7 @@ def class_color(label: int) -> tuple[int, int, int]:
     return PALETTE[int(label) % len(PALETTE)]
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def load_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has no sized default font
@@ -90,17 +90,17 @@ def draw_boxes(
 ) -> Image.Image:
     """Draw xyxy ``boxes`` on a copy of ``image`` with "name 0.87" captions; one palette colour per class."""
     img = to_pil(image).copy()
-    b = _to_numpy(boxes).astype(np.float64).reshape(-1, 4) if boxes is not None else np.zeros((0, 4))
+    b = to_numpy(boxes).astype(np.float64).reshape(-1, 4) if boxes is not None else np.zeros((0, 4))
     n = len(b)
-    lab = None if labels is None else _to_numpy(labels).astype(np.int64).reshape(-1)
-    sc = None if scores is None else _to_numpy(scores).astype(np.float64).reshape(-1)
+    lab = None if labels is None else to_numpy(labels).astype(np.int64).reshape(-1)
+    sc = None if scores is None else to_numpy(scores).astype(np.float64).reshape(-1)
     for name, arr in (("labels", lab), ("scores", sc)):
         if arr is not None and len(arr) != n:
             raise ValueError(f"draw_boxes: {n} boxes but {len(arr)} {name}")
     if n == 0:
         return img
     font_size = font_size or max(10, round(min(img.size) / 40))
-    font = _font(font_size)
+    font = load_font(font_size)
     draw = ImageDraw.Draw(img)
     for i in range(n):
         x0, y0, x1, y1 = (float(v) for v in b[i])
@@ -140,7 +140,7 @@ def _colormap(name: str):
 def overlay_heatmap(image: ImageLike, heatmap: Any, alpha: float = 0.5, cmap: str = "jet") -> Image.Image:
     """Blend a colour-mapped ``heatmap`` (any size, resized to the image) over ``image``."""
     img = to_pil(image)
-    h = _to_numpy(heatmap).astype(np.float64).squeeze()
+    h = to_numpy(heatmap).astype(np.float64).squeeze()
     if h.ndim != 2:
         raise ValueError(f"overlay_heatmap: heatmap must be 2-D (got shape {tuple(h.shape)})")
     h = np.nan_to_num(h, nan=0.0, posinf=0.0, neginf=0.0)
@@ -178,7 +178,7 @@ def image_grid(
     font = None
     title_h = 0
     if titles is not None:
-        font = _font(max(10, round(min(cw, ch) / 12)))
+        font = load_font(max(10, round(min(cw, ch) / 12)))
         probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
         title_h = max(probe.textbbox((0, 0), t or " ", font=font)[3] for t in titles) + 4
     W = ncol * cw + (ncol + 1) * pad
@@ -206,13 +206,13 @@ def save_image(img: ImageLike, path: str | os.PathLike) -> Path:
     return path
 
 
-def _new_figure(figsize: tuple[float, float] = (5.0, 4.0)):
+def new_figure(figsize: tuple[float, float] = (5.0, 4.0)):
     from matplotlib.figure import Figure
 
     return Figure(figsize=figsize, dpi=100, layout="tight")
 
 
-def _save_figure(fig: Any, path: str | os.PathLike) -> Path:
+def save_figure(fig: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
     with atomic_writer(path, "wb") as f:
         fig.savefig(f, format=path.suffix.lstrip(".").lower() or "png")
@@ -223,11 +223,11 @@ def plot_pr_curves(
     curves: Mapping[str, tuple[Any, Any]], path: str | os.PathLike, title: str = "Precision-recall"
 ) -> Path:
     """Plot one precision-recall curve per name (``{name: (recall, precision)}``); save a PNG."""
-    fig = _new_figure((6.0, 5.0))
+    fig = new_figure((6.0, 5.0))
     ax = fig.add_subplot()
     for i, (name, (rec, prec)) in enumerate(curves.items()):
-        r = _to_numpy(rec).astype(np.float64).reshape(-1)
-        p = _to_numpy(prec).astype(np.float64).reshape(-1)
+        r = to_numpy(rec).astype(np.float64).reshape(-1)
+        p = to_numpy(prec).astype(np.float64).reshape(-1)
         p = np.where(p < 0, np.nan, p)  # COCO marks "no ground truth" with -1
         valid = p[~np.isnan(p)]
         ap = float(valid.mean()) if valid.size else float("nan")
@@ -236,22 +236,22 @@ def plot_pr_curves(
     ax.grid(alpha=0.3)
     if curves:
         ax.legend(fontsize="small", loc="lower left")
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_roc_curve(
     fpr: Any, tpr: Any, path: str | os.PathLike, auroc: float | None = None, title: str = "ROC"
 ) -> Path:
     """Plot an ROC curve with the chance diagonal; save a PNG."""
-    fig = _new_figure((5.0, 5.0))
+    fig = new_figure((5.0, 5.0))
     ax = fig.add_subplot()
     label = "ROC" if auroc is None else f"AUROC {auroc:.4f}"
-    ax.plot(_to_numpy(fpr).reshape(-1), _to_numpy(tpr).reshape(-1), color="tab:blue", lw=1.8, label=label)
+    ax.plot(to_numpy(fpr).reshape(-1), to_numpy(tpr).reshape(-1), color="tab:blue", lw=1.8, label=label)
     ax.plot([0, 1], [0, 1], ls="--", color="gray", lw=1.0, label="chance")
     ax.set(xlabel="False positive rate", ylabel="True positive rate", title=title, xlim=(0, 1), ylim=(0, 1.02))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_score_histograms(
@@ -263,15 +263,15 @@ def plot_score_histograms(
     title: str = "Score distributions",
 ) -> Path:
     """Overlay normalised histograms of in-distribution and OOD scores on shared bins; save a PNG."""
-    a = _to_numpy(scores_id).astype(np.float64).reshape(-1)
-    b = _to_numpy(scores_ood).astype(np.float64).reshape(-1)
+    a = to_numpy(scores_id).astype(np.float64).reshape(-1)
+    b = to_numpy(scores_ood).astype(np.float64).reshape(-1)
     both = np.concatenate([a, b])
     both = both[np.isfinite(both)]
     lo, hi = (float(both.min()), float(both.max())) if both.size else (0.0, 1.0)
     if hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
     edges = np.linspace(lo, hi, int(bins) + 1)
-    fig = _new_figure((6.0, 4.0))
+    fig = new_figure((6.0, 4.0))
     ax = fig.add_subplot()
     for vals, lab, col in ((a, labels[0], "tab:blue"), (b, labels[1], "tab:red")):
         vals = vals[np.isfinite(vals)]
@@ -281,7 +281,7 @@ def plot_score_histograms(
     ax.grid(alpha=0.3)
     if a.size or b.size:
         ax.legend()
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_metric_curve(
@@ -294,19 +294,19 @@ def plot_metric_curve(
     title: str | None = None,
 ) -> Path:
     """Plot y against x (with an optional +-yerr band), e.g. a metric over epochs or a swept parameter."""
-    xs = _to_numpy(x).astype(np.float64).reshape(-1)
-    ys = _to_numpy(y).astype(np.float64).reshape(-1)
-    fig = _new_figure((6.0, 4.0))
+    xs = to_numpy(x).astype(np.float64).reshape(-1)
+    ys = to_numpy(y).astype(np.float64).reshape(-1)
+    fig = new_figure((6.0, 4.0))
     ax = fig.add_subplot()
     ax.plot(xs, ys, marker="o", ms=3, color="tab:blue")
     if yerr is not None:
-        e = _to_numpy(yerr).astype(np.float64).reshape(-1)
+        e = to_numpy(yerr).astype(np.float64).reshape(-1)
         ax.fill_between(xs, ys - e, ys + e, color="tab:blue", alpha=0.2)
     ax.set(xlabel=xlabel, ylabel=ylabel)
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_confusion_matrix(
@@ -321,7 +321,7 @@ def plot_confusion_matrix(
     ``normalize`` divides each column by its total (the share of each true class predicted as each class); cells
     show those shares (or counts); blank cells are zero. Cell text is dropped above 30 classes.
     """
-    m = _to_numpy(matrix).astype(np.float64)
+    m = to_numpy(matrix).astype(np.float64)
     if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] < 2:
         raise ValueError(f"plot_confusion_matrix: need a square [C+1, C+1] matrix (got shape {tuple(m.shape)})")
     n = m.shape[0]
@@ -336,7 +336,7 @@ def plot_confusion_matrix(
     else:
         vals = m
     side = float(np.clip(2.5 + 0.45 * n, 6.0, 24.0))
-    fig = _new_figure((side + 1.2, side))
+    fig = new_figure((side + 1.2, side))
     ax = fig.add_subplot()
     shown = np.where(vals > 0, vals, np.nan)  # zero cells stay white
     vmax = 1.0 if normalize else max(1.0, float(np.nanmax(vals)) if np.isfinite(shown).any() else 1.0)
@@ -367,7 +367,7 @@ def plot_confusion_matrix(
                 ax.text(c, r, text, ha="center", va="center", fontsize=cell_fs, color="white" if dark else "black")
     kind = "normalised per true class" if normalize else "counts"
     ax.set_title(title or f"Confusion matrix ({kind}; {n_gt} ground-truth boxes)")
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 _CURVE_KINDS = {"f1": ("f1", "F1"), "p": ("precision", "Precision"), "r": ("recall", "Recall")}
@@ -386,11 +386,11 @@ def plot_confidence_curves(
     if kind not in _CURVE_KINDS:
         raise ValueError(f"plot_confidence_curves: kind must be one of {sorted(_CURVE_KINDS)} (got {kind!r})")
     key, ylabel = _CURVE_KINDS[kind]
-    x = _to_numpy(curves["conf"]).astype(np.float64).reshape(-1)
-    per_class = _to_numpy(curves[key]).astype(np.float64).reshape(-1, len(x))
-    y_all = _to_numpy(curves[f"{key}_all"]).astype(np.float64).reshape(-1)
+    x = to_numpy(curves["conf"]).astype(np.float64).reshape(-1)
+    per_class = to_numpy(curves[key]).astype(np.float64).reshape(-1, len(x))
+    y_all = to_numpy(curves[f"{key}_all"]).astype(np.float64).reshape(-1)
     best_conf = float(curves.get("best_conf", float("nan")))
-    fig = _new_figure((6.0, 4.5))
+    fig = new_figure((6.0, 4.5))
     ax = fig.add_subplot()
     shown = [k for k in range(len(per_class)) if np.isfinite(per_class[k]).any()]
     if len(shown) <= 20:
@@ -411,4 +411,4 @@ def plot_confidence_curves(
     where = f" (IoU {float(iou):.2f})" if iou is not None else ""
     ax.set(xlabel="Confidence", ylabel=ylabel, xlim=(0, 1), ylim=(0, 1.02), title=f"{ylabel}-confidence curve{where}")
     ax.grid(alpha=0.3)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)

@@ -23,7 +23,7 @@ from torchvision.ops import box_iou
 __all__ = ["atss_assign", "atss_assign_dense", "atss_assign_loop"]
 
 
-def _nearest_k(dist: Tensor, k: int) -> Tensor:
+def nearest_k(dist: Tensor, k: int) -> Tensor:
     """Indices [G, k] of the k smallest entries of each row of ``dist`` [G, n]; equal values -> lower index first."""
     g, n = dist.shape
     if k >= n:
@@ -112,7 +112,7 @@ def atss_assign(
             if n == 0:
                 continue
             d = torch.cdist(gt_points, anchor_points[start:start + n], compute_mode="donot_use_mm_for_euclid_dist")
-            cands.append(_nearest_k(d, k) + start)  # [g, k]
+            cands.append(nearest_k(d, k) + start)  # [g, k]
             del d
         cand = torch.cat(cands, dim=1)  # [g, K] anchor indices
         cand_ious = _pairwise_iou(anchors[cand], gts[:, None, :])  # [g, K]

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from vision.io import write_json_atomic
 
 from .data import load_defect_dataset, validation_and_test, validation_record
-from .evaluate import _public, evaluate_segdec, record_validation, save_eval_outputs
+from .evaluate import evaluate_segdec, public_metrics, record_validation, save_eval_outputs
 from .spec import SPEC_FILE
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def train_patchcore(
         summary["validation"] = record_validation(model, val_ds, out, spec, batch=batch)
     if final_eval and eval_ds is not None:
         res = evaluate_segdec(model, eval_ds, batch=batch)
-        summary["eval"] = _public(res)
+        summary["eval"] = public_metrics(res)
         summary["files"] = save_eval_outputs(res, eval_ds, out / "eval", max_images=max_images)
     summary["time_s"] = time.perf_counter() - t0
     write_json_atomic(out / "train_summary.json", summary)

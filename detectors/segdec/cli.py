@@ -226,7 +226,8 @@ def evaluate(
     """Evaluate: AP, AUROC, FP/FN at the best-F1 threshold, FP at FN=0, detection rate, Dice / IoU; results.csv,
     PR and ROC plots, heatmaps."""
     from .data import DatasetError, load_defect_dataset
-    from .train import evaluate_segdec, load_segdec, save_eval_outputs
+    from .evaluate import evaluate_segdec, save_eval_outputs
+    from .spec import load_segdec
 
     try:
         model, spec = load_segdec(weights, opt.resolve_device(device), img_size=img_size, channels=channels)
@@ -270,7 +271,7 @@ def predict(
     device: str | None = opt.device_option(),
 ) -> None:
     """Per image: defect probability (predictions.csv), full-resolution mask PNG and heatmap overlay."""
-    from .train import predict_segdec
+    from .predict import predict_segdec
 
     try:
         if weights.suffix.lower() == ".onnx":  # an exported model: onnxruntime, same outputs

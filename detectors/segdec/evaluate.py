@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from vision.io import write_bytes_atomic, write_json_atomic
 
 from .data import DefectDataset
-from .metrics import _dice_iou, image_metrics
+from .metrics import dice_iou, image_metrics
 
 
 @torch.no_grad()
@@ -85,7 +85,7 @@ def evaluate_segdec(
             gt = dataset.full_mask(i)
             if gt is not None:
                 pred = upsample_map(segs[i], gt.shape) >= seg_threshold
-                d, j = _dice_iou(pred, gt)
+                d, j = dice_iou(pred, gt)
                 row["dice"], row["iou"] = round(d, 6), round(j, 6)
                 dice_all.append(d)
                 iou_all.append(j)
@@ -107,7 +107,7 @@ def evaluate_segdec(
     return res
 
 
-def _interp_pr(precision: Sequence[float], recall: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def interp_pr(precision: Sequence[float], recall: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """Precision interpolated (max to the right) on 101 recall points, for plotting."""
     p, r = np.asarray(precision), np.asarray(recall)
     grid = np.linspace(0, 1, 101)
@@ -134,7 +134,7 @@ def save_eval_outputs(res: dict[str, Any], dataset: DefectDataset, out: str | Pa
     write_json_atomic(out / "metrics.json", metrics)
     files["metrics"] = str(out / "metrics.json")
     if "pr_curve" in res:
-        r, p = _interp_pr(res["pr_curve"]["precision"], res["pr_curve"]["recall"])
+        r, p = interp_pr(res["pr_curve"]["precision"], res["pr_curve"]["recall"])
         files["pr_curve"] = str(plot_pr_curves({"SegDecNet, 101-point interpolated": (r, p)}, out / "pr_curve.png",
                                                title=f"Precision-recall (AP {res['AP']:.4f})"))
     if "roc_curve" in res:
@@ -159,7 +159,7 @@ def save_eval_outputs(res: dict[str, Any], dataset: DefectDataset, out: str | Pa
     return files
 
 
-def _public(res: dict[str, Any]) -> dict[str, Any]:
+def public_metrics(res: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in res.items() if k not in ("per_image", "_segs", "pr_curve", "roc_curve")}
 
 

@@ -47,7 +47,7 @@ def image_metrics(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | 
     return out
 
 
-def _dice_iou(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
+def dice_iou(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
     inter = float(np.logical_and(pred, gt).sum())
     ps, gs = float(pred.sum()), float(gt.sum())
     if ps + gs == 0:

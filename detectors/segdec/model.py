@@ -66,7 +66,7 @@ class FeatureNorm(nn.Module):
         return f"{self.num_features}, eps={self.eps}"
 
 
-class _Conv2d(nn.Conv2d):
+class XavierConv2d(nn.Conv2d):
     """Conv without bias, Xavier-normal initialised (as the official ``Conv2d_init``)."""
 
     def reset_parameters(self) -> None:
@@ -78,7 +78,7 @@ class _Conv2d(nn.Conv2d):
 
 def _conv_block(cin: int, cout: int, k: int) -> nn.Sequential:
     """conv k x k ('same' padding) -> FeatureNorm -> ReLU."""
-    return nn.Sequential(_Conv2d(cin, cout, k, padding=k // 2, bias=False), FeatureNorm(cout), nn.ReLU())
+    return nn.Sequential(XavierConv2d(cin, cout, k, padding=k // 2, bias=False), FeatureNorm(cout), nn.ReLU())
 
 
 class _Pool2(nn.MaxPool2d):
@@ -176,7 +176,7 @@ class SegDecNet(nn.Module):
             volume_channels = self.volume.out_channels
         self.volume_channels = volume_channels
         # segmentation head: 1x1 conv -> 1 channel (logits at 1/8 resolution), feature-normalised as the official
-        self.seg_mask = nn.Sequential(_Conv2d(volume_channels, 1, 1, bias=False), FeatureNorm(1))
+        self.seg_mask = nn.Sequential(XavierConv2d(volume_channels, 1, 1, bias=False), FeatureNorm(1))
         # decision network on [volume, seg map]: pool, conv5x5 8, pool, conv5x5 16, pool, conv5x5 32
         self.extractor = nn.Sequential(
             _Pool2(),

@@ -34,7 +34,7 @@ def run_threshold(weights: Path, spec: dict[str, Any] | None = None) -> float | 
     return None
 
 
-def _default_threshold(weights: Path, spec: dict[str, Any] | None = None) -> float:
+def default_threshold(weights: Path, spec: dict[str, Any] | None = None) -> float:
     thr = run_threshold(weights, spec)
     return 0.5 if thr is None else thr
 
@@ -115,7 +115,7 @@ def predict_segdec(
     model, spec = load_segdec(weights, device)
     kind = heatmap_kind(spec, heatmap)
     dev = next(model.parameters()).device
-    thr = _default_threshold(Path(weights), spec) if threshold is None else float(threshold)
+    thr = default_threshold(Path(weights), spec) if threshold is None else float(threshold)
     h, w = spec["img_size"]
     grey = int(spec.get("channels", spec["model"].get("in_channels", 1))) == 1
     out = Path(out)

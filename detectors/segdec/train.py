@@ -1,7 +1,7 @@
 """SegDecNet tasks: train (shared engine), evaluate (image- and pixel-level metrics), predict (masks, heatmaps).
 
 The pieces live in their own modules — ``spec`` (presets, run files, loading), ``metrics``, ``evaluate``,
-``predict`` — and this one trains; every name stays importable from here. A run folder holds ``segdec.json``,
+``predict`` — and this one trains. A run folder holds ``segdec.json``,
 the engine's ``checkpoints/last`` (final model, what eval/predict use by default, as the official code) and
 ``checkpoints/best`` (best validation AP), logs, and ``eval/`` with the final evaluation.
 """
@@ -21,47 +21,19 @@ from vision.io import write_bytes_atomic, write_json_atomic
 
 from .data import load_defect_dataset, validation_and_test, validation_record
 from .evaluate import (
-    _interp_pr,
-    _public,
     evaluate_segdec,
+    public_metrics,
     record_validation,
-    run_inference,
     save_eval_outputs,
 )
 from .losses import loss_weights, segdec_loss
-from .metrics import _dice_iou, image_metrics
 from .model import SegDecNet
-from .predict import _default_threshold, predict_segdec
 from .sampler import FrequencySampler
 from .spec import (
-    DEFAULT_WEIGHTS,
-    PRESETS,
     SAMPLER_FILE,
     SPEC_FILE,
-    build_from_spec,
-    find_weights_file,
-    load_segdec,
     resolve_settings,
 )
-
-__all__ = [
-    "DEFAULT_WEIGHTS",
-    "_default_threshold",
-    "_dice_iou",
-    "_interp_pr",
-    "PRESETS",
-    "SPEC_FILE",
-    "build_from_spec",
-    "evaluate_segdec",
-    "find_weights_file",
-    "image_metrics",
-    "load_segdec",
-    "predict_segdec",
-    "resolve_settings",
-    "run_inference",
-    "save_eval_outputs",
-    "train_segdec",
-]
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +289,7 @@ def train_segdec(
     if final_eval and eval_ds is not None:
         final = trainer.unwrapped_model.eval()
         res = evaluate_segdec(final, eval_ds, batch=max(1, int(st["batch"])))
-        summary["eval"] = _public(res)
+        summary["eval"] = public_metrics(res)
         summary["files"] = save_eval_outputs(res, eval_ds, out / "eval", max_images=max_images)
     write_json_atomic(out / "train_summary.json", summary)
     return summary

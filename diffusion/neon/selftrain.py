@@ -252,7 +252,7 @@ class _TextCondData(torch.utils.data.Dataset):
         return self.latents[i], self.emb[self.idx[i]]
 
 
-class _Repeated(torch.utils.data.Dataset):
+class Repeated(torch.utils.data.Dataset):
     """``dataset`` cycled to ``length`` items (the engine's sampler shuffles the indices)."""
 
     def __init__(self, dataset: Any, length: int):
@@ -402,7 +402,7 @@ def self_train(
     else:
         data = TensorDataset(x0)
     # one engine "epoch" spans all steps, so checkpoints land every save_every steps and at the end only
-    data = _Repeated(data, int(steps) * int(batch_size))
+    data = Repeated(data, int(steps) * int(batch_size))
 
     if flow:
         loss_fn = flow_loss

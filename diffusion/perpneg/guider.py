@@ -41,7 +41,7 @@ from diffusers.modular_pipelines.modular_pipeline_utils import ComponentSpec, In
 from torch import Tensor
 
 from .guidance import perp_neg_guidance
-from .pipeline import _as_batch, prompt_group, resolve_uncond
+from .pipeline import as_batch, prompt_group, resolve_uncond
 
 COND, UNCOND, NEG = "pred_cond", "pred_uncond", "pred_neg_"
 SLOTS = "pred_slots"  # every slot stacked along the batch in one model call (batch_slots=True)
@@ -292,12 +292,12 @@ class PerpNegPromptsStep(ModularPipelineBlocks):
         if prompt is None:
             raise ValueError("Perp-Neg in a modular pipeline needs prompt= (the negatives are encoded like it)")
         n = 1 if isinstance(prompt, str) else len(prompt)
-        negs = [self._encode(components, state, _as_batch(p, n, "negative_prompts")) for p in negatives]
+        negs = [self._encode(components, state, as_batch(p, n, "negative_prompts")) for p in negatives]
         unc = None
         # the unconditional text: replaces the pipeline's (uncond_prompt), or where it made none (Flux; SD3 without
         # negative_prompt) and guidance will run
         if bs.uncond_prompt is not None or (state.get("negative_prompt_embeds") is None and (guider.guides() or negs)):
-            unc = self._encode(components, state, _as_batch(uncond or "", n, "uncond_prompt"))
+            unc = self._encode(components, state, as_batch(uncond or "", n, "uncond_prompt"))
         guider.set_negatives(negs, bs.negative_weights, uncond=unc)
         return components, state
 

@@ -48,7 +48,7 @@ def resolve_uncond(negative_prompt: Any, negative_prompts: list, uncond_prompt: 
     return negative_prompt
 
 
-def _as_batch(p: str | list[str], batch_size: int, what: str) -> list[str]:
+def as_batch(p: str | list[str], batch_size: int, what: str) -> list[str]:
     if isinstance(p, str):
         return [p] * batch_size
     if len(p) != batch_size:
@@ -83,7 +83,7 @@ class PerpNegStableDiffusionPipeline(StableDiffusionPipeline):
             return out
         for p in prompt_group(prompts):
             e, _ = self.encode_prompt(
-                _as_batch(p, batch_size, what), device, num_images_per_prompt, False, clip_skip=self.clip_skip
+                as_batch(p, batch_size, what), device, num_images_per_prompt, False, clip_skip=self.clip_skip
             )
             out.append(e.to(dtype))
         return out

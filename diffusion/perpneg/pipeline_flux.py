@@ -31,7 +31,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from diffusers.utils.torch_utils import get_module_execution_device
 
 from .guidance import perp_neg_guidance
-from .pipeline import _as_batch, prompt_group, resolve_uncond
+from .pipeline import as_batch, prompt_group, resolve_uncond
 from .pipeline_sd3 import chunked_forward, negative_weights_matrix, per_image
 
 logger = logging.getLogger("negvision.perpneg")
@@ -71,7 +71,7 @@ class PerpNegFluxPipeline(FluxPipeline):
         out_e, out_p = [], []
         for p in prompts:  # a negative is sent to both text encoders (prompt_2 = prompt)
             e, pe, _ = self.encode_prompt(
-                prompt=_as_batch(p, batch_size, "negative_prompts"), prompt_2=None, device=device,
+                prompt=as_batch(p, batch_size, "negative_prompts"), prompt_2=None, device=device,
                 num_images_per_prompt=nipp, max_sequence_length=max_sequence_length, lora_scale=lora_scale,
             )
             out_e.append(e)
@@ -210,7 +210,7 @@ class PerpNegFluxPipeline(FluxPipeline):
         negative_prompt_embeds_all = negative_pooled_all = None
         if use_guidance:
             (negative_prompt_embeds, negative_pooled_prompt_embeds, _) = self.encode_prompt(
-                prompt=None if negative_prompt is None else _as_batch(negative_prompt, batch_size, "negative_prompt"),
+                prompt=None if negative_prompt is None else as_batch(negative_prompt, batch_size, "negative_prompt"),
                 prompt_2=negative_prompt_2, prompt_embeds=negative_prompt_embeds,
                 pooled_prompt_embeds=negative_pooled_prompt_embeds, device=device, num_images_per_prompt=nipp,
                 max_sequence_length=max_sequence_length, lora_scale=lora_scale,

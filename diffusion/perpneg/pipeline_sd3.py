@@ -21,7 +21,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
 )
 
 from .guidance import perp_neg_guidance
-from .pipeline import PerpNegStableDiffusionPipeline, _as_batch, prompt_group, resolve_uncond
+from .pipeline import PerpNegStableDiffusionPipeline, as_batch, prompt_group, resolve_uncond
 
 
 def per_image(x: torch.Tensor, batch_size: int, nipp: int, what: str) -> torch.Tensor:
@@ -87,7 +87,7 @@ class PerpNegStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         out_e, out_p = [], []
         for p in prompts:  # a negative is sent to all three text encoders (prompt_2 = prompt_3 = prompt)
             e, _, pe, _ = self.encode_prompt(
-                prompt=_as_batch(p, batch_size, "negative_prompts"), prompt_2=None, prompt_3=None, device=device,
+                prompt=as_batch(p, batch_size, "negative_prompts"), prompt_2=None, prompt_3=None, device=device,
                 num_images_per_prompt=nipp, do_classifier_free_guidance=False, clip_skip=self.clip_skip,
                 max_sequence_length=max_sequence_length, lora_scale=lora_scale,
             )

@@ -23,7 +23,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from .guidance import perp_composition
-from .pipeline import PerpNegStableDiffusionPipeline, _as_batch, prompt_group, resolve_uncond
+from .pipeline import PerpNegStableDiffusionPipeline, as_batch, prompt_group, resolve_uncond
 
 
 def perp_neg_unet_forward(
@@ -142,7 +142,7 @@ class PerpNegStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         embeds, pooled = [], []
         for p, what in [(p, "positive_prompts") for p in pos_extra] + [(p, "negative_prompts") for p in negs]:
             e, _, pe, _ = self.encode_prompt(
-                prompt=_as_batch(p, batch_size, what), device=device, num_images_per_prompt=nipp,
+                prompt=as_batch(p, batch_size, what), device=device, num_images_per_prompt=nipp,
                 do_classifier_free_guidance=False, clip_skip=kwargs.get("clip_skip"),
             )
             embeds.append(e)

@@ -8,9 +8,9 @@ from clip_ood.metrics import ood_metrics
 from clip_ood.plots import (
     GREEN,
     RED,
-    _layout,
     fpr95_point,
     fpr_floor,
+    grid_layout,
     pick_queries,
     plot_roc_logfpr,
     retrieval_examples,
@@ -79,7 +79,7 @@ def test_retrieval_examples_frames_and_size(tmp_path):
     paths = _images(tmp_path, n_img)
     im = retrieval_examples(sim, gt, texts, paths, [texts[i % 4] for i in range(n_img)], n=2, k=5)
     assert im.size == retrieval_examples_size(n_img, 4, n=2, k=5)
-    L = _layout(n_img, 4, 2, 5, 128)
+    L = grid_layout(n_img, 4, 2, 5, 128)
     assert im.size[0] == 8 + (2 * 128 + 40) + 8 + 4 * (128 + 8 + 8)  # k = 4: only 4 captions exist
     y = L["head_h"] + 8 + 1  # one pixel into the frame of the first text query's row
     x0 = 8 + L["cap_w"] + 8 + 1

@@ -48,17 +48,17 @@ def test_no_positive_and_issue90_option():
 def test_candidate_ties_take_lower_index():
     anchors = line_anchors([0, 1, 2, 3, 4])
     gt = torch.tensor([[0.5, -1.0, 2.5, 1.0]])
-    from detectors.atss.assigner import _nearest_k
+    from detectors.atss.assigner import nearest_k
 
     c = (anchors[:, 0] + anchors[:, 2]) / 2
     d = (c - 1.5).abs()[None, :]  # [G=1, n=5]
-    assert _nearest_k(d, 3)[0].tolist() == [0, 1, 2]  # the tie at 1.5 (anchors 0 and 3) -> 0
-    assert _nearest_k(d, 1)[0].tolist() == [1]  # the tie at 0.5 (anchors 1 and 2) -> 1
-    assert _nearest_k(d, 2)[0].tolist() == [1, 2]
+    assert nearest_k(d, 3)[0].tolist() == [0, 1, 2]  # the tie at 1.5 (anchors 0 and 3) -> 0
+    assert nearest_k(d, 1)[0].tolist() == [1]  # the tie at 0.5 (anchors 1 and 2) -> 1
+    assert nearest_k(d, 2)[0].tolist() == [1, 2]
     # many rows, mixed: rows with all ties taken and rows with a partial tie
     dd = torch.tensor([[1.0, 0.0, 1.0, 1.0, 2.0], [0.0, 0.0, 3.0, 1.0, 1.0]])
-    assert _nearest_k(dd, 2).tolist() == [[0, 1], [0, 1]]
-    assert _nearest_k(dd, 4).tolist() == [[0, 1, 2, 3], [0, 1, 3, 4]]
+    assert nearest_k(dd, 2).tolist() == [[0, 1], [0, 1]]
+    assert nearest_k(dd, 4).tolist() == [[0, 1, 2, 3], [0, 1, 3, 4]]
     assert gt.shape == (1, 4)
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from detectors.segdec import FeatureNorm, SegDecNet, gradient_multiply
-from detectors.segdec.model import _Conv2d
+from detectors.segdec.model import XavierConv2d
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/detectors/conftest.py
 
@@ -28,7 +28,7 @@ def test_default_network_is_the_papers():
     # every conv of the trunk and the decision net is followed by FeatureNorm and ReLU, convs have no bias
     for block in [*m.volume, *m.extractor]:
         if isinstance(block, nn.Sequential):
-            assert isinstance(block[0], _Conv2d) and block[0].bias is None
+            assert isinstance(block[0], XavierConv2d) and block[0].bias is None
             assert isinstance(block[1], FeatureNorm) and isinstance(block[2], nn.ReLU)
     assert m.grad_multiplier == 0.0
     # state-dict names of the official implementation (its .pth files load into this network)

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from detectors.segdec import image_metrics, train_segdec
 from detectors.segdec.cli import app
-from detectors.segdec.train import _dice_iou
+from detectors.segdec.metrics import dice_iou
 from vision.data.defects import make_defects
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/detectors/conftest.py
@@ -48,9 +48,9 @@ def test_dice_iou():
     gt[:2, :2] = True  # 4 pixels
     pred = np.zeros((4, 4), bool)
     pred[:2, :3] = True  # 6 pixels, 4 overlap
-    d, j = _dice_iou(pred, gt)
+    d, j = dice_iou(pred, gt)
     assert d == pytest.approx(2 * 4 / 10) and j == pytest.approx(4 / 6)
-    assert _dice_iou(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == (1.0, 1.0)
+    assert dice_iou(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == (1.0, 1.0)
 
 
 def test_train_eval_predict_cli(defect_set, tmp_path):

@@ -66,7 +66,7 @@ def plot_training_curves(out_dir: Path) -> Path | None:
     One panel per loss column (raw thin line and a smoothed line; log y-axis when it spans over 100x), one for lr,
     one per eval metric (markers), all against step.
     """
-    from vision.viz import _new_figure, _save_figure
+    from vision.viz import new_figure, save_figure
 
     out_dir = Path(out_dir)
     log = read_numeric_csv(out_dir / "log.csv")
@@ -88,7 +88,7 @@ def plot_training_curves(out_dir: Path) -> Path | None:
     x_lo, x_hi = float(steps.min()), float(steps.max())  # one step range for every panel
     ncols = min(len(panels), 3 if len(panels) <= 9 else 4)
     nrows = math.ceil(len(panels) / ncols)
-    fig = _new_figure((4.2 * ncols, 3.0 * nrows))
+    fig = new_figure((4.2 * ncols, 3.0 * nrows))
     for i, (kind, name, x, y) in enumerate(panels):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         ok = np.isfinite(y)
@@ -117,7 +117,7 @@ def plot_training_curves(out_dir: Path) -> Path | None:
         ax.set_xlabel("step", fontsize="small")
         ax.tick_params(labelsize="small")
         ax.grid(alpha=0.3)
-    return _save_figure(fig, out_dir / "curves.png")
+    return save_figure(fig, out_dir / "curves.png")
 
 
 def try_plot_training_curves(out_dir: Path) -> Path | None:
