@@ -128,8 +128,8 @@ def load_encoder(name: str, pretrained: str | None = None, device: str | torch.d
 def _check_local_files(name: str, pretrained: str | None) -> None:
     """A local model folder or weights file that is missing, cut short or not JSON fails here with its path,
     not inside open_clip (FileNotFoundError / CheckpointCorruptError, a ValueError)."""
-    from vision.engine import check_weights_file
     from vision.io import read_json
+    from vision.weights_io import check_weights_file
 
     if name.startswith("local-dir:"):
         folder = Path(name.split(":", 1)[1]).expanduser()
@@ -184,10 +184,10 @@ def encode_labels(encoder: Any, labels: Sequence[str], templates: Sequence[str] 
     if key is not None:
         path = Path(cache_dir or default_cache_dir()) / f"{key}.safetensors"
         if path.is_file():
-            from safetensors.torch import load_file
+            from vision.weights_io import read_safetensors
 
             try:
-                return load_file(str(path))["features"]
+                return read_safetensors(path)["features"]
             except Exception:  # corrupt cache file: recompute
                 pass
     feats = []

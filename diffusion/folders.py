@@ -13,8 +13,8 @@ def check_pipeline_folder(path: str | os.PathLike) -> dict:
     """The parsed model_index.json of a pipeline folder, after checking that every component it lists has its
     sub-folder and that no weights file there is cut short. ``FileNotFoundError`` / ``ValueError`` (a
     ``CheckpointCorruptError`` for a damaged weights file) naming the file otherwise."""
-    from vision.engine import check_weights_file
     from vision.io import read_json
+    from vision.weights_io import check_weights_file
 
     path = Path(path)
     index_file = path / "model_index.json"

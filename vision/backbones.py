@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from vision.io import error_line
 from vision.registry import Registry
+from vision.weights_io import CheckpointCorruptError, read_weights_file
 
 BACKBONES: Registry[nn.Module] = Registry("backbone")
 
@@ -100,24 +101,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise BackboneWeightsError(f"weights file '{path}' does not exist")
-    from vision.engine.checkpoint import CheckpointCorruptError, check_weights_file
-
     try:
-        check_weights_file(path)  # cut short: named here, not by safetensors / torch
-    except CheckpointCorruptError as e:
+        sd = read_weights_file(path)
+    except CheckpointCorruptError as e:  # cut short, not safetensors, not a torch file: named here
         raise BackboneWeightsError(f"{e}; copy or download it again") from None
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            sd = load_file(str(path))
-        except Exception as e:  # noqa: BLE001 - SafetensorError: the contents are broken
-            raise BackboneWeightsError(f"could not read '{path}' as safetensors: {error_line(e)}") from None
-    else:
-        try:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle with arbitrary objects, corrupt file...
-            raise BackboneWeightsError(f"could not read '{path}' as a torch state dict (weights_only=True): {e}") from e
+    except ValueError as e:  # an intact pickle holding objects weights_only refuses
+        raise BackboneWeightsError(str(e)) from None
     for key in ("state_dict", "model", "model_state_dict", "module"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

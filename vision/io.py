@@ -122,7 +122,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """``json.dump``'s ``default``: numpy / torch values as lists, paths as strings, sets and tuples as lists."""
     if hasattr(o, "tolist"):  # numpy / torch scalars and arrays
         return o.tolist()
     if isinstance(o, os.PathLike):
@@ -155,7 +156,7 @@ def read_json(path: str | os.PathLike, problem: str = "not valid JSON") -> Any:
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically (numpy/torch values and paths converted)."""
     with atomic_writer(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+        json.dump(obj, f, indent=2, sort_keys=True, default=json_default)
 
 
 def list_image_files(folder: str | os.PathLike, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[Path]:

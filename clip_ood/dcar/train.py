@@ -207,8 +207,8 @@ def load_prompts(path: str | Path, clip: torch.nn.Module, tokenizer) -> DualProm
 
     A missing file is ``FileNotFoundError``, a damaged one (cut short, edited by hand, written for another model)
     ``ValueError``; both name the file."""
-    from vision.engine import read_weights
     from vision.io import error_line
+    from vision.weights_io import read_safetensors
 
     p = Path(path)
     folder = p if p.is_dir() else p.parent
@@ -217,7 +217,7 @@ def load_prompts(path: str | Path, clip: torch.nn.Module, tokenizer) -> DualProm
         if not f.is_file():
             raise FileNotFoundError(f"prompt file '{f}' not found (written by `negvision retrieval train`)")
     cfg = read_prompt_config(cfile)
-    sd = read_weights(wfile)  # CheckpointCorruptError (a ValueError) naming a truncated or altered file
+    sd = read_safetensors(wfile)  # CheckpointCorruptError (a ValueError) naming a truncated or altered file
     if "ctx" not in sd or sd["ctx"].dim() != 3:
         raise ValueError(f"{wfile}: not a prompts file of `negvision retrieval train` (no [sets, n_ctx, width] 'ctx')")
     try:

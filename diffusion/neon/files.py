@@ -1,33 +1,31 @@
 """Neon on disk: merge two checkpoints file by file, streaming one tensor at a time.
 
-Reads and writes safetensors through per-tensor memory maps (peak memory: a few times the largest tensor, not the
-size of the checkpoint); also torch state-dict files (nested, with EMA groups), diffusers model and pipeline
-folders. The rule applied to each tensor is :func:`diffusion.neon.merge.merge_tensor`.
+Reads and writes safetensors one tensor at a time through ``vision.weights_io``'s ``SafetensorsReader`` and
+``SafetensorsWriter`` (per-tensor memory maps: peak memory a few times the largest tensor, not the size of the
+checkpoint); also torch state-dict files (nested, with EMA groups), diffusers model and pipeline folders. The rule
+applied to each tensor is :func:`diffusion.neon.merge.merge_tensor`.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import mmap
 import os
 import shutil
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import numpy as np
 import torch
 
 from vision.io import atomic_writer, fsync_tree, make_temp_dir, replace_dir, write_text_atomic
+from vision.weights_io import SafetensorsReader, SafetensorsWriter, read_torch_file
 
 from .merge import CheckpointMismatchError, check_w, merge_tensor
 
 __all__ = [
     "EMA_MODES",
     "MissingComponentError",
-    "SafetensorsReader",
     "merge_checkpoints",
     "selftrained_source",
 ]
@@ -43,133 +41,6 @@ COMPONENT_CANDIDATES = ("unet", "transformer", "prior", "decoder")
 
 class MissingComponentError(FileNotFoundError):
     """A diffusers folder lacks the component (e.g. ``unet``) to merge."""
-
-
-# ---------------------------------------------------------------------------------------- safetensors I/O
-
-_ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
-                     ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        _ST_DTYPES[_name] = getattr(torch, _attr)
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-
-
-class SafetensorsReader:
-    """Reads one tensor at a time from a .safetensors file through a memory map of just that tensor's bytes."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        with open(self.path, "rb") as f:
-            head = f.read(8)
-            if len(head) != 8:
-                raise ValueError(f"'{self.path}' is not a safetensors file (too short)")
-            n = int.from_bytes(head, "little")
-            if n <= 0 or n > 100_000_000:
-                raise ValueError(f"'{self.path}' is not a safetensors file (bad header size {n})")
-            try:
-                header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"'{self.path}' is not a safetensors file (unreadable header: {e})") from e
-        if not isinstance(header, dict):
-            raise ValueError(f"'{self.path}' is not a safetensors file (the header is not a JSON object)")
-        self.data_start = 8 + n
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        self.entries: dict[str, dict] = header
-        try:
-            need = self.data_start + max((int(e["data_offsets"][1]) for e in header.values()), default=0)
-        except (KeyError, TypeError, ValueError, IndexError) as e:
-            raise ValueError(f"'{self.path}' is not a safetensors file (bad tensor entry: {e})") from None
-        size = self.path.stat().st_size
-        if size < need:  # a cut-off copy or download: reading a tensor past the end would fail (or SIGBUS)
-            raise ValueError(f"'{self.path}' is cut short: {size} bytes, its header describes {need}; "
-                             "copy or download it again")
-
-    def keys(self) -> list[str]:
-        return list(self.entries)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.entries
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.entries[key]["shape"])
-
-    def dtype(self, key: str) -> str:
-        return self.entries[key]["dtype"]
-
-    def get(self, key: str) -> torch.Tensor:
-        """A private copy of tensor ``key`` (the map is closed before returning)."""
-        e = self.entries[key]
-        begin, end = e["data_offsets"]
-        dtype = _ST_DTYPES.get(e["dtype"])
-        if dtype is None:
-            raise ValueError(f"'{self.path}': tensor '{key}' has unsupported dtype {e['dtype']}")
-        nbytes = end - begin
-        if nbytes == 0:
-            return torch.empty(e["shape"], dtype=dtype)
-        start = self.data_start + begin
-        page = start - start % mmap.ALLOCATIONGRANULARITY
-        out = torch.empty(nbytes, dtype=torch.uint8)
-        with open(self.path, "rb") as f, mmap.mmap(
-            f.fileno(), start - page + nbytes, offset=page, access=mmap.ACCESS_READ
-        ) as m:
-            view = np.frombuffer(m, dtype=np.uint8, count=nbytes, offset=start - page)
-            out.numpy()[:] = view  # the only copy: mapped file bytes -> tensor
-            del view  # release the buffer before the map closes
-        return out.view(dtype).reshape(e["shape"])
-
-
-class _SafetensorsWriter:
-    """Fills a safetensors file whose layout (names, dtypes, shapes) is fixed up front, one tensor at a time.
-
-    ``f`` is a binary file open for reading and writing (from :func:`vision.io.atomic_writer`, which fsyncs and
-    renames it into place); each tensor goes straight into a memory map of its byte range.
-    """
-
-    def __init__(self, f: IO[bytes], layout: list[tuple[str, str, tuple[int, ...]]], metadata: dict | None):
-        header: dict[str, Any] = {}
-        if metadata:
-            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-        off = 0
-        self.offsets: dict[str, tuple[int, int]] = {}
-        for name, dt, shape in layout:
-            size = math.prod(shape) * _dtype_size(dt)
-            header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + size]}
-            self.offsets[name] = (off, off + size)
-            off += size
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self.data_start = 8 + len(raw)
-        self.total = self.data_start + off
-        self.f = f
-        f.write(len(raw).to_bytes(8, "little") + raw)
-        f.truncate(self.total)  # flushes the header, then sizes the file for the maps
-
-    def write(self, name: str, t: torch.Tensor) -> None:
-        begin, end = self.offsets[name]
-        if end == begin:
-            return
-        data = t.detach().contiguous().reshape(-1).view(torch.uint8)
-        if data.numel() != end - begin:
-            raise RuntimeError(f"internal: tensor '{name}' has {data.numel()} bytes, expected {end - begin}")
-        start = self.data_start + begin
-        page = start - start % mmap.ALLOCATIONGRANULARITY
-        with mmap.mmap(self.f.fileno(), start - page + (end - begin), offset=page) as m:
-            view = np.frombuffer(m, dtype=np.uint8, count=end - begin, offset=start - page)
-            view[:] = data.numpy()
-            del view
-            m.flush()
-
-
-def _dtype_size(dt: str) -> int:
-    t = _ST_DTYPES.get(dt)
-    if t is None:
-        raise ValueError(f"unsupported safetensors dtype {dt}")
-    return 1 if t == torch.bool else torch.empty((), dtype=t).element_size()
 
 
 # ---------------------------------------------------------------------------------------- tensor sources
@@ -189,7 +60,7 @@ class _Source:
                 for k in r.keys():
                     self.where.setdefault(k, r)
             else:
-                obj, d = _torch_load(p)
+                obj, d = _read_torch_state(p)
                 self.per_file[p] = (obj, d)
                 for k in d:
                     self.where.setdefault(k, d)
@@ -212,19 +83,10 @@ class _Source:
         return src.get(key) if isinstance(src, SafetensorsReader) else src[key]
 
 
-def _torch_load(path: Path) -> tuple[Mapping[str, Any], dict[str, Any]]:
-    """The checkpoint object and a flat {name: value} view of it (memory-mapped where the format allows)."""
-    from vision.engine import check_weights_file
-    from vision.io import error_line
-
-    check_weights_file(path)  # a zip cut short: CheckpointCorruptError (a ValueError) naming the file
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unpickling errors of every kind: name the file, in one line
-        raise ValueError(f"'{path}' is not a readable torch checkpoint ({error_line(e)})") from None
+def _read_torch_state(path: Path) -> tuple[Mapping[str, Any], dict[str, Any]]:
+    """The checkpoint object and a flat {name: value} view of it (memory-mapped where the format allows); a
+    damaged file is a CheckpointCorruptError (a ValueError) naming it."""
+    obj = read_torch_file(path, memory_map=True)
     if not isinstance(obj, Mapping):
         raise CheckpointMismatchError(f"'{path}' does not hold a state dict (got {type(obj).__name__})")
     return obj, _flatten(obj)
@@ -370,7 +232,7 @@ def _merge_stream(
             meta = dict(reader.metadata)
             meta["neon_w"] = repr(w)
             with atomic_writer(dst, "r+b") as f:
-                writer = _SafetensorsWriter(f, layout, meta)
+                writer = SafetensorsWriter(f, layout, meta)
                 for k in reader.keys():
                     b = reader.get(k)
                     m = merge_tensor(k, b, selftrained.get(k), w) if (k in selftrained and select(k)) else b

@@ -185,11 +185,13 @@ def load_feature_extractor(spec: str | FeatureExtractor) -> FeatureExtractor:
     if kind == "inception":
         from torchvision.models import inception_v3
 
+        from vision.weights_io import read_torch_file
+
         path = Path(arg)
         if not path.is_file():
             raise _missing(path, "Inception-v3")
         net = inception_v3(weights=None, aux_logits=True, init_weights=False)
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = read_torch_file(path, "Inception-v3 weights")  # CheckpointCorruptError (a ValueError) naming it
         net.load_state_dict(sd, strict=False)
         net.aux_logits, net.AuxLogits = False, None
         net.fc = nn.Identity()

@@ -48,7 +48,7 @@ def _pipeline_index(path: Path, model: str, offline: bool) -> dict:
 def _check_local_pipeline(path: Path) -> None:
     """``diffusion.folders.check_pipeline_folder``, failing with its message (exit 1)."""
     from diffusion.folders import check_pipeline_folder
-    from vision.engine import CheckpointCorruptError
+    from vision.weights_io import CheckpointCorruptError
 
     try:
         check_pipeline_folder(path)

@@ -296,7 +296,7 @@ def test_truncated_checkpoint_is_named_and_nothing_written(tmp_path):
 
 def test_selftrain_pipeline_folder_damage_is_named(tmp_path, tiny_ddpm):
     from diffusion.neon.selftrain import load_pipeline
-    from vision.engine import CheckpointCorruptError
+    from vision.weights_io import CheckpointCorruptError
 
     tiny_ddpm(tmp_path / "p")
     assert load_pipeline(tmp_path / "p").unet is not None

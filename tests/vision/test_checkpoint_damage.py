@@ -367,7 +367,8 @@ def test_resume_forgets_a_damaged_best_and_writes_a_new_one(tmp_path, caplog):
 def test_check_weights_file_and_read_weights(tmp_path):
     from safetensors.torch import save_file
 
-    from vision.engine import check_weights_file, read_weights
+    from vision.engine import read_weights
+    from vision.weights_io import check_weights_file
 
     sd = {"w": torch.arange(6.0).reshape(2, 3)}
     st, pt = tmp_path / "a.safetensors", tmp_path / "a.pt"

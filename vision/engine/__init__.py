@@ -3,11 +3,11 @@
 ``config`` (TrainConfig), ``sampler`` (seeded order), ``optim``, ``schedule``, ``logs`` (CSV log), ``checkpoint``
 (atomic, verified checkpoints), ``run`` (run-folder rules) and ``trainer`` (the loop)."""
 
+from vision.weights_io import CheckpointCorruptError  # what the checkpoint loaders raise
+
 from .checkpoint import (
-    CheckpointCorruptError,
     CheckpointNotFoundError,
     WeightsMismatchError,
-    check_weights_file,
     load_model_weights,
     load_training_state,
     read_weights,
@@ -32,7 +32,6 @@ __all__ = [
     "Trainer",
     "TrainingInterrupted",
     "WeightsMismatchError",
-    "check_weights_file",
     "build_optimizer",
     "build_scheduler",
     "default_batch_size",

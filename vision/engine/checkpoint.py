@@ -7,31 +7,34 @@ damaged file into a one-line :class:`CheckpointCorruptError` naming it.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
-import pickle
 import random
 import shutil
-import struct
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from vision.io import (  # noqa: F401  (write_json_atomic re-exported)
-    _json_default,
     apply_umask,
     error_line,
     fsync_dir,
+    json_default,
     make_temp_dir,
     write_json_atomic,
+)
+from vision.weights_io import (
+    CheckpointCorruptError,
+    check_safetensors_structure,
+    check_torch_zip,
+    read_torch_file,
+    read_weights_file,
 )
 
 MODEL_FILE = "model.safetensors"
@@ -47,21 +50,6 @@ class CheckpointNotFoundError(FileNotFoundError):
     """No checkpoint where one was expected."""
 
 
-class CheckpointCorruptError(ValueError):
-    """A checkpoint file is truncated, altered or unreadable: ``"{path}: damaged checkpoint file ({reason})"``.
-
-    ``path`` is the damaged file, ``reason`` says what is wrong. ``message`` replaces the default text (used to
-    list every checkpoint a resume tried); its first line still names the damaged file.
-    """
-
-    def __init__(self, path: str | os.PathLike, reason: str, *, message: str | None = None):
-        self.path = Path(path)
-        self.reason = " ".join(str(reason).split())  # one line
-        super().__init__(
-            message if message is not None else f"{self.path}: damaged checkpoint file ({self.reason})"
-        )
-
-
 # ----------------------------------------------------------------------------------------------- fs helpers
 
 
@@ -70,23 +58,7 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-_fsync_dir = fsync_dir
-
 _HASH_CHUNK = 1 << 20
-_SAFETENSORS_MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
-_DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip
-
-
-def _access_error(err: BaseException) -> bool:
-    """An error about reaching the file (permissions, gone, I/O), not about its contents."""
-    return isinstance(err, OSError) and err.errno in (
-        errno.EACCES, errno.EPERM, errno.ENOENT, errno.EISDIR, errno.EIO, errno.ENOTDIR,
-    )  # fmt: skip
 
 
 def file_record(path: str | os.PathLike) -> dict[str, Any]:
@@ -146,138 +118,6 @@ def _record_beside(path: Path) -> Any | None:
     return files.get(path.name) if isinstance(files, dict) else None
 
 
-def check_safetensors_structure(path: str | os.PathLike) -> None:
-    """Cheap structural check of a .safetensors file (header length, JSON header, data size).
-
-    Raises :class:`CheckpointCorruptError` on a truncated / overlong file or one that is not safetensors.
-    """
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointCorruptError(path, f"not a safetensors file ({size} bytes)")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > _SAFETENSORS_MAX_HEADER:
-            raise CheckpointCorruptError(path, "not a safetensors file")
-        if 8 + header_len > size:
-            raise CheckpointCorruptError(
-                path, f"truncated safetensors: header says {header_len} bytes of header, file has {size - 8}"
-            )
-        raw = f.read(header_len)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        raise CheckpointCorruptError(path, "not a safetensors file (its header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise CheckpointCorruptError(path, "not a safetensors file (its header is not a JSON object)")
-    data_end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(o, int) for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1]
-        ):
-            raise CheckpointCorruptError(path, f"not a safetensors file (bad entry for tensor '{name}')")
-        shape, itemsize = info.get("shape"), _DTYPE_BYTES.get(str(info.get("dtype")))
-        if isinstance(shape, list) and all(isinstance(d, int) for d in shape) and itemsize is not None:
-            n = itemsize
-            for d in shape:
-                n *= d
-            if n != offsets[1] - offsets[0]:
-                raise CheckpointCorruptError(
-                    path, f"damaged safetensors header: tensor '{name}' of shape {shape} spans {offsets}"
-                )
-        data_end = max(data_end, offsets[1])
-    have = size - 8 - header_len
-    if have < data_end:
-        raise CheckpointCorruptError(
-            path, f"truncated safetensors: header says {data_end} bytes of data, file has {have}"
-        )
-    if have > data_end:
-        raise CheckpointCorruptError(
-            path, f"safetensors file has {have - data_end} bytes more data than its header says"
-        )
-
-
-def _check_torch_zip(path: Path) -> None:
-    """Structural check of a ``torch.save`` file: a zip archive whose members pass their CRC."""
-    size = path.stat().st_size
-    if size == 0:
-        raise CheckpointCorruptError(path, "empty file")
-    if not zipfile.is_zipfile(path):
-        raise CheckpointCorruptError(path, f"not a torch zip archive ({size} bytes; truncated?)")
-    try:
-        with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise CheckpointCorruptError(path, f"broken zip archive: {error_line(e)}") from None
-    if bad is not None:
-        raise CheckpointCorruptError(path, f"zip member '{bad}' fails its CRC check")
-
-
-def check_weights_file(path: str | os.PathLike) -> None:
-    """Cheap check, before a library loads it, that a weights file is whole: a .safetensors header and size, or
-    the zip directory of a ``torch.save`` / TorchScript file (read from its end: a cut-off download has none).
-    Other files (old pickles, .npz) pass. :class:`CheckpointCorruptError` naming the file otherwise."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        check_safetensors_structure(path)
-        return
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic[:2] != b"PK" and magic != b"":  # not a zip archive: nothing cheap to check
-        return
-    if path.stat().st_size == 0:
-        raise CheckpointCorruptError(path, "empty file")
-    try:
-        with zipfile.ZipFile(path):
-            pass
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise CheckpointCorruptError(path, f"broken zip archive, truncated? ({error_line(e)})") from None
-
-
-def _torch_load(path: Path, what: str) -> Any:
-    """``torch.load(weights_only=True)`` with damage reported as one-line :class:`CheckpointCorruptError`."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch reports a truncated archive as OSError(EINVAL), among others
-        if _access_error(e):
-            raise
-        err = e
-    if path.stat().st_size == 0:
-        raise CheckpointCorruptError(path, f"cannot unpickle {what} (empty file)")
-    if not zipfile.is_zipfile(path):
-        raise CheckpointCorruptError(
-            path,
-            f"cannot unpickle {what} (not a torch zip archive, nor a legacy torch pickle: {error_line(err)})",
-        )
-    try:
-        with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise CheckpointCorruptError(
-            path, f"cannot unpickle {what} (broken zip archive: {error_line(e)})"
-        ) from None
-    if bad is not None:
-        raise CheckpointCorruptError(path, f"cannot unpickle {what} (zip member '{bad}' fails its CRC check)")
-    if isinstance(err, pickle.UnpicklingError) and "weights only load failed" in str(err).lower():
-        # an intact archive holding objects weights_only refuses (e.g. a whole pickled model): not damage
-        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        detail = next(
-            (ln for ln in lines if "WeightsUnpickler error" in ln or "Unsupported" in ln), lines[-1]
-        )
-        raise ValueError(
-            f"{path}: cannot load {what} with weights_only=True: it holds Python objects other than tensors and "
-            f"plain containers ({detail[:200]}); save a state_dict instead"
-        ) from None
-    raise CheckpointCorruptError(path, f"cannot unpickle {what} ({error_line(err)})")
-
-
 # ----------------------------------------------------------------------------------------------- weights
 
 
@@ -318,15 +158,7 @@ def _read_weights(path: Path, verify: bool = True) -> dict[str, torch.Tensor]:
         record = _record_beside(path)
         if record is not None:
             _check_record(path, record)
-    if path.suffix == ".safetensors":
-        check_safetensors_structure(path)
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as e:  # SafetensorError and friends: the file's contents are broken
-            if _access_error(e):
-                raise
-            raise CheckpointCorruptError(path, f"cannot read safetensors ({error_line(e)})") from None
-    obj = _torch_load(path, "weights")
+    obj = read_weights_file(path)
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
@@ -473,7 +305,7 @@ def save_checkpoint_atomic(
             files[STATE_FILE] = file_record(tmp / STATE_FILE)
         for name, obj in (json_files or {}).items():
             with open(tmp / name, "w") as f:
-                json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+                json.dump(obj, f, indent=2, sort_keys=True, default=json_default)
                 f.flush()
                 os.fsync(f.fileno())
             apply_umask(tmp / name, directory=False)
@@ -481,12 +313,12 @@ def save_checkpoint_atomic(
         # meta.json is written last: its presence marks a complete directory; it lists what the others hold
         with open(tmp / META_FILE, "w") as f:
             json.dump(
-                {**dict(meta or {}), "files": files}, f, indent=2, sort_keys=True, default=_json_default
+                {**dict(meta or {}), "files": files}, f, indent=2, sort_keys=True, default=json_default
             )
             f.flush()
             os.fsync(f.fileno())
         apply_umask(tmp / META_FILE, directory=False)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -502,7 +334,7 @@ def save_checkpoint_atomic(
             shutil.rmtree(trash)
         os.replace(directory, trash)
     os.replace(tmp, directory)
-    _fsync_dir(parent)
+    fsync_dir(parent)
     if trash is not None and previous_to is None:
         shutil.rmtree(trash, ignore_errors=True)
     return directory
@@ -546,7 +378,7 @@ def load_training_state(directory: str | os.PathLike, *, verify: bool = True) ->
         record = _record_beside(path)
         if record is not None:
             _check_record(path, record)
-    state = _torch_load(path, "training state")
+    state = read_torch_file(path, "training state")
     if not isinstance(state, dict):
         raise CheckpointCorruptError(path, f"training state is a {type(state).__name__}, not a dict")
     return state
@@ -574,5 +406,5 @@ def verify_checkpoint(directory: str | os.PathLike) -> Path:
     for path in sorted(directory.glob("*.safetensors")):
         check_safetensors_structure(path)
     if (directory / STATE_FILE).exists():
-        _check_torch_zip(directory / STATE_FILE)
+        check_torch_zip(directory / STATE_FILE)
     return directory

@@ -31,9 +31,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..device import best_mixed_precision, pick_device
 from ..seeding import seed_everything, use_deterministic
+from ..weights_io import CheckpointCorruptError
 from .checkpoint import (
     META_FILE,
-    CheckpointCorruptError,
     CheckpointNotFoundError,
     get_rng_state,
     load_model_weights,
