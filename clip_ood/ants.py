@@ -21,6 +21,9 @@ taken from batch 0 and refreshed after every batch up to batch 10 (names are cac
 classes), then every ``vsnl_every`` batches. Measured on ``benchmarks/ants_share.py``: waiting for the counts was
 what made ANTS worse than NegLabel on a stream that starts with its OOD images (the OOD images were scored before
 the near names existed, the ID images after). An integer ``vsnl_start`` keeps the plain schedule.
+
+Registered as the score ``"ants"`` at the bottom of this module: NegLabel (``clip_ood.neglabel``) as its base score,
+``ANTSState.from_inputs`` as its test-time state (an ``OODScorer`` keeps it in ``scorer.state``).
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from torch import Tensor
 
 from clip_ood.encoders import encode_labels
 from clip_ood.lexicon import NOUN_TEMPLATE
-from clip_ood.scores import neglabel_score
+from clip_ood.neglabel import neglabel_bind, neglabel_score
+from clip_ood.score_registry import ScoreInputs, register_score
 
 MODES = ("ada", "far_only", "near_only")
 
@@ -97,6 +101,12 @@ class ANTSState:
                         vsnl_top_classes=vsnl_top_classes, vsnl_per_class=vsnl_per_class,
                         vsnl_cache_size=vsnl_cache_size, history_size=history_size)
         self.reset()
+
+    @classmethod
+    def from_inputs(cls, encoder: Any, id_labels: Sequence[str], inputs: ScoreInputs) -> ANTSState:
+        """A fresh state over a scorer's ID and negative features (the registry's ``state`` factory)."""
+        return cls(encoder, id_labels, inputs.id_text_features, inputs.neg_text_features,
+                   temperature=inputs.temperature, num_groups=inputs.num_groups, seed=inputs.seed)
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
@@ -278,3 +288,7 @@ class ANTSState:
         self.class_counts = class_counts
         self.sum_ens, self.sum_vsnl, self.num_neg = st["sum_ens"], st["sum_vsnl"], st["num_neg"]
         return self
+
+
+# ANTS: its base score is NegLabel; the test-time state adds the far (ENS) and near (VSNL) negatives
+register_score("ants", needs_negatives=True, bind=neglabel_bind, state=ANTSState.from_inputs)(neglabel_score)

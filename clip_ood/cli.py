@@ -178,7 +178,7 @@ def _scorer(encoder, labels, method, negatives, describer: str, describer_model:
                          temperature=p.temperature)
     except (ValueError, KeyError) as e:
         fail(str(e).strip("'\""))
-    if had_state and sc.ants is not None:
+    if had_state and sc.state is not None:
         typer.echo(f"ANTS state loaded from {ants_state.with_suffix('.json')}", err=True)
     return sc
 
@@ -295,8 +295,8 @@ def score(
                 n += len(bp)
         except BadImageError as e:
             fail(f"{e} (use --skip-bad to skip it)")
-    if ants_state is not None and sc.ants is not None:
-        sc.ants.save(ants_state)
+    if ants_state is not None and sc.state is not None:
+        sc.state.save(ants_state)
     from vision.io import write_text_atomic
 
     meta = {"model": model, "pretrained": pretrained or None, "source": str(source), **sc.settings(),
@@ -482,9 +482,9 @@ def _write_bench(out: Path, method: str, sc, model: str, pretrained: str, got: d
     plot_roc_logfpr({k: (got["ID"], got[k]) for k in results}, out / "roc_logfpr.png",
                     title=f"{method}: OOD ROC, ID = positive (n_id={len(got['ID'])})")
     summary = {"method": method, "model": model, "settings": sc.settings(), "per_set": results, "average": avg}
-    if sc.ants is not None:
-        summary["ants"] = {"lambda": sc.ants.lambda_, "tau": sc.ants.tau, "far_bank": len(sc.ants.far_texts),
-                           "near_labels": len(sc.ants.near_texts)}
+    if sc.state is not None:
+        summary["ants"] = {"lambda": sc.state.lambda_, "tau": sc.state.tau, "far_bank": len(sc.state.far_texts),
+                           "near_labels": len(sc.state.near_texts)}
     cal = make_calibration(sc, got["ID"], model_name=model, pretrained=pretrained or None,
                            fpr_at_threshold={k: results[k]["fpr95"] for k in results})
     write_calibration(cal, out / CALIBRATION_FILE)
@@ -638,8 +638,8 @@ def serve(
              "s" if workers > 1 else "", "on" if keys.enabled else "off")
     if workers == 1:
         uvicorn.run(app, host=host, port=port, log_level="info")
-        if ants_state is not None and sc.ants is not None:
-            sc.ants.save(ants_state)
+        if ants_state is not None and sc.state is not None:
+            sc.state.save(ants_state)
             typer.echo(f"ANTS state saved to {ants_state.with_suffix('.json')}", err=True)
         return
     del app, sc, enc  # checked: the workers load their own copies

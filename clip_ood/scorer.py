@@ -28,12 +28,12 @@ class ScoreResult:
 
 class OODScorer:
     """Scores images with one method of ``clip_ood.scores.SCORES``; a method with a test-time state (ANTS) keeps
-    it in ``self.ants`` (see clip_ood.ants)."""
+    it in ``self.state`` (see clip_ood.ants)."""
 
     def __init__(self, encoder: Any, id_labels: Sequence[str], method: str = "neglabel",
                  negatives: NegativeLabels | None = None, temperature: float | None = None,
                  num_groups: int = 100, seed: int = 0, id_templates: Sequence[str] | None = None,
-                 cache_dir: str | Path | None = None, ants_state: Any = None,
+                 cache_dir: str | Path | None = None, state: Any = None,
                  neg_templates: Sequence[str] | None = None) -> None:
         """Encode the ID classes and negatives once; ``ValueError`` for an unknown method or missing negatives.
 
@@ -49,7 +49,7 @@ class OODScorer:
             id_templates: prompt templates of the ID classes, features averaged (default: the method's, "The nice
                 {}." for NegLabel / ANTS as in the NegLabel code, "a photo of a {}." for MCM / energy / max-logit).
             cache_dir: text-feature cache folder (default ``encoders.default_cache_dir()``; False: no cache).
-            ants_state: an existing test-time state to continue (default: a fresh one if the method has one).
+            state: an existing test-time state to continue (default: a fresh one if the method has one).
             neg_templates: templates of the negative labels, features averaged (default: "The nice {}." for nouns,
                 "This is a {} photo." for adjectives, as mined).
         """
@@ -76,9 +76,9 @@ class OODScorer:
             self.neg_features = encode_labels(encoder, self.negatives.prompts, ("{}",), cache_dir=cache_dir)
         self.inputs = S.ScoreInputs(self.id_features, self.neg_features, self.temperature, num_groups, seed)
         self._score_batch = self.spec.batch_scorer(self.inputs)
-        self.ants = ants_state
-        if self.spec.state is not None and self.ants is None:
-            self.ants = self.spec.state(encoder, self.id_labels, self.inputs)
+        self.state = state  # the method's test-time state (ANTS: an ``ANTSState``), None for a stateless score
+        if self.spec.state is not None and self.state is None:
+            self.state = self.spec.state(encoder, self.id_labels, self.inputs)
 
     # ------------------------------------------------------------------ scoring
     def base_score(self, feats: Tensor) -> Tensor:
@@ -90,7 +90,7 @@ class OODScorer:
         feats = feats.float().cpu()
         extra: dict[str, Tensor] = {}
         if self.spec.state is not None:
-            out = self.ants.step(feats, images=images)
+            out = self.state.step(feats, images=images)
             scores = out["score"]
             extra = {k: v for k, v in out.items() if k != "score"}
         else:

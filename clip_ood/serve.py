@@ -62,16 +62,16 @@ def make_scorer(encoder: Any, labels: list[str], method: str, negatives: Any, de
 
     sc = OODScorer(encoder, labels, method=method, negatives=negatives, seed=seed, id_templates=id_templates,
                    neg_templates=neg_templates, temperature=temperature)
-    if sc.ants is not None:
+    if sc.state is not None:
         from clip_ood.describers import create_describer
 
         kw: dict[str, Any] = {"encoder": encoder} if describer == "lexicon" else {}
         if describer_model and describer != "lexicon":
             kw["model"] = describer_model
-        sc.ants.describer = create_describer(describer, **kw)
-        sc.ants.mode = mode
+        sc.state.describer = create_describer(describer, **kw)
+        sc.state.mode = mode
         if ants_state is not None and Path(ants_state).with_suffix(".json").is_file():
-            sc.ants.load(ants_state)
+            sc.state.load(ants_state)
     return sc
 
 

@@ -12,16 +12,19 @@ decoded; the micro-batch queue is bounded (full -> 503 with ``Retry-After``), ea
 Metrics are ``prometheus_client`` objects labelled by route template, HTTP method and status class, never by the
 raw path (multi-process aggregation when ``PROMETHEUS_MULTIPROC_DIR`` is set, as ``--workers N`` does).
 
-The parts: ``app`` (routes, middleware, limits, back-pressure), ``uploads`` (body parsing, header checks, decoding),
-``batcher`` (micro-batching), ``keys`` (API keys), ``metrics`` (Prometheus), ``errors`` (the JSON error shape).
+The parts: ``service`` (``OODService``: one request in order, from the upload to the response, limits,
+back-pressure, readiness; ``ApiSettings``), ``app`` (``create_app``: routes, middleware and error handlers wired to
+the service), ``uploads`` (body parsing, header checks, decoding), ``batcher`` (micro-batching), ``keys`` (API keys),
+``metrics`` (Prometheus), ``errors`` (the JSON error shape).
 """
 
-from .app import UNCALIBRATED, ApiLimits, ServeLimits, create_app
+from .app import create_app
 from .batcher import MicroBatcher, QueueFullError
 from .errors import ApiError, error_response
 from .keys import ApiKeys, is_loopback
+from .service import UNCALIBRATED, ApiLimits, ApiSettings, OODService, ServeLimits
 from .uploads import ALLOWED_FORMATS, Upload, decode_image, open_header, parse_json, parse_multipart
 
-__all__ = ["ALLOWED_FORMATS", "UNCALIBRATED", "ApiError", "ApiKeys", "ApiLimits", "MicroBatcher", "QueueFullError",
-           "ServeLimits", "Upload", "create_app", "decode_image", "error_response", "is_loopback", "open_header",
-           "parse_json", "parse_multipart"]
+__all__ = ["ALLOWED_FORMATS", "UNCALIBRATED", "ApiError", "ApiKeys", "ApiLimits", "ApiSettings", "MicroBatcher",
+           "OODService", "QueueFullError", "ServeLimits", "Upload", "create_app", "decode_image", "error_response",
+           "is_loopback", "open_header", "parse_json", "parse_multipart"]

@@ -9,7 +9,6 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from fastapi import Request
 
@@ -75,6 +74,15 @@ class ApiKeys:
         with self._lock:
             self._file_keys, self._stamp = keys, stamp
 
+    @classmethod
+    def of(cls, api_key: str | Sequence[str] | ApiKeys | None) -> ApiKeys:
+        """``api_key`` as accepted keys: an ``ApiKeys`` as it is, one key or several (no environment), None: no auth."""
+        if isinstance(api_key, ApiKeys):
+            return api_key
+        if not api_key:
+            return cls((), use_env=False)
+        return cls([api_key] if isinstance(api_key, str) else list(api_key), use_env=False)
+
     @property
     def enabled(self) -> bool:
         return bool(self.static or self.key_file)
@@ -92,28 +100,22 @@ class ApiKeys:
             ok |= hmac.compare_digest(sent.encode(), k.encode())
         return ok
 
-
-def _as_keys(api_key: Any) -> ApiKeys:
-    if isinstance(api_key, ApiKeys):
-        return api_key
-    if not api_key:
-        return ApiKeys((), use_env=False)
-    return ApiKeys([api_key] if isinstance(api_key, str) else list(api_key), use_env=False)
-
-
-def _check_key(request: Request, keys: ApiKeys) -> None:
-    if not keys.enabled:
-        return
-    sent = request.headers.get("x-api-key")
-    if sent is None:
-        auth = request.headers.get("authorization", "")
-        if auth[:7].lower() == "bearer ":
-            sent = auth[7:].strip()
-    hdr = {"WWW-Authenticate": "Bearer"}
-    if sent is None:
-        raise ApiError(401, "missing API key: send it as 'X-API-Key: KEY' or 'Authorization: Bearer KEY'", headers=hdr)
-    if not keys.check(sent):
-        raise ApiError(401, "wrong API key", headers=hdr)
+    def authorize(self, request: Request) -> None:
+        """Let ``request`` through when it sends an accepted key (``X-API-Key`` or ``Authorization: Bearer``) or
+        no key is set; else a 401 ``ApiError``."""
+        if not self.enabled:
+            return
+        sent = request.headers.get("x-api-key")
+        if sent is None:
+            auth = request.headers.get("authorization", "")
+            if auth[:7].lower() == "bearer ":
+                sent = auth[7:].strip()
+        hdr = {"WWW-Authenticate": "Bearer"}
+        if sent is None:
+            raise ApiError(401, "missing API key: send it as 'X-API-Key: KEY' or 'Authorization: Bearer KEY'",
+                           headers=hdr)
+        if not self.check(sent):
+            raise ApiError(401, "wrong API key", headers=hdr)
 
 
 def is_loopback(host: str) -> bool:

@@ -475,8 +475,8 @@ def test_ants_state_over_the_api(tiny_encoder):
 
     neg = NegativeLabels([f"thing{i}" for i in range(20)], ["noun"] * 20)
     sc = OODScorer(tiny_encoder, ["apple", "leaf"], method="ants", negatives=neg, num_groups=4, cache_dir=False)
-    sc.ants.describer = ScriptedDescriber(sentences=["a photo of a truck"])
-    sc.ants.tau = 2.0  # every image counts as a negative image
+    sc.state.describer = ScriptedDescriber(sentences=["a photo of a truck"])
+    sc.state.tau = 2.0  # every image counts as a negative image
     app = create_app(sc)
 
     async def go():

@@ -114,8 +114,8 @@ def test_toy_test_time_state(tiny_encoder, scratch_scores):
         return torch.zeros(image_features.shape[0])
 
     sc = OODScorer(tiny_encoder, ["apple", "leaf"], method="toy_adaptive", temperature=0.5, cache_dir=False)
-    assert isinstance(sc.ants, Counting) and isinstance(sc.ants.inputs, ScoreInputs)
-    assert sc.ants.inputs.temperature == 0.5
+    assert isinstance(sc.state, Counting) and isinstance(sc.state.inputs, ScoreInputs)
+    assert sc.state.inputs.temperature == 0.5
     feats = torch.randn(3, 32)
     assert sc.score_features(feats).scores.tolist() == [1.0] * 3
     r = sc.score_features(feats)

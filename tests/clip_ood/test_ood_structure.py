@@ -150,3 +150,53 @@ def test_prompts_and_ants_state_are_atomic(tmp_path, tiny_encoder, umask_027):
                                 "run/prompts.safetensors"]
     for f in _files(tmp_path):
         assert (tmp_path / f).stat().st_mode & 0o777 == 0o640, f
+
+
+# ---------------------------------------------------------------------- imports
+def _imports_of_clip_ood() -> dict[str, set[str]]:
+    """Every ``clip_ood`` module -> the ``clip_ood`` modules it imports (module level or inside functions)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[2]
+    mods = {}
+    for p in (root / "clip_ood").rglob("*.py"):
+        parts = list(p.relative_to(root).with_suffix("").parts)
+        is_pkg = parts[-1] == "__init__"
+        mods[".".join(parts[:-1] if is_pkg else parts)] = (p, is_pkg)
+    graph = {}
+    for name, (p, is_pkg) in mods.items():
+        deps = set()
+        for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    pkg = name.split(".") if is_pkg else name.split(".")[:-1]
+                    base = ".".join(pkg[: len(pkg) - node.level + 1] + ([base] if base else []))
+                targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            deps |= {t for t in targets if t in mods and t != name}
+        graph[name] = deps
+    return graph
+
+
+def test_clip_ood_has_no_import_circle():
+    graph = _imports_of_clip_ood()
+    assert {"clip_ood.ants", "clip_ood.scores", "clip_ood.api.service"} <= set(graph)
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            m = todo.pop()
+            if m == goal:
+                return True
+            if m not in seen:
+                seen.add(m)
+                todo.extend(graph[m])
+        return False
+
+    circles = sorted(f"{a} <-> {b}" for a in graph for b in graph[a] if reaches(b, a))
+    assert circles == []
+    assert "clip_ood.scores" not in graph["clip_ood.ants"]  # ANTS registers itself; scores imports it
