@@ -9,15 +9,13 @@ from pathlib import Path
 import typer
 
 from vision import cli_options as opt
-from vision.cli_common import fail, parse_pretrained, usage_error
+from vision.cli_common import EXIT_INTERRUPTED, fail, parse_pretrained, usage_error
 
 detect_app = typer.Typer(help="ATSS object detectors on COCO / YOLO / VOC image folders.", no_args_is_help=True,
                          add_completion=False, pretty_exceptions_enable=False)
 demo_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-_fail = fail
-_pretrained = parse_pretrained
 
 
 def _augment(hflip: float, scale: str, color_jitter: float) -> dict:
@@ -86,7 +84,7 @@ def train(
     augment = False if no_augment else _augment(hflip, scale, color_jitter)
     dev = opt.resolve_device(device, cpu)
     try:
-        summary = train_detector(data, out, model=model, backbone=backbone, pretrained=_pretrained(pretrained),
+        summary = train_detector(data, out, model=model, backbone=backbone, pretrained=parse_pretrained(pretrained),
                                  img_size=img_size, epochs=epochs, batch=batch, lr=lr, optimizer=optimizer.value,
                                  scheduler=scheduler.value, warmup_steps=warmup, clip_grad_norm=clip_grad,
                                  workers=workers, skip_bad=skip_bad, augment=augment,
@@ -96,9 +94,9 @@ def train(
                                  deterministic=deterministic, run_config=opt.run_config(ctx.params))
     except TrainingInterrupted as e:
         typer.echo(f"{e} (negvision detect train ... --resume)", err=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     except (DatasetError, FileNotFoundError, ValueError, WeightsMismatchError) as e:
-        _fail(str(e))
+        fail(str(e))
     ev = summary.get("eval")
     if ev:
         typer.echo(f"AP {ev['AP']:.4f}  AP50 {ev['AP50']:.4f}  AP75 {ev['AP75']:.4f}")
@@ -131,9 +129,9 @@ def evaluate(
         model, spec = load_detector(weights, dev)
         ds = load_detection_dataset(data, split, skip_bad=skip_bad)
     except (DatasetError, FileNotFoundError, ValueError, WeightsMismatchError) as e:
-        _fail(str(e))
+        fail(str(e))
     if list(ds.classes) != list(spec["classes"]):
-        _fail(f"classes of {data} {ds.classes} differ from the model's {spec['classes']}")
+        fail(f"classes of {data} {ds.classes} differ from the model's {spec['classes']}")
     res, preds = evaluate_detector(model, ds, batch_size=batch, progress=True)
     if out is not None:
         save_eval_outputs(res, preds, ds, out)
@@ -176,7 +174,7 @@ def predict(
     except ImportError as e:
         usage_error(str(e))
     except (FileNotFoundError, ValueError, WeightsMismatchError) as e:
-        _fail(str(e))
+        fail(str(e))
     n = sum(len(r["detections"]) for r in res)
     typer.echo(f"{len(res)} images, {n} detections -> {out}")
 
@@ -214,7 +212,7 @@ def export(
     except ImportError as e:
         usage_error(str(e))
     except (FileNotFoundError, ValueError, RuntimeError) as e:
-        _fail(str(e))
+        fail(str(e))
     typer.echo(f"exported -> {path} ({path.stat().st_size / 2**20:.1f} MB)")
 
 
@@ -236,7 +234,7 @@ def demo(
                  epochs=epochs, workers=workers)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 __all__ = ["detect_app", "demo_app"]

@@ -9,6 +9,8 @@ import click
 import typer
 from typer.core import TyperGroup
 
+from vision.cli_common import EXIT_USAGE, EXIT_USER_ERROR, report_error, usage_error
+
 # group name -> ("module:attribute" of a typer.Typer, one-line help). Imported only when the group is used.
 GROUPS: dict[str, tuple[str, str]] = {
     "detect": ("detectors.cli:detect_app", "ATSS object detectors: train, eval, predict on image folders."),
@@ -66,8 +68,7 @@ def _missing_extra_group(name: str, extra: str, missing: list[str], help_text: s
 
     @app.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
     def _missing(ctx: typer.Context) -> None:
-        typer.echo(f"error: {extra_hint(extra, f'negvision {name}')} (missing: {', '.join(missing)})", err=True)
-        raise typer.Exit(2)
+        usage_error(f"{extra_hint(extra, f'negvision {name}')} (missing: {', '.join(missing)})")
 
     cmd = typer.main.get_command(app)
     cmd.name = name
@@ -80,7 +81,7 @@ def _planned_group(name: str, help_text: str) -> click.Command:
     @app.callback(invoke_without_command=True)
     def _not_yet(ctx: typer.Context) -> None:
         typer.echo(f"negvision {name}: {help_text}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_USAGE)
 
     return typer.main.get_command(app)
 
@@ -129,16 +130,14 @@ class LazyGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except RegistryError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
+            usage_error(str(e))
         except ImportError as e:  # ModuleNotFoundError, or a package that refuses to import
             top = (e.name or "").split(".")[0]
             if top not in PACKAGE_EXTRA:
                 top = next((p for p in PACKAGE_EXTRA if f" {p}" in f" {e}" or f"'{p}'" in str(e)), "")
             if not top:
                 raise
-            typer.echo(f"error: {extra_hint(PACKAGE_EXTRA[top], 'this command')} (missing: {top})", err=True)
-            raise typer.Exit(2) from None
+            usage_error(f"{extra_hint(PACKAGE_EXTRA[top], 'this command')} (missing: {top})")
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name in EXTRAS:
@@ -216,8 +215,8 @@ def main() -> None:
         if why is None:
             raise
         where = f"{e.filename}: " if e.filename else ""
-        typer.echo(f"error: {where}{e.strerror or e} ({why})", err=True)
-        raise SystemExit(1) from None
+        report_error(f"{where}{e.strerror or e} ({why})")
+        raise SystemExit(EXIT_USER_ERROR) from None
 
 
 if __name__ == "__main__":

@@ -17,15 +17,21 @@ EXIT_INTERRUPTED = 130
 DEVICE_HELP = "cpu, cuda, cuda:1, mps (default: the best available)."
 
 
+def report_error(msg: str, where: str = "") -> None:
+    """Print ``error: msg`` (``WHERE: error: msg`` for one part of a command's work, e.g. a split) to stderr: the one
+    form of every error line; the command goes on or exits."""
+    typer.echo(f"{where}: error: {msg}" if where else f"error: {msg}", err=True)
+
+
 def fail(msg: str) -> NoReturn:
     """Print ``error: msg`` to stderr and exit with status 1 (user error: bad input, missing file, failed run)."""
-    typer.echo(f"error: {msg}", err=True)
+    report_error(msg)
     raise typer.Exit(EXIT_USER_ERROR)
 
 
 def usage_error(msg: str) -> NoReturn:
     """Print ``error: msg`` to stderr and exit with status 2 (a bad option value or combination)."""
-    typer.echo(f"error: {msg}", err=True)
+    report_error(msg)
     raise typer.Exit(EXIT_USAGE)
 
 

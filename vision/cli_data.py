@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from vision.cli_common import EXIT_USER_ERROR, fail, report_error
+
 
 class DigitsFormat(str, enum.Enum):
     coco = "coco"
@@ -91,8 +93,7 @@ def check_cmd(
         except DatasetError:
             fmt = None
         if fmt is None:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(1) from None
+            fail(str(e))
 
     def detection(s: str) -> tuple[str, list[str]]:
         ds = load_detection_dataset(data, s, skip_bad=skip_bad, format=fmt.name, cache=not no_cache)
@@ -127,13 +128,13 @@ def _check_splits(data: Path, fmt: str, splits: list[str], named: bool, check) -
             summary, bad = check(s)
         except SplitNotFoundError as e:
             if named:  # asked for by name
-                typer.echo(f"error: {e}", err=True)
+                report_error(str(e))
                 failed = True
             continue
         except (DatasetError, ValueError) as e:
             found += 1
             failed = True
-            typer.echo(f"split {s}: error: {e}", err=True)
+            report_error(str(e), where=f"split {s}")
             continue
         found += 1
         typer.echo(summary)
@@ -141,8 +142,7 @@ def _check_splits(data: Path, fmt: str, splits: list[str], named: bool, check) -
             typer.echo(f"  bad: {msg}")
         n_bad += len(bad)
     if found == 0 and not failed:
-        typer.echo(f"error: {data}: no split of {', '.join(splits)} found ({fmt} format)", err=True)
-        raise typer.Exit(1)
+        fail(f"{data}: no split of {', '.join(splits)} found ({fmt} format)")
     typer.echo(f"checked in {time.perf_counter() - t0:.1f} s" + (f"; {n_bad} bad items" if n_bad else ""))
     if failed or n_bad:
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_USER_ERROR)

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from vision import weights as W
+from vision.cli_common import EXIT_USER_ERROR, fail
 
 app = typer.Typer(help="Known weights: list, locate, verify", no_args_is_help=True, add_completion=False)
 
@@ -38,8 +39,7 @@ def path_cmd(
     try:
         typer.echo(str(W.resolve_weights(name, download=download)))
     except W.WeightsNotFoundError as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(1) from None
+        fail(str(e))
 
 
 @app.command("verify")
@@ -58,10 +58,9 @@ def verify_cmd(
             typer.echo(f"{status:<8}{n}: {msg}")
             failed |= (not ok) and (explicit or not missing)
     except W.WeightsNotFoundError as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(1) from None
+        fail(str(e))
     if failed:
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_USER_ERROR)
 
 
 def main() -> None:  # pragma: no cover - `python -m vision.cli_weights`

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from vision import cli_options as opt
-from vision.cli_common import fail, parse_pretrained, usage_error
+from vision.cli_common import EXIT_INTERRUPTED, fail, parse_pretrained, usage_error
 
 app = typer.Typer(
     help="Two-stage surface-defect network (SegDecNet): train, eval, predict on defect image folders.",
@@ -32,8 +32,6 @@ class DatasetKind(str, enum.Enum):
     folder = "folder"
 
 
-_fail = fail
-_pretrained = parse_pretrained
 
 
 def _fmt(v: object) -> str:
@@ -151,7 +149,7 @@ def train(
             delta=delta, p=p, w_pos=w_pos, dilate=dilate, dynamic=not no_dynamic, grad_adjust=not no_grad_adjust,
             grad_multiplier=grad_multiplier, frequency=not no_frequency, weighted=not no_weighted,
             num_segmented=num_segmented, backbone=backbone,
-            pretrained=None if pretrained.lower() == "auto" else _pretrained(pretrained), width=width,
+            pretrained=None if pretrained.lower() == "auto" else parse_pretrained(pretrained), width=width,
             weak_grad_multiplier=weak_grad_multiplier, augment=augment,
             optimizer=optimizer.value, momentum=momentum, weight_decay=weight_decay, workers=workers,
             resume=opt.parse_resume(resume),
@@ -162,9 +160,9 @@ def train(
         )
     except TrainingInterrupted as e:
         typer.echo(f"{e} (negvision defect train ... --resume)", err=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     except (DatasetError, ValueError, FileNotFoundError, WeightsMismatchError) as e:
-        _fail(str(e))
+        fail(str(e))
         return
     typer.echo(f"trained {summary['steps']} steps; run folder: {summary['out']}")
     if "eval" in summary:
@@ -191,12 +189,12 @@ def _train_patchcore(ctx: typer.Context, data: Path, out: Path, kind: str, img_s
     try:
         summary = train_patchcore(
             data, out, dataset_kind=kind, img_size=img_size, backbone=None if backbone == "auto" else backbone,
-            pretrained=None if pretrained.lower() == "auto" else _pretrained(pretrained), coreset_ratio=coreset_ratio,
+            pretrained=None if pretrained.lower() == "auto" else parse_pretrained(pretrained), coreset_ratio=coreset_ratio,
             batch=batch or 8, workers=workers, seed=seed, val_split=val_split, val_data=val_data, skip_bad=skip_bad,
             cache=cache, device=dev, dagm_class=dagm_class, fold=fold, exist_ok=exist_ok,
             run_config=opt.run_config(ctx.params))
     except (DatasetError, ValueError, FileNotFoundError, WeightsMismatchError) as e:
-        _fail(str(e))
+        fail(str(e))
         return
     fit = summary["fit"]
     typer.echo(f"memory bank: {fit['bank_size']} patch features of {fit['bank_images']} good images "
@@ -234,7 +232,7 @@ def evaluate(
         train_cfg = spec.get("train", {})
         src = data or (Path(spec["data"]) if spec.get("data") else None)
         if src is None:
-            _fail("--data is required for a weights file without a run folder")
+            fail("--data is required for a weights file without a run folder")
             return
         ds = load_defect_dataset(
             src, split, dataset_kind or ("auto" if data else spec.get("dataset_kind", "auto")),
@@ -244,7 +242,7 @@ def evaluate(
         )
         res = evaluate_segdec(model, ds, batch=batch, seg_threshold=seg_threshold, progress=True)
     except (DatasetError, ValueError, FileNotFoundError) as e:
-        _fail(str(e))
+        fail(str(e))
         return
     if out is None:
         out = weights / "eval" if weights.is_dir() and (weights / "segdec.json").is_file() else Path("runs/defect/eval")
@@ -291,7 +289,7 @@ def predict(
     except ImportError as e:
         usage_error(str(e))
     except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
+        fail(str(e))
         return
     n_def = sum(r["defective"] for r in results)
     typer.echo(f"{len(results)} images, {n_def} defective; written to {out}")
@@ -318,5 +316,5 @@ def export(
     except ImportError as e:
         usage_error(str(e))
     except (FileNotFoundError, ValueError, RuntimeError) as e:
-        _fail(str(e))
+        fail(str(e))
     typer.echo(f"exported -> {path} ({path.stat().st_size / 2**20:.1f} MB)")
