@@ -356,7 +356,9 @@ def bench(
     neg_labels: Path | None = typer.Option(None, "--neg-labels"),
     num_negatives: int = typer.Option(10_000, "--num-negatives"),
     out: Path = opt.out_option(Path("runs/ood_bench"), "Output folder: metrics.json/csv, scores.csv, calibration.json, "
-                               "plots (one sub-folder per method when several)."),
+                               "plots (one sub-folder per method when several); a used one makes OUT2, OUT3, ... "
+                               "unless --exist-ok."),
+    exist_ok: bool = opt.exist_ok_option(),
     batch: int = opt.batch_option(64, "Images per forward pass."),
     max_images: int | None = typer.Option(None, "--max-images", help="At most this many images per set."),
     seed: int = typer.Option(0, "--seed", help="Shuffle seed of the ANTS mixed stream."),
@@ -396,7 +398,9 @@ def bench(
             fail(f"set '{k}' has no images")
     labels = _id_labels(id_labels, id_dir)
     enc = load_encoder_or_fail(model, pretrained, dev)
-    out.mkdir(parents=True, exist_ok=True)
+    from vision.engine.run import prepare_run_dir
+
+    out = prepare_run_dir(out, exist_ok=exist_ok)  # the one run-folder rule: a used folder is never mixed into
     mining = next((m for m in methods if score_spec(m).needs_negatives), methods[0])
     neg = _negatives(enc, labels, mining, neg_labels, num_negatives, 0.95, out / "neg.txt", prompts)
     scorers = {m: _scorer(enc, labels, m, neg, describer, describer_model, ants_mode.value, None, seed, prompts)

@@ -95,6 +95,13 @@ def test_bench_mcm_and_ants(setup):
     with Image.open(out / "roc_logfpr.png") as im:  # one log-FPR ROC, a curve (and legend line) per OOD set
         assert im.format == "PNG" and im.size == (640, 520)
     assert len(list(csv.DictReader(open(out / "scores.csv")))) == 16
+    # the run-folder rule of every command: a used --out becomes OUT2 unless --exist-ok
+    again = ["bench", "--model", model, "--id-dir", str(img / "id"), "--ood-dir", str(img / "noise"), "--method", "mcm",
+             "--out-dir", str(out)]
+    assert runner.invoke(ood_app, again).exit_code == 0 and (d / "bench_mcm2" / "metrics.json").is_file()
+    assert json.loads((out / "metrics.json").read_text())["per_set"].keys() == {"noise", "dark"}  # left alone
+    assert runner.invoke(ood_app, [*again, "--exist-ok"]).exit_code == 0 and not (d / "bench_mcm3").exists()
+    assert json.loads((out / "metrics.json").read_text())["per_set"].keys() == {"noise"}
     # OpenOOD-style list for the OOD set; ANTS on the mixed shuffled stream with the scripted describer
     (d / "ood_list.txt").write_text("".join(f"noise/{i}.png 0\n" for i in range(4)))
     out = d / "bench_ants"
