@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import enum
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import typer
-from typer.core import TyperCommand
 
 from clip_ood.cli_common import MODEL_HELP, PRETRAINED_HELP, dist_env, load_encoder_or_fail
 from vision import cli_options as opt
@@ -18,15 +16,11 @@ ood_app = typer.Typer(help="Zero-shot OOD scoring with CLIP and negative labels 
                       no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 
-class AntsMode(str, enum.Enum):
-    """Which negatives ANTS uses (``clip_ood.ants.MODES``)."""
-
-    ada = "ada"
-    far_only = "far_only"
-    near_only = "near_only"
-
-
-ANTS_MODE_HELP = "ANTS negatives: ada (far + near, adaptive weight), far_only or near_only."
+# choices read from the registries when they are needed (their modules import torch): no edit here for a new one
+METHOD = opt.RegistryChoice("--method", "clip_ood.scores:SCORES", "OOD score")
+DESCRIBER = opt.RegistryChoice("--describer", "clip_ood.describers:DESCRIBERS", "ANTS image describer")
+ANTS_MODE = opt.RegistryChoice("--ants-mode", "clip_ood.ants:MODES", "ANTS negatives mode (ada: far + near with an "
+                               "adaptive weight)")
 CONF_HELP = "A fixed score threshold: is_ood = score < conf (prefer --calibration)."
 
 
@@ -42,44 +36,16 @@ def _continue_csv(resume: str | None, no_resume: bool) -> bool:
 
 
 # ---------------------------------------------------------------------- --method: the scores registry
+_MethodCommand = opt.registry_command(method=METHOD, describer=DESCRIBER, ants_mode=ANTS_MODE)
+
+
 def method_names() -> list[str]:
     """The ``--method`` choices: every score registered in ``clip_ood.scores.SCORES`` (imports torch)."""
-    from clip_ood.scores import SCORES
-
-    return SCORES.names()
-
-
-def method_help() -> str:
-    """``--method`` help text listing the registered scores."""
-    return "OOD score: " + " | ".join(method_names()) + "."
-
-
-def _check_method(value: str) -> str:
-    """Option callback: a registered score, else exit 2 listing them."""
-    from clip_ood.scores import SCORES
-    from vision.registry import RegistryError
-
-    try:
-        SCORES.get(value)
-    except RegistryError as e:
-        usage_error(f"--method: {e}")
-    return value
-
-
-class _MethodCommand(TyperCommand):
-    """A command whose ``--method`` help is read from the scores registry when that help is shown (building the
-    group, e.g. for ``negvision ood --help``, must not import torch, which the registry's module needs)."""
-
-    def format_help(self, ctx, formatter) -> None:
-        for p in self.params:
-            if p.name == "method":
-                p.help = method_help()
-        super().format_help(ctx, formatter)
+    return METHOD.names()
 
 
 def _method_option(default: str = "neglabel"):
-    return typer.Option(default, "--method", callback=_check_method,
-                        help="OOD score registered in clip_ood.scores.SCORES (listed by this command's --help).")
+    return METHOD.option(default)
 
 
 # ---------------------------------------------------------------------- shared steps of the commands
@@ -232,9 +198,9 @@ def score(
                                       help="Continue --out: skip the images already in it (the default)."),
     no_resume: bool = typer.Option(False, "--no-resume", help="Start --out afresh."),
     skip_bad: bool = opt.skip_bad_option("Skip unreadable images with a warning."),
-    describer: str = typer.Option("lexicon", "--describer", help="ANTS: lexicon (offline) | qwen2-vl | llava | blip"),
+    describer: str = DESCRIBER.option("lexicon"),
     describer_model: str | None = typer.Option(None, "--describer-model", help="Hub name or local folder."),
-    ants_mode: AntsMode = typer.Option(AntsMode.ada, "--ants-mode", help=ANTS_MODE_HELP),
+    ants_mode: str = ANTS_MODE.option("ada"),
     ants_state: Path | None = typer.Option(None, "--ants-state", help="Load/save the ANTS state here."),
     id_template: list[str] = _id_template_option(),
     neg_template: list[str] = _neg_template_option(),
@@ -269,7 +235,7 @@ def score(
     labels = _id_labels(id_labels)
     enc = load_encoder_or_fail(model, pretrained, dev)
     neg = _negatives(enc, labels, method, neg_labels, num_negatives, 0.95, out.with_suffix(".neg.txt"), prompts)
-    sc = _scorer(enc, labels, method, neg, describer, describer_model, ants_mode.value, ants_state, prompts=prompts)
+    sc = _scorer(enc, labels, method, neg, describer, describer_model, ants_mode, ants_state, prompts=prompts)
     if calibration is not None:
         conf = _calibrated_threshold(calibration, sc)
     elif conf is None:
@@ -328,7 +294,7 @@ def _check_methods(value: str) -> str:
     if not names:
         usage_error("--method: give one method or a comma list (mcm,neglabel,ants)")
     for m in names:
-        _check_method(m)
+        METHOD.check(m)
     return value
 
 
@@ -363,9 +329,9 @@ def bench(
     max_images: int | None = typer.Option(None, "--max-images", help="At most this many images per set."),
     seed: int = typer.Option(0, "--seed", help="Shuffle seed of the ANTS mixed stream."),
     skip_bad: bool = opt.skip_bad_option("Skip unreadable images with a warning."),
-    describer: str = typer.Option("lexicon", "--describer"),
+    describer: str = DESCRIBER.option("lexicon"),
     describer_model: str | None = typer.Option(None, "--describer-model"),
-    ants_mode: AntsMode = typer.Option(AntsMode.ada, "--ants-mode", help=ANTS_MODE_HELP),
+    ants_mode: str = ANTS_MODE.option("ada"),
     id_template: list[str] = _id_template_option(),
     neg_template: list[str] = _neg_template_option(),
     temperature: float | None = _temperature_option(),
@@ -403,7 +369,7 @@ def bench(
     out = prepare_run_dir(out, exist_ok=exist_ok)  # the one run-folder rule: a used folder is never mixed into
     mining = next((m for m in methods if score_spec(m).needs_negatives), methods[0])
     neg = _negatives(enc, labels, mining, neg_labels, num_negatives, 0.95, out / "neg.txt", prompts)
-    scorers = {m: _scorer(enc, labels, m, neg, describer, describer_model, ants_mode.value, None, seed, prompts)
+    scorers = {m: _scorer(enc, labels, m, neg, describer, describer_model, ants_mode, None, seed, prompts)
                for m in methods}
     stream = [(p, k) for k, v in sets.items() for p in v]
     if any(score_spec(m).state is not None for m in methods):  # test-time adaptation sees one mixed, shuffled stream
@@ -582,9 +548,9 @@ def serve(
     timeout: float = typer.Option(30.0, "--timeout", min=0.001, help="Seconds per request; more -> 504."),
     max_failures: int = typer.Option(3, "--max-failures", min=1, help="Model errors in a row before /readyz is 503."),
     decode_threads: int = typer.Option(2, "--decode-threads", min=1, help="Threads decoding uploads per worker."),
-    describer: str = typer.Option("lexicon", "--describer"),
+    describer: str = DESCRIBER.option("lexicon"),
     describer_model: str | None = typer.Option(None, "--describer-model"),
-    ants_mode: AntsMode = typer.Option(AntsMode.ada, "--ants-mode", help=ANTS_MODE_HELP),
+    ants_mode: str = ANTS_MODE.option("ada"),
     ants_state: Path | None = typer.Option(None, "--ants-state", help="ANTS: load the state at start, save it at "
                                            "shutdown (--workers 1 only: each worker has its own state)."),
     id_template: list[str] = _id_template_option(),
@@ -620,10 +586,10 @@ def serve(
     labels = _id_labels(id_labels)
     enc = load_encoder_or_fail(model, pretrained, dev)
     neg = _negatives(enc, labels, method, neg_labels, num_negatives, 0.95, None, prompts)
-    sc = _scorer(enc, labels, method, neg, describer, describer_model, ants_mode.value, ants_state, prompts=prompts)
+    sc = _scorer(enc, labels, method, neg, describer, describer_model, ants_mode, ants_state, prompts=prompts)
     cfg = ServeConfig(model=model, pretrained=pretrained or None, id_labels=labels, method=method,
                       neg_labels_file=str(neg_labels) if neg_labels else None, describer=describer,
-                      describer_model=describer_model, ants_mode=ants_mode.value,
+                      describer_model=describer_model, ants_mode=ants_mode,
                       ants_state=str(ants_state) if ants_state else None, device=dev, api_keys=keys.static,
                       api_key_file=str(api_key_file) if api_key_file else None, threshold=conf,
                       calibration_file=str(calibration) if calibration else None,

@@ -37,14 +37,19 @@ def _multiple_of_32(value: int) -> int:
     return value
 
 
-@detect_app.command("train")
+# the detectors of the registry (detectors.zoo imports every one), read when needed: a new detector needs no edit here
+MODEL = opt.RegistryChoice("--model", "detectors.zoo:DETECTORS", "detector (torchvision's fcos / retinanet: "
+                           "the same backbone + FPN)")
+
+
+@detect_app.command("train", cls=opt.registry_command(model=MODEL))
 @opt.resumable
 def train(
     ctx: typer.Context,
     data: Path = typer.Option(..., "--data", help="COCO json/folder, YOLO data.yaml/folder, Pascal VOC or LabelMe "
                               "folder."),
     out: Path = opt.out_option(Path("runs/detect/exp")),
-    model: str = typer.Option("atss", "--model", help="atss | fcos | retinanet (torchvision, same backbone + FPN)."),
+    model: str = MODEL.option("atss"),
     backbone: str = typer.Option("efficientnet_lite0.offline", "--backbone", help="Registry or timm model name."),
     pretrained: str = typer.Option("true", "--pretrained", help="true | false | PATH to backbone weights."),
     img_size: int = typer.Option(512, "--img-size", min=32, help="Longest image side after resizing."),

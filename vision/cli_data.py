@@ -2,35 +2,27 @@
 
 from __future__ import annotations
 
-import enum
 from pathlib import Path
 
 import typer
 
 from vision.cli_common import EXIT_USER_ERROR, fail, report_error
+from vision.cli_options import RegistryChoice, registry_command
 
-
-class DigitsFormat(str, enum.Enum):
-    coco = "coco"
-    yolo = "yolo"
-    voc = "voc"
-    labelme = "labelme"
-
-
-class DefectFamily(str, enum.Enum):
-    marks = "marks"
-    local_texture = "local_texture"
-    global_texture = "global_texture"
+# choices read from the registries when they are needed: a new writable format or defect family needs no edit here
+DIGITS_FORMAT = RegistryChoice("--format", "vision.data.formats:format_names", "detection format to write",
+                               args=("detection", True))
+DEFECT_FAMILY = RegistryChoice("--family", "vision.data.defects:FAMILIES", "defect family")
 
 
 app = typer.Typer(help="Data sets: make the sample digits set, check a folder.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
 
 
-@app.command("make-digits")
+@app.command("make-digits", cls=registry_command(fmt=DIGITS_FORMAT))
 def make_digits_cmd(
     out: Path = typer.Option(..., "--out", help="Output folder."),
-    fmt: DigitsFormat = typer.Option(DigitsFormat.coco, "--format", help="coco | yolo | voc | labelme"),
+    fmt: str = DIGITS_FORMAT.option("coco"),
     n_train: int = typer.Option(200, "--n-train"),
     n_val: int = typer.Option(50, "--n-val"),
     img_size: int = typer.Option(256, "--img-size"),
@@ -40,12 +32,12 @@ def make_digits_cmd(
     """MNIST digits pasted on real photos/textures: 10 classes, 1-8 objects per image, train + val splits."""
     from vision.data.digits import make_digits
 
-    path = make_digits(out, format=fmt.value, n_train=n_train, n_val=n_val, img_size=img_size, seed=seed,
+    path = make_digits(out, format=fmt, n_train=n_train, n_val=n_val, img_size=img_size, seed=seed,
                        max_objects=max_objects)
-    typer.echo(f"digits set ({fmt.value}, {n_train} train / {n_val} val, {img_size}px) -> {path}")
+    typer.echo(f"digits set ({fmt}, {n_train} train / {n_val} val, {img_size}px) -> {path}")
 
 
-@app.command("make-defects")
+@app.command("make-defects", cls=registry_command(family=DEFECT_FAMILY))
 def make_defects_cmd(
     out: Path = typer.Option(..., "--out", help="Output folder (images/, masks/, labels.csv)."),
     n_train: int = typer.Option(200, "--n-train"),
@@ -55,20 +47,18 @@ def make_defects_cmd(
     defect_fraction: float = typer.Option(0.3, "--defect-fraction", help="Share of defective images."),
     image_level_fraction: float = typer.Option(0.3, "--image-level-fraction",
                                                help="Share of defective training images marked image-level only."),
-    family: DefectFamily = typer.Option(
-        DefectFamily.marks, "--family",
-        help="marks: visible scratches, spots, cracks, stains | local_texture: a blob or band whose texture "
-             "orientation, scale, contrast or grain differs, mean kept | global_texture: the whole image's "
-             "texture statistics shifted slightly (full-image masks)."),
+    family: str = DEFECT_FAMILY.option("marks"),
 ) -> None:
     """DAGM-style surface set with pixel masks: visible marks on real and procedural textures (default), or
-    texture-statistics defects on stochastic textures (--family local_texture | global_texture)."""
+    texture-statistics defects on stochastic textures: --family marks (visible scratches, spots, cracks, stains),
+    local_texture (a blob or band whose texture orientation, scale, contrast or grain differs, mean kept) or
+    global_texture (the whole image's texture statistics shifted slightly, full-image masks)."""
     from vision.data.defects import make_defects
 
     path = make_defects(out, n_train=n_train, n_test=n_test, img_size=img_size, seed=seed,
                         defect_fraction=defect_fraction, image_level_fraction=image_level_fraction,
-                        family=family.value)
-    typer.echo(f"defect set ({family.value}, {n_train} train / {n_test} test, {img_size}px) -> {path}")
+                        family=family)
+    typer.echo(f"defect set ({family}, {n_train} train / {n_test} test, {img_size}px) -> {path}")
 
 
 @app.command("check")

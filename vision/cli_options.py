@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import enum
 import functools
+import importlib
 import types
 import typing
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import typer
+from typer.core import TyperCommand
 
 from vision.cli_common import DEVICE_HELP, usage_error
 
@@ -286,3 +289,78 @@ def resumable(command: Callable) -> Callable:
         return command(ctx, **resolve_resumed_options(ctx, command, kwargs))
 
     return wrapper
+
+
+# ---------------------------------------------------------------------------------------- registry-driven choices
+@dataclass(frozen=True)
+class RegistryChoice:
+    """An option whose values are the names in a registry, read when they are needed (checking a value, showing a
+    command's ``--help``) and not when the CLI is built (registries live in modules that import torch): a new
+    format, layout, describer or mode needs no CLI edit.
+
+    ``source``: ``"module:attribute"`` naming a :class:`vision.registry.Registry` (its names), a sequence of names,
+    or a function returning them (called with ``args``); ``extra``: values beside the registry's (e.g. ``auto``)."""
+
+    flag: str
+    source: str
+    what: str
+    extra: tuple[str, ...] = ()
+    args: tuple[Any, ...] = ()
+
+    def _source(self) -> Any:
+        module, _, attr = self.source.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def names(self) -> list[str]:
+        obj = self._source()
+        if hasattr(obj, "names"):
+            names = obj.names()
+        elif callable(obj):
+            names = obj(*self.args)
+        else:
+            names = list(obj)
+        return [*self.extra, *names]
+
+    def check(self, value: Any) -> Any:
+        """Option callback: ``value`` if it is one of the names, else exit 2 listing them."""
+        if value is None or value in self.extra:
+            return value
+        obj = self._source()
+        if hasattr(obj, "get"):  # a Registry: its error names close matches and every registered name
+            from vision.registry import RegistryError
+
+            try:
+                obj.get(value)
+            except RegistryError as e:
+                usage_error(f"{self.flag}: {e}")
+            return value
+        names = self.names()
+        if value not in names:
+            usage_error(f"{self.flag}: unknown {self.what} '{value}'. Choose one of: {', '.join(names)}.")
+        return value
+
+    def help(self) -> str:
+        return f"{self.what[0].upper()}{self.what[1:]}: {' | '.join(self.names())}."
+
+    def option(self, default: Any, *aliases: str) -> Any:
+        """The ``typer.Option`` (its help is completed by :func:`registry_command` when ``--help`` is shown)."""
+        return typer.Option(default, self.flag, *aliases, callback=self.check,
+                            help=f"{self.what[0].upper()}{self.what[1:]} (listed by this command's --help).")
+
+
+class RegistryCommand(TyperCommand):
+    """A command whose registry-driven options get their list of values when its help is shown."""
+
+    choices: ClassVar[dict[str, RegistryChoice]] = {}
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        for p in self.params:
+            if p.name in self.choices:
+                p.help = self.choices[p.name].help()
+        super().format_help(ctx, formatter)
+
+
+def registry_command(**choices: RegistryChoice) -> type[RegistryCommand]:
+    """``cls=`` of a command with registry-driven options, keyed by parameter name: ``@app.command("x",
+    cls=registry_command(fmt=FORMAT_CHOICE))``."""
+    return type("RegistryCommand", (RegistryCommand,), {"choices": dict(choices)})

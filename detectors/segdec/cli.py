@@ -18,18 +18,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-KIND_HELP = "auto | ksdd | ksdd2 | dagm | severstal | folder"
-
-
-class DatasetKind(str, enum.Enum):
-    """The defect layouts (``vision.data.formats``, task "defect"); auto = detect from the folder."""
-
-    auto = "auto"
-    ksdd = "ksdd"
-    ksdd2 = "ksdd2"
-    dagm = "dagm"
-    severstal = "severstal"
-    folder = "folder"
+# the defect layouts of the format registry (task "defect"), read when needed: a new layout needs no edit here
+DATASET_KIND = opt.RegistryChoice("--dataset-kind", "vision.data.formats:format_names", "defect layout",
+                              extra=("auto",), args=("defect",))
 
 
 
@@ -58,13 +49,13 @@ class HeatmapKind(str, enum.Enum):
     cam = "cam"
 
 
-@app.command("train")
+@app.command("train", cls=opt.registry_command(dataset_kind=DATASET_KIND))
 @opt.resumable
 def train(
     ctx: typer.Context,
     data: Path = typer.Option(..., "--data", help="Data folder (KolektorSDD, KSDD2, DAGM, Severstal or generic)."),
     out: Path = opt.out_option(Path("runs/defect/exp"), "Run folder (config, checkpoints, logs, eval)."),
-    dataset_kind: DatasetKind = typer.Option(DatasetKind.auto, "--dataset-kind", help=KIND_HELP),
+    dataset_kind: str = DATASET_KIND.option("auto"),
     method: Method = typer.Option(Method.segdec, "--method", help="segdec (the segmentation + decision network, "
                                   "trained on good and defective images) or patchcore (an anomaly scorer built "
                                   "from the good images only: k-NN distance of pretrained patch features)."),
@@ -139,13 +130,13 @@ def train(
 
     dev = opt.resolve_device(device, cpu)
     if method is Method.patchcore:
-        _train_patchcore(ctx, data, out, dataset_kind.value, img_size, backbone, pretrained, coreset_ratio,
+        _train_patchcore(ctx, data, out, dataset_kind, img_size, backbone, pretrained, coreset_ratio,
                          batch, workers, seed, val_split, val_data, skip_bad, cache, dev, dagm_class, fold, resume,
                          exist_ok)
         return
     try:
         summary = train_segdec(
-            data, out, dataset_kind=dataset_kind.value, img_size=img_size, epochs=epochs, batch=batch, lr=lr,
+            data, out, dataset_kind=dataset_kind, img_size=img_size, epochs=epochs, batch=batch, lr=lr,
             delta=delta, p=p, w_pos=w_pos, dilate=dilate, dynamic=not no_dynamic, grad_adjust=not no_grad_adjust,
             grad_multiplier=grad_multiplier, frequency=not no_frequency, weighted=not no_weighted,
             num_segmented=num_segmented, backbone=backbone,
@@ -204,11 +195,11 @@ def _train_patchcore(ctx: typer.Context, data: Path, out: Path, kind: str, img_s
         typer.echo(f"evaluation written to {Path(summary['out']) / 'eval'}")
 
 
-@app.command("eval")
+@app.command("eval", cls=opt.registry_command(dataset_kind=DATASET_KIND))
 def evaluate(
     weights: Path = typer.Option(..., "--weights", help="Run folder, checkpoint folder or weights file."),
     data: Path | None = typer.Option(None, "--data", help="Data folder (default: the one trained on)."),
-    dataset_kind: str | None = typer.Option(None, "--dataset-kind", help=KIND_HELP + " (default: as trained)"),
+    dataset_kind: str | None = DATASET_KIND.option(None),
     split: str = typer.Option("test", "--split", help="test | train"),
     out: Path | None = typer.Option(None, "--out", help="Output folder (default: RUN/eval or runs/defect/eval)."),
     batch: int = opt.batch_option(8, "Images per forward pass."),

@@ -249,6 +249,12 @@ def list_formats(task: str | None = None) -> list[DataFormat]:
     return sorted((f for f in fmts if task is None or f.task == task), key=lambda f: (f.priority, f.name))
 
 
+def format_names(task: str, writable: bool = False) -> list[str]:
+    """Names of the registered formats of ``task`` (those that can write, with ``writable``), in detection order: the
+    CLI's choices (``--format``, ``--dataset-kind``) come from here, so a new format needs no CLI edit."""
+    return [f.name for f in list_formats(task) if f.write is not None or not writable]
+
+
 def detect_format(path: str | os.PathLike, task: str) -> DataFormat:
     """The first format of ``task`` whose ``detect`` accepts ``path``; DatasetError listing the layouts otherwise."""
     p = Path(path)
