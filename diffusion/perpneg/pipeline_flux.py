@@ -30,9 +30,9 @@ from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.utils.torch_utils import get_module_execution_device
 
+from .flow import chunked_forward, encode_negatives, negative_weights_matrix, per_image
 from .guidance import perp_neg_guidance
 from .pipeline import as_batch, prompt_group, resolve_uncond
-from .pipeline_sd3 import chunked_forward, negative_weights_matrix, per_image
 
 logger = logging.getLogger("negvision.perpneg")
 
@@ -50,33 +50,18 @@ class PerpNegFluxPipeline(FluxPipeline):
     """FluxPipeline whose ``__call__`` adds ``negative_prompts`` / ``negative_weights`` (Perp-Neg, scale
     ``true_cfg_scale``) and ``guidance_rescale``; ``negative_prompt`` stays the unconditional text, as in diffusers."""
 
-    def _encode_negatives(
-        self,
-        prompts: list[str | list[str]],
-        embeds: Sequence[torch.Tensor] | None,
-        pooled: Sequence[torch.Tensor] | None,
-        batch_size: int,
-        nipp: int,
-        device: torch.device,
-        max_sequence_length: int,
-        lora_scale: float | None,
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The K negative prompts as T5 token embeddings [n, L, D] and pooled CLIP embeddings [n, P]."""
-        if embeds is not None:
-            if pooled is None or len(pooled) != len(embeds):
-                raise ValueError("negative_prompts_embeds needs negative_pooled_prompts_embeds (one per negative), as "
-                                 "prompt_embeds needs pooled_prompt_embeds")
-            return ([per_image(e, batch_size, nipp, "negative_prompts_embeds").to(device) for e in embeds],
-                    [per_image(p, batch_size, nipp, "negative_pooled_prompts_embeds").to(device) for p in pooled])
-        out_e, out_p = [], []
-        for p in prompts:  # a negative is sent to both text encoders (prompt_2 = prompt)
-            e, pe, _ = self.encode_prompt(
-                prompt=as_batch(p, batch_size, "negative_prompts"), prompt_2=None, device=device,
-                num_images_per_prompt=nipp, max_sequence_length=max_sequence_length, lora_scale=lora_scale,
-            )
-            out_e.append(e)
-            out_p.append(pe)
-        return out_e, out_p
+    def _encode_negatives(self, prompts: list, embeds: Sequence[torch.Tensor] | None,
+                          pooled: Sequence[torch.Tensor] | None, batch_size: int, nipp: int, device: torch.device,
+                          max_sequence_length: int, lora_scale: float | None) -> tuple[list, list]:
+        """The K negatives (:func:`encode_negatives`) as T5 token and pooled CLIP embeddings; a negative goes to both
+        text encoders."""
+
+        def encode(batch: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+            e, pe, _ = self.encode_prompt(prompt=batch, prompt_2=None, device=device, num_images_per_prompt=nipp,
+                                          max_sequence_length=max_sequence_length, lora_scale=lora_scale)
+            return e, pe
+
+        return encode_negatives(encode, prompts, embeds, pooled, batch_size, nipp, device)
 
     # Adapted from diffusers.pipelines.flux.pipeline_flux.FluxPipeline.__call__ (same steps and names; the
     # transformer batch, the guidance line, guidance_rescale and the callback differ)
