@@ -91,3 +91,11 @@ def test_schnell_and_unknown_families_are_one_line(folders, tmp_path):
     (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "WanPipeline"}))
     r = _run("--model", str(other), "--prompt", "a cat", "--out", str(tmp_path / "w"))
     assert r.exit_code == 2 and "WanPipeline" in r.output and "PerpNegGuidance" in r.output
+    broken = tmp_path / "no_transformer"  # a component listed in model_index.json but missing: named, exit 1
+    broken.mkdir()
+    for name in index:
+        if not name.startswith("_") and name != "transformer" and (folders / "sd3" / name).is_dir():
+            (broken / name).symlink_to(folders / "sd3" / name)
+    (broken / "model_index.json").write_text(json.dumps(index))
+    r = _run("--model", str(broken), "--prompt", "a cat", "--out", str(tmp_path / "b"))
+    assert r.exit_code == 1 and "'transformer'" in r.output and "Traceback" not in r.output
