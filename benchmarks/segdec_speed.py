@@ -1,4 +1,6 @@
-"""SegDecNet training and inference speed (images/s) and peak memory; prints one JSON line.
+"""SegDecNet training and inference speed (images/s) and peak memory, beside a reference network timed the same way in
+the same run (torchvision's ResNet-18 with a 2-class head, the input repeated to 3 channels: how fast this machine
+runs a well-known model of similar size); prints one JSON line.
 
     python benchmarks/segdec_speed.py                      # paper network, 512x512 grey, batch 1, CPU-feasible
     python benchmarks/segdec_speed.py --device cuda --batch 8 --steps 20 --amp bf16
@@ -36,6 +38,39 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
+def _time(model, opt, forward, step, dev: torch.device, args, autocast) -> tuple[float, float, float, float]:
+    """(inference images/s, its peak memory, training images/s, its peak memory) of ``forward`` / ``step``."""
+    B = args.batch
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    model.eval()
+    with torch.no_grad():
+        for _ in range(args.warmup):
+            with autocast():
+                forward()
+        _sync(dev)
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            with autocast():
+                forward()
+        _sync(dev)
+    infer_ips = B * args.steps / (time.perf_counter() - t)
+    infer_mem = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _rss_mb()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    model.train()
+    for _ in range(args.warmup):
+        step()
+    _sync(dev)
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    _sync(dev)
+    train_ips = B * args.steps / (time.perf_counter() - t)
+    train_mem = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _rss_mb()
+    return infer_ips, infer_mem, train_ips, train_mem
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--img-size", type=int, default=512, help="square input side (multiple of 8)")
@@ -47,6 +82,7 @@ def main() -> None:
     ap.add_argument("--device", default=None, help="cpu | cuda (default: best available)")
     ap.add_argument("--amp", default="no", choices=["no", "bf16", "fp16"])
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--no-reference", action="store_true", help="skip the ResNet-18 reference row")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -65,7 +101,7 @@ def main() -> None:
     def autocast():
         return torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
-    def train_step() -> None:
+    def segdec_step() -> None:
         with autocast():
             dec, seg = model(x)
             loss = segdec_loss(dec, seg, label, target, weight, segmented, 0.5, 0.5)["loss"]
@@ -73,33 +109,27 @@ def main() -> None:
         loss.backward()
         opt.step()
 
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    model.eval()
-    with torch.no_grad():
-        for _ in range(args.warmup):
+    infer_ips, infer_mem, train_ips, train_mem = _time(model, opt, lambda: model(x), segdec_step, dev, args, autocast)
+    reference = None
+    if not args.no_reference and S >= 64:  # ResNet-18's last stage needs more than 1x1 per sample to train
+        import torchvision
+
+        ref = torchvision.models.resnet18(num_classes=2).to(dev)
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=1e-3)
+        x3 = x[:, :1].repeat(1, 3, 1, 1)
+        y = label.long()
+
+        def ref_step() -> None:
             with autocast():
-                model(x)
-        _sync(dev)
-        t = time.perf_counter()
-        for _ in range(args.steps):
-            with autocast():
-                model(x)
-        _sync(dev)
-    infer_ips = B * args.steps / (time.perf_counter() - t)
-    infer_mem = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _rss_mb()
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    model.train()
-    for _ in range(args.warmup):
-        train_step()
-    _sync(dev)
-    t = time.perf_counter()
-    for _ in range(args.steps):
-        train_step()
-    _sync(dev)
-    train_ips = B * args.steps / (time.perf_counter() - t)
-    train_mem = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _rss_mb()
+                loss = torch.nn.functional.cross_entropy(ref(x3), y)
+            ref_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            ref_opt.step()
+
+        r_infer, _, r_train, _ = _time(ref, ref_opt, lambda: ref(x3), ref_step, dev, args, autocast)
+        reference = {"model": "torchvision resnet18 (2 classes, 3-channel input)",
+                     "params_m": round(sum(p.numel() for p in ref.parameters()) / 1e6, 3),
+                     "train_images_per_s": round(r_train, 3), "infer_images_per_s": round(r_infer, 3)}
 
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{platform.processor() or 'cpu'}"
     print(json.dumps({
@@ -120,6 +150,7 @@ def main() -> None:
         "peak_memory_mb_train": round(train_mem, 1),
         "peak_memory_mb_infer": round(infer_mem, 1),
         "memory_kind": "cuda_max_allocated" if dev.type == "cuda" else "process_peak_rss",
+        "reference": reference,
         "torch": torch.__version__,
     }))
 

@@ -29,10 +29,11 @@ def _run(script: str, args: list[str], monkeypatch, capsys) -> dict:
 
 
 def test_speed_benchmark_smoke(monkeypatch, capsys):
-    out = _run("segdec_speed.py", ["--img-size", "32", "--width", "0.25", "--steps", "1", "--warmup", "0",
+    out = _run("segdec_speed.py", ["--img-size", "64", "--width", "0.25", "--steps", "1", "--warmup", "0",
                                    "--device", "cpu", "--threads", "1"], monkeypatch, capsys)
-    assert out["benchmark"] == "segdec_speed" and out["img_size"] == "32x32"
+    assert out["benchmark"] == "segdec_speed" and out["img_size"] == "64x64"
     assert out["train_images_per_s"] > 0 and out["infer_images_per_s"] > 0 and out["peak_memory_mb_train"] > 0
+    assert out["reference"]["train_images_per_s"] > 0 and out["reference"]["model"].startswith("torchvision resnet18")
 
 
 def test_ablation_benchmark_smoke(monkeypatch, capsys, tmp_path):
