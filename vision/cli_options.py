@@ -336,7 +336,7 @@ class RegistryChoice:
             return value
         names = self.names()
         if value not in names:
-            usage_error(f"{self.flag}: unknown {self.what} '{value}'. Choose one of: {', '.join(names)}.")
+            usage_error(f"{self.flag}: '{value}' is not one of {', '.join(repr(n) for n in names)} ({self.what}).")
         return value
 
     def help(self) -> str:
