@@ -44,10 +44,6 @@ def method_names() -> list[str]:
     return METHOD.names()
 
 
-def _method_option(default: str = "neglabel"):
-    return METHOD.option(default)
-
-
 # ---------------------------------------------------------------------- shared steps of the commands
 def _id_labels(path: Path | None, id_dir: Path | None = None) -> list[str]:
     from clip_ood.data import class_folders
@@ -184,7 +180,7 @@ def score(
     model: str = typer.Option(..., "--model", help=MODEL_HELP),
     pretrained: str = typer.Option("", "--pretrained", help=PRETRAINED_HELP),
     id_labels: Path = typer.Option(..., "--id-labels", help="ID class names, one a line."),
-    method: str = _method_option(),
+    method: str = METHOD.option("neglabel"),
     source: Path = typer.Option(..., "--source", help="Image folder (recursive) or an image list file."),
     data_root: Path | None = typer.Option(None, "--data-root", help="Root of the paths in a list file."),
     out: Path = typer.Option(Path("scores.csv"), "--out", help="CSV: path,score,is_ood,top_class,top_prob."),
@@ -523,7 +519,7 @@ def serve(
     model: str = typer.Option(..., "--model", help=MODEL_HELP),
     pretrained: str = typer.Option("", "--pretrained", help=PRETRAINED_HELP),
     id_labels: Path = typer.Option(..., "--id-labels"),
-    method: str = _method_option(),
+    method: str = METHOD.option("neglabel"),
     neg_labels: Path | None = typer.Option(None, "--neg-labels"),
     num_negatives: int = typer.Option(10_000, "--num-negatives"),
     api_key: list[str] = typer.Option([], "--api-key", help="Accept this key (repeat for several). Visible in `ps`: "
