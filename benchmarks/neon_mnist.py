@@ -137,14 +137,14 @@ def main() -> None:
     sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True)
     cfg = TrainConfig(
         out_dir=str(tmp / "base_train"), max_steps=args.base_steps, optimizer="adamw", lr=args.base_lr,
-        weight_decay=0.0, scheduler="cosine", warmup_steps=50, seed=args.seed, cpu=True, progress=False,
+        weight_decay=0.0, scheduler="cosine", warmup_steps=50, seed=args.seed, device="cpu", progress=False,
+        batch_size=args.batch,
         log_every=100, eval_every=0,
     )
     data = TensorDataset(x[train_idx] * 2.0 - 1.0)
     from diffusion.neon.selftrain import Repeated
 
-    Trainer(unet, Repeated(data, args.base_steps * args.batch), cfg, loss_fn=denoising_loss(sched),
-            batch_size=args.batch).fit()
+    Trainer(unet, Repeated(data, args.base_steps * args.batch), cfg, loss_fn=denoising_loss(sched)).fit()
     unet.eval()
     DDIMPipeline(unet=unet, scheduler=sched).save_pretrained(tmp / "base")
     t_base = time.time() - t_start - t_clf

@@ -252,10 +252,10 @@ def train_detector(
                       weight_decay=weight_decay, scheduler=scheduler, warmup_steps=warmup_steps,
                       clip_grad_norm=clip_grad_norm, mixed_precision=mixed_precision, seed=seed,
                       eval_every=eval_every if val_ds is not None else 0, checkpoint_every=checkpoint_every,
-                      progress=progress, device=device, keep_last=keep_last, deterministic=deterministic)
+                      progress=progress, device=device, keep_last=keep_last, deterministic=deterministic,
+                      batch_size=batch, num_workers=workers)
     trainer = Trainer(net, train_ds, cfg, loss_fn=loss_fn, eval_fn=eval_fn if val_ds is not None else None,
-                      metric="AP" if val_ds is not None else None, mode="max", batch_size=batch, num_workers=workers,
-                      collate_fn=detection_collate, batch_size_fn=lambda b: len(b[0]),
+                      metric="AP" if val_ds is not None else None, mode="max", collate_fn=detection_collate, batch_size_fn=lambda b: len(b[0]),
                       extra_config={"task": "detect", "data": str(data), "detector": spec})
     summary = trainer.fit(resume=resume)
     summary["out"] = str(out)

@@ -330,7 +330,8 @@ def train_retrieval(clip: torch.nn.Module, tokenizer, preprocess, train_pairs: S
                        weight_decay=weight_decay, scheduler="cosine", seed=seed, device="cpu" if cpu else None, progress=progress,
                        mixed_precision=mixed_precision, log_every=5, eval_every=1 if val_ds is not None else 0,
                        eval_at_start=val_ds is not None,
-                       checkpoint_every=checkpoint_every, deterministic=deterministic)
+                       checkpoint_every=checkpoint_every, deterministic=deterministic, batch_size=batch_size,
+                       num_workers=num_workers)
     extra = {"dcar": asdict(cfg), **(extra_config or {})}
     train_data: Any = dataset
     if cfg.method == "dcar" and cfg.hard_share > 0:
@@ -342,8 +343,7 @@ def train_retrieval(clip: torch.nn.Module, tokenizer, preprocess, train_pairs: S
             train_pairs, batch_size, cfg.hard_share, cfg.hard_group, seed), collate_fn=collate_pairs,
             num_workers=num_workers)
     trainer = Trainer(model, train_data, tcfg, loss_fn=loss_fn, eval_fn=eval_fn if val_ds is not None else None,
-                      metric="mean_recall" if val_ds is not None else None, batch_size=batch_size, num_workers=num_workers,
-                      collate_fn=collate_pairs,
+                      metric="mean_recall" if val_ds is not None else None, collate_fn=collate_pairs,
                       batch_size_fn=lambda b: len(b["captions"]), extra_config=extra, callbacks=callbacks)
     summary = trainer.fit(resume=resume)
     model = trainer.unwrapped_model

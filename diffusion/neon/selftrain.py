@@ -427,11 +427,13 @@ def self_train(
         log_every=max(1, min(50, steps // 10)),
         eval_every=0,
         deterministic=deterministic,
+        batch_size=batch_size,
+        num_workers=workers,
     )
     denoiser.train()
     trainer = Trainer(
         denoiser, data, cfg,
-        loss_fn=loss_fn, batch_size=batch_size, num_workers=workers,
+        loss_fn=loss_fn,
         extra_config={"neon": {"model": str(model), "num_samples": len(x0), **flow_info}},
     )
     summary = trainer.fit(resume=resume)

@@ -40,6 +40,7 @@ def main(out: str) -> None:
 
     cfg = TrainConfig(
         out_dir=out,
+        batch_size=4,
         max_steps=8,
         lr=0.05,
         grad_accum=2,
@@ -48,14 +49,14 @@ def main(out: str) -> None:
         progress=False,
         log_every=1,
     )
-    tr = Trainer(make_model(), data, cfg, loss_fn=loss_fn, batch_size=4, callbacks=[stop_at_3])
+    tr = Trainer(make_model(), data, cfg, loss_fn=loss_fn, callbacks=[stop_at_3])
     holder["trainer"] = tr
     try:
         tr.fit()
         raise SystemExit("expected an interruption at step 3")
     except TrainingInterrupted:
         pass
-    tr = Trainer(make_model(), data, cfg, loss_fn=loss_fn, batch_size=4)
+    tr = Trainer(make_model(), data, cfg, loss_fn=loss_fn)
     holder["trainer"] = tr
     summary = tr.fit(resume=True)
     rank = tr.accelerator.process_index

@@ -46,7 +46,7 @@ def mse_loss(model: nn.Module, batch) -> torch.Tensor:
 
 def cfg(out: Path, **kw) -> TrainConfig:
     base = dict(
-        out_dir=str(out), max_steps=6, checkpoint_every=1, lr=0.05, device="cpu", progress=False, eval_every=0
+        out_dir=str(out), batch_size=4, max_steps=6, checkpoint_every=1, lr=0.05, device="cpu", progress=False, eval_every=0
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -54,7 +54,7 @@ def cfg(out: Path, **kw) -> TrainConfig:
 
 def trainer(out: Path, callbacks=(), **kw) -> Trainer:
     return Trainer(
-        make_model(), make_data(), cfg(out, **kw), loss_fn=mse_loss, batch_size=4, callbacks=callbacks
+        make_model(), make_data(), cfg(out, **kw), loss_fn=mse_loss, callbacks=callbacks
     )
 
 
@@ -347,8 +347,7 @@ def test_resume_forgets_a_damaged_best_and_writes_a_new_one(tmp_path, caplog):
         return {"neg_mse": -float(((model(x).squeeze(-1) - y) ** 2).mean())}
 
     def run(callbacks=()):
-        return Trainer(make_model(), data, cfg(tmp_path / "run", max_steps=15, eval_every=1), loss_fn=mse_loss,
-                       batch_size=4, eval_fn=eval_fn, metric="neg_mse", callbacks=callbacks)
+        return Trainer(make_model(), data, cfg(tmp_path / "run", max_steps=15, eval_every=1), loss_fn=mse_loss, eval_fn=eval_fn, metric="neg_mse", callbacks=callbacks)
 
     with pytest.raises(RuntimeError, match="simulated crash"):
         run([crash_at(12)]).fit()

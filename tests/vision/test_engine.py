@@ -57,7 +57,7 @@ def mse_loss(model: nn.Module, batch) -> dict:
 
 
 def cfg(tmp: Path, **kw) -> TrainConfig:
-    base = dict(out_dir=str(tmp), epochs=3, lr=0.05, device="cpu", progress=False, log_every=1, eval_every=0)
+    base = dict(out_dir=str(tmp), batch_size=4, epochs=3, lr=0.05, device="cpu", progress=False, log_every=1, eval_every=0)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -98,12 +98,11 @@ def test_loss_falls_and_outputs(tmp_path):
     tr = Trainer(
         model,
         data,
-        cfg(tmp_path, epochs=6, optimizer="adamw", lr=0.03, eval_every=2, log_every=2),
+        cfg(tmp_path, epochs=6, optimizer="adamw", lr=0.03, eval_every=2, log_every=2, batch_size=8),
         loss_fn=mse_loss,
         eval_fn=eval_fn,
         metric="mse",
         mode="min",
-        batch_size=8,
         extra_config={"task": "toy"},
         callbacks=[lambda t, ev, info: events.append(ev)],
     )
@@ -132,7 +131,7 @@ def test_loss_falls_and_outputs(tmp_path):
 def test_kill_and_resume_is_exact(tmp_path, grad_accum):
     # 18 samples / batch 4 = 5 batches per epoch; with grad_accum=2 -> 3 optimizer steps per epoch (2+2+1)
     kw = dict(epochs=3, grad_accum=grad_accum, optimizer="adamw", checkpoint_every=2, warmup_steps=2)
-    ref = Trainer(make_model(), make_data(), cfg(tmp_path / "ref", **kw), loss_fn=mse_loss, batch_size=4)
+    ref = Trainer(make_model(), make_data(), cfg(tmp_path / "ref", **kw), loss_fn=mse_loss)
     ref.fit()
     crash_at = 5
 
@@ -141,12 +140,12 @@ def test_kill_and_resume_is_exact(tmp_path, grad_accum):
             raise RuntimeError("simulated crash")
 
     out = tmp_path / "run"
-    tr = Trainer(make_model(), make_data(), cfg(out, **kw), loss_fn=mse_loss, batch_size=4, callbacks=[crash])
+    tr = Trainer(make_model(), make_data(), cfg(out, **kw), loss_fn=mse_loss, callbacks=[crash])
     with pytest.raises(RuntimeError, match="simulated crash"):
         tr.fit()
     meta = json.loads((out / "checkpoints" / "last" / "meta.json").read_text())
     assert meta["step"] == 4 and meta["batch_in_epoch"] > 0  # resumes mid-epoch
-    tr2 = Trainer(make_model(), make_data(), cfg(out, **kw), loss_fn=mse_loss, batch_size=4)
+    tr2 = Trainer(make_model(), make_data(), cfg(out, **kw), loss_fn=mse_loss)
     summary = tr2.fit(resume=True)
     assert summary["steps"] == ref.global_step == 3 * math.ceil(5 / grad_accum)
     assert_same_tree(params(tr2.unwrapped_model), params(ref.unwrapped_model))
@@ -174,8 +173,7 @@ def test_nan_guard_skips_then_raises(tmp_path):
 
     model = make_model()
     tr = Trainer(
-        model, make_data(), cfg(tmp_path / "a", max_steps=6, scheduler="constant"), loss_fn=loss_fn,
-        batch_size=4, callbacks=[snap],
+        model, make_data(), cfg(tmp_path / "a", max_steps=6, scheduler="constant"), loss_fn=loss_fn, callbacks=[snap],
     )  # fmt: skip
     holder["tr"] = tr
     summary = tr.fit()
@@ -191,7 +189,6 @@ def test_nan_guard_skips_then_raises(tmp_path):
         make_data(),
         cfg(tmp_path / "b", max_steps=20, max_bad_steps=3),
         loss_fn=loss_fn,
-        batch_size=4,
     )
     holder["tr"] = tr
     with pytest.raises(NonFiniteLossError, match=r"3 optimizer steps in a row.*step 3.*lower learning rate"):
@@ -216,7 +213,7 @@ def test_sigint_leaves_resumable_checkpoint(tmp_path, stop_at):
 
     kw = dict(epochs=2, grad_accum=2, eval_every=1)
     ref = Trainer(
-        make_model(), data, cfg(tmp_path / "ref", **kw), loss_fn=mse_loss, eval_fn=eval_fn, batch_size=4
+        make_model(), data, cfg(tmp_path / "ref", **kw), loss_fn=mse_loss, eval_fn=eval_fn
     )
     ref.fit()
 
@@ -233,7 +230,6 @@ def test_sigint_leaves_resumable_checkpoint(tmp_path, stop_at):
             cfg(out, **kw),
             loss_fn=mse_loss,
             eval_fn=eval_fn,
-            batch_size=4,
             callbacks=[send_sigint],
         )
         with pytest.raises(TrainingInterrupted, match="resume with --resume") as info:
@@ -246,7 +242,7 @@ def test_sigint_leaves_resumable_checkpoint(tmp_path, stop_at):
             0,
             {2: 4, 3: 5}[stop_at],  # batches consumed (5 per epoch)
         )
-        tr2 = Trainer(make_model(), data, cfg(out, **kw), loss_fn=mse_loss, eval_fn=eval_fn, batch_size=4)
+        tr2 = Trainer(make_model(), data, cfg(out, **kw), loss_fn=mse_loss, eval_fn=eval_fn)
         summary = tr2.fit(resume=True)
     finally:
         signal.signal(signal.SIGINT, old)
@@ -258,7 +254,7 @@ def test_sigint_leaves_resumable_checkpoint(tmp_path, stop_at):
 
 
 def test_resume_without_checkpoint_names_path(tmp_path):
-    tr = Trainer(make_model(), make_data(), cfg(tmp_path), loss_fn=mse_loss, batch_size=4)
+    tr = Trainer(make_model(), make_data(), cfg(tmp_path), loss_fn=mse_loss)
     with pytest.raises(CheckpointNotFoundError, match=str(tmp_path / "checkpoints" / "last")):
         tr.fit(resume=True)
     with pytest.raises(CheckpointNotFoundError, match="nowhere"):
@@ -305,7 +301,7 @@ def test_atomic_checkpoint_survives_failed_save(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt_mod, "save_file", flaky)
     out = tmp_path / "train"
     tr = Trainer(
-        make_model(), make_data(), cfg(out, checkpoint_every=1, keep_last=2), loss_fn=mse_loss, batch_size=4
+        make_model(), make_data(), cfg(out, checkpoint_every=1, keep_last=2), loss_fn=mse_loss
     )
     with pytest.raises(OSError, match="disk full"):
         tr.fit()
@@ -382,8 +378,7 @@ def test_schedules():
 def test_trainer_lr_follows_schedule(tmp_path):
     seen = {}
     tr = Trainer(
-        make_model(), make_data(16), cfg(tmp_path, epochs=2, warmup_steps=3, lr=0.1), loss_fn=mse_loss,
-        batch_size=4, callbacks=[lambda t, ev, info: seen.__setitem__(info["step"], info["lr"]) if ev == "step_end" else None],
+        make_model(), make_data(16), cfg(tmp_path, epochs=2, warmup_steps=3, lr=0.1), loss_fn=mse_loss, callbacks=[lambda t, ev, info: seen.__setitem__(info["step"], info["lr"]) if ev == "step_end" else None],
     )  # fmt: skip
     tr.fit()
     assert tr.total_steps == 8
@@ -431,7 +426,7 @@ def test_loss_fn_and_eval_fn_may_take_the_loop_context(tmp_path):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(8, 4, generator=g)
     data = TensorDataset(x, x.sum(1))
-    cfg = TrainConfig(out_dir=str(tmp_path), epochs=2, lr=0.01, device="cpu", progress=False, eval_every=1)
-    Trainer(nn.Linear(4, 1), data, cfg, loss_fn=loss3, eval_fn=eval2, metric="m", batch_size=4).fit()
+    cfg = TrainConfig(out_dir=str(tmp_path), batch_size=4, epochs=2, lr=0.01, device="cpu", progress=False, eval_every=1)
+    Trainer(nn.Linear(4, 1), data, cfg, loss_fn=loss3, eval_fn=eval2, metric="m").fit()
     assert seen == [(0, 0, 4, 0), (0, 1, 4, 1), (1, 2, 4, 0), (1, 3, 4, 1)]
     assert evals == [(1, 2, 2), (2, 4, 4)]

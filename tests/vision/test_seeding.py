@@ -101,10 +101,10 @@ def test_use_deterministic_switches_torch_and_the_engine_restores_it(tmp_path):
     def fit(out, deterministic):
         torch.manual_seed(0)
         model = nn.Linear(3, 1)
-        cfg = TrainConfig(out_dir=str(out), epochs=2, lr=0.1, device="cpu", progress=False,
+        cfg = TrainConfig(out_dir=str(out), batch_size=4, epochs=2, lr=0.1, device="cpu", progress=False,
                           deterministic=deterministic)
         seen = []
-        tr = Trainer(model, data, cfg, loss_fn=lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), batch_size=4,
+        tr = Trainer(model, data, cfg, loss_fn=lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(),
                      callbacks=[lambda t, ev, info: seen.append(torch.are_deterministic_algorithms_enabled())
                                 if ev == "step_end" else None])
         tr.fit()

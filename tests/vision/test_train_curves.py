@@ -107,7 +107,7 @@ def _loss(model, batch) -> dict:
 
 
 def _cfg(tmp_path, **kw) -> TrainConfig:
-    base = dict(out_dir=str(tmp_path), epochs=3, lr=0.05, device="cpu", progress=False, log_every=1, eval_every=1)
+    base = dict(out_dir=str(tmp_path), batch_size=4, epochs=3, lr=0.05, device="cpu", progress=False, log_every=1, eval_every=1)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -122,7 +122,7 @@ def test_trainer_writes_curves(tmp_path) -> None:
         seen.append((tmp_path / "curves.png").exists())
         return {"mse": float(((model(x).squeeze(-1) - y) ** 2).mean())}
 
-    tr = Trainer(nn.Linear(4, 1), data, _cfg(tmp_path), loss_fn=_loss, eval_fn=eval_fn, batch_size=4)
+    tr = Trainer(nn.Linear(4, 1), data, _cfg(tmp_path), loss_fn=_loss, eval_fn=eval_fn)
     tr.fit()
     assert seen == [False, True, True]  # drawn after each evaluation...
     path = tmp_path / "curves.png"
@@ -136,8 +136,8 @@ def test_trainer_survives_a_failing_plot(tmp_path, monkeypatch, caplog) -> None:
     monkeypatch.setattr(curves_mod, "plot_training_curves", boom)
     torch.manual_seed(0)
     with caplog.at_level(logging.WARNING, logger="negvision.engine"):
-        summary = Trainer(nn.Linear(4, 1), _data(), _cfg(tmp_path, epochs=1, eval_every=0), loss_fn=_loss,
-                          batch_size=8).fit()
+        summary = Trainer(nn.Linear(4, 1), _data(), _cfg(tmp_path, epochs=1, eval_every=0, batch_size=8),
+                          loss_fn=_loss).fit()
     assert summary["steps"] == 2 and (tmp_path / "summary.json").exists()
     assert "broken matplotlib" in caplog.text and not (tmp_path / "curves.png").exists()
 

@@ -16,7 +16,7 @@ from .checkpoint import (
     save_model_weights,
     verify_checkpoint,
 )
-from .config import TrainConfig
+from .config import RunOptions, TrainConfig
 from .optim import build_optimizer, param_groups_no_decay
 from .sampler import SeededSampler
 from .schedule import build_scheduler, lr_multiplier
@@ -28,6 +28,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "NonFiniteLossError",
     "SeededSampler",
+    "RunOptions",
     "TrainConfig",
     "Trainer",
     "TrainingInterrupted",

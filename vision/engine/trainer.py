@@ -207,8 +207,8 @@ class Trainer:
 
     Args:
         model: the module to train (wrapped by Accelerate for devices, AMP and DDP).
-        train_dataset_or_loader: a map-style Dataset (seeded order, ``batch_size`` / ``num_workers`` /
-            ``collate_fn`` apply) or a sized DataLoader used as given.
+        train_dataset_or_loader: a map-style Dataset (seeded order; ``config.batch_size``, ``config.num_workers``,
+            ``config.drop_last`` and ``collate_fn`` apply) or a sized DataLoader used as given.
         config: a :class:`TrainConfig`.
         loss_fn: ``(model, batch) -> Tensor | dict`` or ``(model, batch, ctx: LossContext) -> ...`` (epoch, step and
             total steps, for schedules inside the loss); a dict's "loss" (or the sum of its tensors) is optimised,
@@ -216,8 +216,9 @@ class Trainer:
         eval_fn: ``model -> {metric: float}`` (or ``(model, ctx) -> ...``), run every ``config.eval_every`` epochs
             on the main process.
         metric: the metric that selects ``checkpoints/best``; mode: "max" or "min".
-        batch_size, num_workers, collate_fn: DataLoader settings when a Dataset is given.
-        param_groups / optimizer: custom parameter groups, or a ready optimizer.
+        collate_fn: the DataLoader's when a Dataset is given.
+        optimizer: custom parameter groups (a list of dicts; the optimizer is built from ``config``), or a ready
+            optimizer.
         batch_size_fn: samples in a batch (for images/s); default: :func:`default_batch_size`.
         extra_config: saved in config.json and every checkpoint's meta.json.
         callbacks: ``cb(trainer, event, info)`` for fit_start, step_end, epoch_end, eval, checkpoint, fit_end.
@@ -233,18 +234,17 @@ class Trainer:
         eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
         metric: str | None = None,
         mode: str = "max",
-        batch_size: int = 8,
-        num_workers: int = 0,
         collate_fn: Callable | None = None,
-        param_groups: list[dict] | None = None,
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: torch.optim.Optimizer | list[dict] | None = None,
         batch_size_fn: Callable[[Any], int] | None = None,
         extra_config: dict | None = None,
         callbacks: Sequence[Callback] | None = None,
     ):
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' or 'min', got '{mode}'")
-        self.config = cfg = config
+        if not config.out_dir:
+            raise ValueError("TrainConfig.out_dir is empty: the Trainer needs a run folder")
+        self.config = cfg = config.resolved()  # unset task defaults: the engine's
         self.loss_fn = loss_fn
         self._loss_takes_ctx = _takes_context(loss_fn)
         self._eval_takes_ctx = eval_fn is not None and _takes_context(eval_fn, 2)
@@ -273,9 +273,9 @@ class Trainer:
             self._sampler = SeededSampler(train_dataset_or_loader, seed=cfg.seed)
             loader = DataLoader(
                 train_dataset_or_loader,
-                batch_size=batch_size,
+                batch_size=cfg.batch_size,
                 sampler=self._sampler,
-                num_workers=num_workers,
+                num_workers=cfg.num_workers,
                 collate_fn=collate_fn,
                 drop_last=cfg.drop_last,
                 pin_memory=self.accelerator.device.type == "cuda",
@@ -284,12 +284,8 @@ class Trainer:
             )
         self._loader_generator: torch.Generator = loader.generator
 
-        if optimizer is None:
-            params = (
-                param_groups
-                if param_groups is not None
-                else [p for p in model.parameters() if p.requires_grad]
-            )
+        if not isinstance(optimizer, torch.optim.Optimizer):  # None or parameter groups
+            params = optimizer if optimizer is not None else [p for p in model.parameters() if p.requires_grad]
             optimizer = _build_optimizer(cfg, params)
         self.model, self.optimizer, self.train_loader = self.accelerator.prepare(model, optimizer, loader)
         try:
