@@ -20,14 +20,15 @@ OPTIMIZERS = ("sgd", "adamw", "adam")
 # The engine's values of the TrainConfig fields a task may default differently (None in a TrainConfig: "the task's
 # default"; the Trainer itself falls back to these).
 ENGINE_DEFAULTS: dict[str, Any] = {"epochs": 1, "lr": 0.01, "optimizer": "sgd", "momentum": 0.9,
-                                   "weight_decay": 1e-4, "scheduler": "cosine", "warmup_steps": 0}
+                                   "weight_decay": 1e-4, "scheduler": "cosine", "warmup_steps": 0, "batch_size": 8}
 
 
 @dataclass
 class TrainConfig:
     """Hyper-parameters and bookkeeping options of :class:`Trainer`.
 
-    ``epochs``, ``lr``, ``optimizer``, ``momentum``, ``weight_decay``, ``scheduler`` and ``warmup_steps`` left None
+    ``epochs``, ``lr``, ``optimizer``, ``momentum``, ``weight_decay``, ``scheduler``, ``warmup_steps`` and
+    ``batch_size`` left None
     take the task's default (a task's entry point fills them with :meth:`resolved`; ``Trainer`` alone: the
     :data:`ENGINE_DEFAULTS`). ``out_dir``, ``device``, ``progress`` and ``keep_last`` are set from the run's
     :class:`RunOptions` by the task entry points; ``Trainer`` users give them here.
@@ -62,7 +63,7 @@ class TrainConfig:
     ddp_find_unused_parameters: bool = False
     ddp_timeout_s: int = 3600  # collectives wait this long (e.g. while the main process evaluates)
     drop_last: bool = False  # for the DataLoader built from a Dataset
-    batch_size: int = 8  # for the DataLoader built from a Dataset
+    batch_size: int | None = None  # samples per step (a task's own loader, or the DataLoader built from a Dataset)
     num_workers: int = 0  # for the DataLoader built from a Dataset
 
     def __post_init__(self) -> None:
