@@ -108,9 +108,9 @@ def main() -> None:
     from torch.utils.data import TensorDataset
 
     from diffusion.neon.metrics import compute_features, fid_from_features, precision_recall
-    from diffusion.neon.selftrain import denoising_loss, self_train
-    from diffusion.neon.sweep import neon_sweep
-    from vision.engine import TrainConfig, Trainer
+    from diffusion.neon.selftrain import SelfTrainConfig, denoising_loss, self_train
+    from diffusion.neon.sweep import SweepConfig, neon_sweep
+    from vision.engine import RunOptions, TrainConfig, Trainer
 
     x, y = load_digits16()
     g = torch.Generator().manual_seed(args.seed)
@@ -150,16 +150,18 @@ def main() -> None:
     t_base = time.time() - t_start - t_clf
 
     st = self_train(
-        tmp / "base", tmp / "selftrain", num_samples=args.n_self, steps=args.self_steps, batch_size=args.batch,
-        sample_batch_size=250, lr=args.self_lr, num_inference_steps=args.sample_steps, seed=args.seed + 1,
-        device="cpu", progress=False,
+        tmp / "base",
+        SelfTrainConfig(num_samples=args.n_self, sample_batch_size=250, num_inference_steps=args.sample_steps),
+        TrainConfig(max_steps=args.self_steps, batch_size=args.batch, lr=args.self_lr, seed=args.seed + 1),
+        RunOptions(out=tmp / "selftrain", device="cpu", progress=False),
     )
     t_self = time.time() - t_start - t_clf - t_base
     ws = [float(v) for v in args.w.split(",")]
     summary = neon_sweep(
-        tmp / "base", st["pipeline"], ws, tmp / "sweep", reference=ref, features=feats,
-        num_samples=args.num_samples, batch_size=250, num_inference_steps=args.sample_steps,
-        seed=args.seed + 2, device="cpu", progress=False,
+        tmp / "base", st["pipeline"], ws, tmp / "sweep", reference=ref,
+        config=SweepConfig(features=feats, num_samples=args.num_samples, batch_size=250,
+                           num_inference_steps=args.sample_steps, seed=args.seed + 2),
+        device="cpu", progress=False,
     )
     rows = summary["rows"]
     # the self-trained model itself, scored the same way

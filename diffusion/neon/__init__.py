@@ -19,9 +19,12 @@ _EXPORTS = {
     "precision_recall": "metrics",
     "load_feature_extractor": "metrics",
     "self_train": "selftrain",
+    "SelfTrainConfig": "selftrain",
+    "default_train_config": "selftrain",
     "sample_images": "selftrain",
     "denoising_loss": "selftrain",
     "neon_sweep": "sweep",
+    "SweepConfig": "sweep",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -139,19 +139,21 @@ def selftrain_cmd(
     """Sample N images from the base model and fine-tune it on them with the denoising loss."""
     dev = opt.resolve_device(device)
     resume_from = opt.parse_resume(resume)
-    from vision.engine import TrainingInterrupted
+    from vision.engine import RunOptions, TrainingInterrupted
 
-    from .selftrain import ConditioningError, self_train
+    from .selftrain import ConditioningError, SelfTrainConfig, default_train_config, self_train
 
+    settings = SelfTrainConfig(
+        num_samples=num_samples, save_every=save_every, sample_batch_size=sample_batch_size,
+        num_inference_steps=num_inference_steps, prompts=_lines(prompts), class_labels=_ints(class_labels),
+        guidance_scale=guidance_scale, height=height, width=width, max_sequence_length=max_sequence_length,
+    )
+    train = default_train_config(max_steps=max_steps, batch_size=batch, lr=lr, seed=seed, mixed_precision=amp.value,
+                                 deterministic=deterministic)
+    run = RunOptions(out=out, resume=resume_from, exist_ok=exist_ok, device=dev, workers=workers,
+                     config=opt.run_config(ctx.params))
     try:
-        info = _call(
-            self_train, model, out, num_samples=num_samples, steps=max_steps, save_every=save_every,
-            batch_size=batch, sample_batch_size=sample_batch_size, lr=lr, num_inference_steps=num_inference_steps,
-            prompts=_lines(prompts), class_labels=_ints(class_labels), guidance_scale=guidance_scale,
-            seed=seed, device=dev, mixed_precision=amp.value, resume=resume_from, exist_ok=exist_ok,
-            workers=workers, deterministic=deterministic, height=height, width=width,
-            max_sequence_length=max_sequence_length, run_config=opt.run_config(ctx.params), usage=(ConditioningError,),
-        )
+        info = _call(self_train, model, settings, train, run, usage=(ConditioningError,))
     except TrainingInterrupted as e:
         typer.echo(f"{e} (negvision neon selftrain ... --resume)", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -185,16 +187,17 @@ def sweep_cmd(
     dev = opt.resolve_device(device)
     from .metrics import FeatureSpecError
     from .selftrain import ConditioningError
-    from .sweep import neon_sweep, parse_floats
+    from .sweep import SweepConfig, neon_sweep, parse_floats
 
     ws = _option(parse_floats, w, "w")
     gss = _option(parse_floats, guidance_scale, "guidance scale") if guidance_scale else None
-    info = _call(
-        neon_sweep, base, selftrained, ws, out, reference=reference, features=features, num_samples=num_samples,
-        batch_size=batch, num_inference_steps=num_inference_steps, guidance_scales=gss,
-        prompts=_lines(prompts), class_labels=_ints(class_labels), seed=seed, k=k,
-        max_reference=max_reference, device=dev, usage=(ConditioningError, FeatureSpecError),
+    config = SweepConfig(
+        features=features, num_samples=num_samples, batch_size=batch, num_inference_steps=num_inference_steps,
+        guidance_scales=gss, prompts=_lines(prompts), class_labels=_ints(class_labels), seed=seed, k=k,
+        max_reference=max_reference,
     )
+    info = _call(neon_sweep, base, selftrained, ws, out, reference=reference, config=config, device=dev,
+                 usage=(ConditioningError, FeatureSpecError))
     for r in info["rows"]:
         gs = f" gs={r['guidance_scale']}" if r["guidance_scale"] != "" else ""
         typer.echo(f"w={r['w']:g}{gs}  FID={r['fid']:.4g}  precision={r['precision']:.3f}  recall={r['recall']:.3f}", err=True)

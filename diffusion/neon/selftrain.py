@@ -9,14 +9,16 @@ or ``exist_ok`` (reuse it, removing the earlier run's logs and checkpoints).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,8 +26,11 @@ from torch import Tensor, nn
 
 from vision.io import write_text_atomic
 
-__all__ = ["ConditioningError", "denoising_loss", "is_dit", "load_pipeline", "num_classes", "sample_images",
-           "self_train", "trainable_component"]
+if TYPE_CHECKING:
+    from vision.engine import RunOptions, TrainConfig
+
+__all__ = ["ConditioningError", "SelfTrainConfig", "default_train_config", "denoising_loss", "is_dit", "load_pipeline",
+           "num_classes", "sample_images", "self_train", "trainable_component"]
 
 logger = logging.getLogger("negvision.neon")
 
@@ -265,62 +270,114 @@ class Repeated(torch.utils.data.Dataset):
         return self.dataset[i % len(self.dataset)]
 
 
+# the task's defaults of the TrainConfig fields left None (TrainConfig.resolved), and of max_steps / batch_size
+TRAIN_DEFAULTS: dict[str, Any] = {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.0, "scheduler": "constant"}
+DEFAULT_MAX_STEPS = 1000
+DEFAULT_BATCH_SIZE = 32
+
+
+@dataclass
+class SelfTrainConfig:
+    """The method settings of Neon self-training (what is sampled, and how the samples are taken).
+
+    Attributes:
+        num_samples: images sampled from the base model (unused when ``samples`` is given).
+        save_every: keep a checkpoint every k optimizer steps (``train/checkpoints/step-XXXXXXX``); 0: the end only.
+        sample_batch_size: images per sampling call (also the batch of the VAE / text encoding).
+        num_inference_steps: sampler (denoising) steps per sample; None: the pipeline's default.
+        prompts: text-to-image pipelines (SD, SD3, Flux): the prompts, cycled over the samples.
+        class_labels: class-conditional pipelines (DiT, class UNets): the labels, cycled; None: every class in turn.
+        guidance_scale: sampling guidance (Flux-dev: its distilled guidance, also used while fine-tuning); None: the
+            pipeline's default.
+        component: the pipeline component fine-tuned; None: ``unet`` or ``transformer``.
+        samples: pre-made samples [N, C, H, W] in [0, 1] to fine-tune on instead of sampling (their conditions:
+            ``prompts`` / ``class_labels`` cycled).
+        height, width, max_sequence_length: passed to the sampling pipeline when given (Flux's default is 1024 x
+            1024 for a real VAE) and used for the prompt embeddings of the fine-tuning; None: the pipeline's
+            defaults.
+    """
+
+    num_samples: int = 1000
+    save_every: int = 0
+    sample_batch_size: int = 64
+    num_inference_steps: int | None = None
+    prompts: Sequence[str] | None = None
+    class_labels: Sequence[int] | None = None
+    guidance_scale: float | None = None
+    component: str | None = None
+    samples: Tensor | None = None
+    height: int | None = None
+    width: int | None = None
+    max_sequence_length: int | None = None
+
+
+def default_train_config(**fields: Any) -> TrainConfig:
+    """The :class:`TrainConfig` ``self_train`` uses when given none: ``max_steps`` 1000, ``batch_size`` 32 (the
+    other task defaults, :data:`TRAIN_DEFAULTS`, are filled for any TrainConfig), with ``fields`` set."""
+    from vision.engine import TrainConfig
+
+    return TrainConfig(**{"max_steps": DEFAULT_MAX_STEPS, "batch_size": DEFAULT_BATCH_SIZE, **fields})
+
+
 def self_train(
     model: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    num_samples: int = 1000,
-    steps: int = 1000,
-    save_every: int = 0,
-    batch_size: int = 32,
-    sample_batch_size: int = 64,
-    lr: float = 1e-4,
-    num_inference_steps: int | None = None,
-    prompts: Sequence[str] | None = None,
-    class_labels: Sequence[int] | None = None,
-    guidance_scale: float | None = None,
-    seed: int = 0,
-    component: str | None = None,
-    device: str | None = None,
-    progress: bool = True,
-    samples: Tensor | None = None,
-    mixed_precision: str = "auto",
-    resume: bool | str = False,
-    exist_ok: bool = False,
-    run_config: dict[str, Any] | None = None,
-    workers: int = 0,
-    deterministic: bool = False,
-    height: int | None = None,
-    width: int | None = None,
-    max_sequence_length: int | None = None,
+    config: SelfTrainConfig | None = None,
+    train: TrainConfig | None = None,
+    run: RunOptions | None = None,
 ) -> dict[str, Any]:
-    """Sample ``num_samples`` images from pipeline ``model``, fine-tune its denoiser on them for ``steps`` steps.
+    """Sample ``config.num_samples`` images from pipeline ``model``, fine-tune its denoiser on them for
+    ``train.max_steps`` steps.
 
-    Writes ``out_dir/samples.png`` (a grid), ``out_dir/train/`` (engine logs and checkpoints every
-    ``save_every`` steps), and ``out_dir/pipeline/`` (the self-trained pipeline, ready for ``neon merge``);
-    ``info["out"]`` is the run folder used (``out_dir``, or ``out_dir2``... when ``out_dir`` already holds a run).
-    ``resume``: True continues ``train/checkpoints/last`` (the samples are drawn again with the same seed), a path
-    continues that checkpoint folder. ``run_config`` (the command's options) is written to ``config.yaml``.
+    Args:
+        model: a local diffusers pipeline folder.
+        config: the method settings (:class:`SelfTrainConfig`); None: its defaults.
+        train: how the denoiser is optimised (:class:`TrainConfig`): ``max_steps`` (None: 1000; self-training counts
+            steps, so ``epochs`` alone is refused), ``batch_size``, ``seed`` (sampling, VAE posterior and training
+            draws), ``mixed_precision``, ``deterministic``, and the optimiser fields, those left None taking the
+            task's defaults :data:`TRAIN_DEFAULTS` (AdamW, lr 1e-4, no weight decay, constant schedule). None:
+            :func:`default_train_config` (max_steps 1000, batch_size 32; a TrainConfig built directly has
+            TrainConfig's own batch_size 8 unless given). Set here: ``out_dir``, ``device``, ``progress``,
+            ``num_workers`` (from ``run``), ``checkpoint_every`` and ``keep_last`` (from ``config.save_every``: every
+            saved step is kept), ``log_every`` (max(1, min(50, max_steps // 10))), ``eval_every`` 0.
+        run: the run folder ``run.out``, ``resume``, ``exist_ok``, ``device``, ``workers``, ``progress``, and
+            ``config`` (the command's options, written to ``config.yaml``); None: :class:`RunOptions` defaults.
+            ``keep_last`` and ``skip_bad`` are not used.
+
+    Writes ``out/samples.png`` (a grid), ``out/train/`` (engine logs and checkpoints every ``save_every`` steps),
+    and ``out/pipeline/`` (the self-trained pipeline, ready for ``neon merge``); ``info["out"]`` is the run folder
+    used (``run.out``, or ``out2``... when ``run.out`` already holds a run). ``run.resume``: True continues
+    ``train/checkpoints/last`` (the samples are drawn again with the same seed), a path continues that checkpoint
+    folder.
 
     SD3 (``SD3Transformer2DModel``) and Flux (``FluxTransformer2DModel``) pipelines are fine-tuned with the
     rectified-flow loss of :mod:`diffusion.neon.flow` (logit-normal sigma, velocity target, each pipeline's timestep
     convention; a guidance-distilled Flux trains at the sampling ``guidance_scale``, the pipeline's default when not
     given). The whole transformer is fine-tuned: LoRA (via ``peft``) is left out, as peft is not installed offline
-    here. ``height``, ``width``, ``max_sequence_length``: passed to the sampling pipeline when given (Flux's default
-    is 1024 x 1024 for a real VAE) and used for the prompt embeddings of the fine-tuning.
+    here.
     """
     from torch.utils.data import TensorDataset
 
     from vision.device import pick_device
-    from vision.engine import TrainConfig, Trainer
+    from vision.engine import RunOptions, Trainer
     from vision.engine.run import clear_run_outputs, prepare_run_dir, write_run_config
     from vision.viz import image_grid, save_image
 
+    config = config if config is not None else SelfTrainConfig()
+    run = run if run is not None else RunOptions()
+    train = train if train is not None else default_train_config()
+    if train.max_steps is None and train.epochs is not None:
+        raise ValueError("self_train counts optimizer steps: set TrainConfig.max_steps, not epochs")
+    train = train.resolved(**TRAIN_DEFAULTS)
+    steps = int(train.max_steps) if train.max_steps is not None else DEFAULT_MAX_STEPS
+    out_dir, resume, exist_ok = run.out, run.resume, run.exist_ok
+    prompts, class_labels, guidance_scale = config.prompts, config.class_labels, config.guidance_scale
+    max_sequence_length, sample_batch_size = config.max_sequence_length, config.sample_batch_size
+    seed, progress = train.seed, run.progress
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    dev = pick_device(device)
+        raise ValueError(f"max_steps must be >= 1, got {steps}")
+    dev = pick_device(run.device)
     pipe = load_pipeline(model, dev)
-    name, denoiser = trainable_component(pipe, component)
+    name, denoiser = trainable_component(pipe, config.component)
     from diffusers import UNet2DConditionModel, UNet2DModel
 
     from .flow import check_flow_pipeline, flow_family, flow_training_setup
@@ -365,14 +422,15 @@ def self_train(
     out = prepare_run_dir(out_dir, resume=resume, exist_ok=exist_ok)
     if exist_ok and not resume and (out / "train").is_dir():
         clear_run_outputs(out / "train")
-    if run_config is not None:
-        write_run_config(out, {**run_config, "_resumed": bool(resume)})
+    if run.config is not None:
+        write_run_config(out, {**run.config, "_resumed": bool(resume)})
 
+    samples = config.samples
     if samples is None:
         samples, conds = sample_images(
-            pipe, num_samples, batch_size=sample_batch_size, num_inference_steps=num_inference_steps,
+            pipe, config.num_samples, batch_size=sample_batch_size, num_inference_steps=config.num_inference_steps,
             seed=seed, prompts=prompts, class_labels=class_labels, guidance_scale=guidance_scale,
-            progress=progress, height=height, width=width, max_sequence_length=max_sequence_length,
+            progress=progress, height=config.height, width=config.width, max_sequence_length=max_sequence_length,
         )
     else:
         if prompts:
@@ -402,7 +460,7 @@ def self_train(
     else:
         data = TensorDataset(x0)
     # one engine "epoch" spans all steps, so checkpoints land every save_every steps and at the end only
-    data = Repeated(data, int(steps) * int(batch_size))
+    data = Repeated(data, steps * int(train.batch_size))
 
     if flow:
         loss_fn = flow_loss
@@ -411,25 +469,15 @@ def self_train(
 
         train_sched = DDPMScheduler.from_config(pipe.scheduler.config)
         loss_fn = denoising_loss(train_sched, class_conditional=class_cond, text_conditional=text_cond)
-    cfg = TrainConfig(
-        out_dir=str(out / "train"),
-        max_steps=int(steps),
-        optimizer="adamw",
-        lr=lr,
-        weight_decay=0.0,
-        scheduler="constant",
-        mixed_precision=mixed_precision,
-        checkpoint_every=int(save_every),
-        keep_last=10**6 if save_every else 1,  # keep every saved step as checkpoints/step-XXXXXXX
-        seed=seed,
-        device=str(dev),
-        progress=progress,
-        log_every=max(1, min(50, steps // 10)),
-        eval_every=0,
-        deterministic=deterministic,
-        batch_size=batch_size,
-        num_workers=workers,
-    )
+    cfg = dataclasses.replace(train, **{
+        **run.train_fields(out / "train"),
+        "max_steps": steps,
+        "checkpoint_every": int(config.save_every),
+        "keep_last": 10**6 if config.save_every else 1,  # keep every saved step as checkpoints/step-XXXXXXX
+        "device": str(dev),
+        "log_every": max(1, min(50, steps // 10)),
+        "eval_every": 0,
+    })
     denoiser.train()
     trainer = Trainer(
         denoiser, data, cfg,

@@ -7,6 +7,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from .metrics import (
 )
 from .selftrain import load_pipeline, sample_images, trainable_component
 
-__all__ = ["neon_sweep", "parse_floats"]
+__all__ = ["SweepConfig", "neon_sweep", "parse_floats"]
 
 CSV_FIELDS = ("w", "guidance_scale", "fid", "precision", "recall", "num_samples", "grid")
 
@@ -54,6 +55,43 @@ def _state_dict(module: torch.nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu").clone() for k, v in module.state_dict().items()}
 
 
+@dataclass
+class SweepConfig:
+    """The settings of a Neon sweep (how each merged model is sampled and scored).
+
+    Attributes:
+        features: a spec for :func:`load_feature_extractor` (``inception:PATH``, ``pixels[:N]``, ...) or a callable
+            mapping images [N, C, H, W] in [0, 1] to features [N, D].
+        num_samples: images sampled per w (and per guidance scale).
+        batch_size: images per sampling call and per feature batch.
+        num_inference_steps: sampler (denoising) steps per sample; None: the pipeline's default.
+        guidance_scales: guidance scales to sweep too; None: the pipeline's default only.
+        prompts: text-to-image pipelines: the prompts, cycled over the samples.
+        class_labels: class-conditional pipelines: the labels, cycled; None: every class in turn.
+        seed: the sampling seed, the same for every w (common random numbers).
+        component: the pipeline component merged; None: ``unet`` or ``transformer``.
+        k: k of the k-NN precision / recall.
+        max_reference: use at most this many reference images of a folder.
+        height, width, max_sequence_length: passed to the pipeline when given (SD3, Flux); the reference images are
+            resized to the samples' size.
+    """
+
+    features: Any = "pixels"
+    num_samples: int = 1000
+    batch_size: int = 64
+    num_inference_steps: int | None = None
+    guidance_scales: Sequence[float] | None = None
+    prompts: Sequence[str] | None = None
+    class_labels: Sequence[int] | None = None
+    seed: int = 0
+    component: str | None = None
+    k: int = 3
+    max_reference: int | None = None
+    height: int | None = None
+    width: int | None = None
+    max_sequence_length: int | None = None
+
+
 def neon_sweep(
     base: str | os.PathLike,
     selftrained: str | os.PathLike,
@@ -61,32 +99,22 @@ def neon_sweep(
     out_dir: str | os.PathLike,
     *,
     reference: str | os.PathLike | Tensor,
-    features: Any = "pixels",
-    num_samples: int = 1000,
-    batch_size: int = 64,
-    num_inference_steps: int | None = None,
-    guidance_scales: Sequence[float] | None = None,
-    prompts: Sequence[str] | None = None,
-    class_labels: Sequence[int] | None = None,
-    seed: int = 0,
-    component: str | None = None,
+    config: SweepConfig | None = None,
     device: str | None = None,
-    k: int = 3,
-    max_reference: int | None = None,
     progress: bool = True,
-    height: int | None = None,
-    width: int | None = None,
-    max_sequence_length: int | None = None,
 ) -> dict[str, Any]:
     """Score Neon-merged models over ``ws``; writes ``sweep.csv``, ``fid_vs_w.png``, sample grids, ``sweep.json``.
 
     ``reference`` is a folder of real images (or a tensor [N, C, H, W] in [0, 1]), resized to the samples' size;
-    ``features`` a spec for :func:`load_feature_extractor` or a callable. Every w uses the same sampling seed (common
-    random numbers). ``height``, ``width``, ``max_sequence_length``: passed to the pipeline when given (SD3, Flux).
+    ``config`` the sampling and scoring settings (:class:`SweepConfig`; None: its defaults); ``device`` "cpu",
+    "cuda", "cuda:N", "mps" or None (the best available). Every w uses the same sampling seed (common random numbers).
     """
     from vision.device import pick_device
     from vision.viz import image_grid, plot_metric_curve, save_image
 
+    cfg = config if config is not None else SweepConfig()
+    features, batch_size, component = cfg.features, cfg.batch_size, cfg.component
+    height, width, max_reference = cfg.height, cfg.width, cfg.max_reference
     ws = [check_w(w) for w in ws]
     if not ws:
         raise ValueError("no w values to sweep")
@@ -108,8 +136,8 @@ def neon_sweep(
     if isinstance(reference, Tensor):
         ref_images = reference
     else:
-        cfg = denoiser.config
-        size = getattr(cfg, "sample_size", None)
+        den_cfg = denoiser.config
+        size = getattr(den_cfg, "sample_size", None)
         hw = (size, size) if isinstance(size, int) else (tuple(size) if size else None)
         if getattr(pipe, "vae", None) is not None and hw is not None:
             hw = tuple(s * 2 ** (len(pipe.vae.config.block_out_channels) - 1) for s in hw)
@@ -118,11 +146,11 @@ def neon_sweep(
             hw = (default * factor, default * factor)  # a denoiser without sample_size (Flux): the pipeline's default
         if height is not None or width is not None:
             hw = (height or (hw[0] if hw else width), width or (hw[1] if hw else height))
-        channels = int(getattr(cfg, "out_channels", 3)) if getattr(pipe, "vae", None) is None else 3
+        channels = int(getattr(den_cfg, "out_channels", 3)) if getattr(pipe, "vae", None) is None else 3
         ref_images = load_image_folder(reference, size=hw, channels=channels, limit=max_reference)
     ref_feats = compute_features(extractor, ref_images, batch_size=batch_size, device=dev)
 
-    gss: list[float | None] = list(guidance_scales) if guidance_scales else [None]
+    gss: list[float | None] = list(cfg.guidance_scales) if cfg.guidance_scales else [None]
     rows: list[dict[str, Any]] = []
     csv_path = out / "sweep.csv"
     with open(csv_path, "w", newline="") as f:
@@ -133,14 +161,14 @@ def neon_sweep(
                 # theta_neon = (1 + w) * theta_base - w * theta_selftrained
                 denoiser.load_state_dict(neon_merge(theta_base, theta_self, w))
                 images, _ = sample_images(
-                    pipe, num_samples, batch_size=batch_size, num_inference_steps=num_inference_steps,
-                    seed=seed, prompts=prompts, class_labels=class_labels, guidance_scale=gs,
-                    progress=progress, height=height, width=width, max_sequence_length=max_sequence_length,
+                    pipe, cfg.num_samples, batch_size=batch_size, num_inference_steps=cfg.num_inference_steps,
+                    seed=cfg.seed, prompts=cfg.prompts, class_labels=cfg.class_labels, guidance_scale=gs,
+                    progress=progress, height=height, width=width, max_sequence_length=cfg.max_sequence_length,
                 )
                 feats = compute_features(extractor, images, batch_size=batch_size, device=dev)
                 fid = fid_from_features(ref_feats, feats)
                 try:
-                    prec, rec = precision_recall(ref_feats, feats, k=k)
+                    prec, rec = precision_recall(ref_feats, feats, k=cfg.k)
                 except ValueError:
                     prec = rec = float("nan")
                 tag = f"w{w:g}" + (f"_gs{gs:g}" if gs is not None else "")

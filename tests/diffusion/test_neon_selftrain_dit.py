@@ -7,7 +7,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusion.neon.selftrain import denoising_loss, is_dit, num_classes, sample_images, self_train
+from diffusion.neon.selftrain import (
+    SelfTrainConfig,
+    default_train_config,
+    denoising_loss,
+    is_dit,
+    num_classes,
+    sample_images,
+    self_train,
+)
+from vision.engine import RunOptions, TrainConfig
 
 
 def _tiny_dit(seed: int = 0):
@@ -53,8 +62,9 @@ def test_dit_selftrain(tmp_path):
     assert imgs.shape == (3, 3, 16, 16) and conds == [0, 1, 2]
     base = tmp_path / "base"
     pipe.save_pretrained(str(base), safe_serialization=True)
-    info = self_train(base, tmp_path / "self", num_samples=4, steps=2, batch_size=2, sample_batch_size=2,
-                      class_labels=[0, 1], num_inference_steps=2, guidance_scale=1.0, lr=1e-2, progress=False)
+    info = self_train(base, SelfTrainConfig(num_samples=4, sample_batch_size=2, class_labels=[0, 1],
+                                            num_inference_steps=2, guidance_scale=1.0),
+                      TrainConfig(max_steps=2, batch_size=2, lr=1e-2), RunOptions(out=tmp_path / "self", progress=False))
     assert info["component"] == "transformer" and info["steps"] == 2
     name = "diffusion_pytorch_model.safetensors"
     before = load_file(str(base / "transformer" / name))
@@ -71,11 +81,12 @@ def test_dit_selftrain(tmp_path):
     imgs, _ = sample_images(tuned, 2, class_labels=[1], num_inference_steps=2)
     assert imgs.shape == (2, 3, 16, 16)
     # merge + sweep on the DiT pipeline (class labels default to every class in turn)
-    from diffusion.neon.sweep import neon_sweep
+    from diffusion.neon.sweep import SweepConfig, neon_sweep
 
     res = neon_sweep(base, tmp_path / "self" / "pipeline", [0.0, 1.0], tmp_path / "sweep",
                      reference=torch.rand(8, 3, 16, 16),
-                     features="pixels", num_samples=4, batch_size=2, num_inference_steps=2, k=2, progress=False)
+                     config=SweepConfig(features="pixels", num_samples=4, batch_size=2, num_inference_steps=2, k=2),
+                     progress=False)
     assert (tmp_path / "sweep" / "sweep.csv").is_file() and res["best_w"] in (0.0, 1.0)
 
 
@@ -83,4 +94,5 @@ def test_dit_rejects_prompts(tmp_path):
     base = tmp_path / "base"
     _tiny_dit().save_pretrained(str(base), safe_serialization=True)
     with pytest.raises(ValueError, match="class-conditional"):
-        self_train(base, tmp_path / "self", num_samples=2, steps=1, prompts=["a cat"], progress=False)
+        self_train(base, SelfTrainConfig(num_samples=2, prompts=["a cat"]), default_train_config(max_steps=1),
+                   RunOptions(out=tmp_path / "self", progress=False))

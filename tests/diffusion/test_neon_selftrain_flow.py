@@ -2,6 +2,7 @@
 end to end (reloadable pipeline/, only the transformer changed), `neon merge` / `neon selftrain` / `neon sweep` on the
 CLI, same seed same weights, an interrupted-then-resumed run equal to the uninterrupted one, one-line errors."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -19,17 +20,28 @@ from diffusion.neon.flow import (
     sd3_forward,
     training_sigmas,
 )
-from diffusion.neon.selftrain import ConditioningError, load_pipeline, self_train
+from diffusion.neon.selftrain import (
+    ConditioningError,
+    SelfTrainConfig,
+    default_train_config,
+    load_pipeline,
+    self_train,
+)
 from diffusion.perpneg.tiny import make_tiny_flux_components, make_tiny_sd3_components
 from vision.cli import app
+from vision.engine import RunOptions, TrainConfig
 
 runner = CliRunner()
 PROMPTS = ["a red square", "a blue cat"]
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 # tiny Flux: 32x32 images (FluxPipeline's default 128 * vae_scale_factor is 256) and 24 T5 tokens
 SIZE = {"sd3": {}, "flux": dict(height=32, width=32, max_sequence_length=24)}
-RUN = dict(num_samples=4, steps=3, batch_size=2, sample_batch_size=2, prompts=PROMPTS, num_inference_steps=2, lr=1e-2,
-           progress=False, device="cpu")  # bit-identical weights for one seed: the CPU rule
+SETTINGS = dict(num_samples=4, sample_batch_size=2, prompts=PROMPTS, num_inference_steps=2)
+TRAIN = TrainConfig(max_steps=3, batch_size=2, lr=1e-2)
+
+
+def _run(out, **kw):
+    return RunOptions(out=out, progress=False, device="cpu", **kw)  # bit-identical weights for one seed: the CPU rule
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +129,7 @@ def _transformer(folder):
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_selftrain_merge_same_seed_and_resume(bases, tmp_path, family, monkeypatch):
     base = bases / family
-    info = self_train(base, tmp_path / "a", **RUN, **SIZE[family])
+    info = self_train(base, SelfTrainConfig(**SETTINGS, **SIZE[family]), TRAIN, _run(tmp_path / "a"))
     assert info["component"] == "transformer" and info["steps"] == 3 and info["num_samples"] == 4
     run = tmp_path / "a" / "pipeline"
     before, after = _transformer(base), _transformer(run)
@@ -145,15 +157,15 @@ def test_selftrain_merge_same_seed_and_resume(bases, tmp_path, family, monkeypat
     torch.testing.assert_close(merged[k], 2 * before[k] - after[k])
     load_pipeline(tmp_path / "merged")
     if family == "flux":  # sweep (SD3's is on the CLI below): Flux samples at the given size, references resized to it
-        from diffusion.neon.sweep import neon_sweep
+        from diffusion.neon.sweep import SweepConfig, neon_sweep
 
         res = neon_sweep(base, run, [0.0, 1.0], tmp_path / "sweep", reference=torch.rand(6, 3, 40, 40),
-                         features="pixels:2", num_samples=4, batch_size=4, prompts=PROMPTS, num_inference_steps=2,
-                         k=2, progress=False, **SIZE[family])
+                         config=SweepConfig(features="pixels:2", num_samples=4, batch_size=4, prompts=PROMPTS,
+                                            num_inference_steps=2, k=2, **SIZE[family]), progress=False)
         assert res["best_w"] in (0.0, 1.0) and len(res["rows"]) == 2
 
     # same seed, same weights
-    self_train(base, tmp_path / "b", **RUN, **SIZE[family])
+    self_train(base, SelfTrainConfig(**SETTINGS, **SIZE[family]), TRAIN, _run(tmp_path / "b"))
     again = _transformer(tmp_path / "b" / "pipeline")
     assert all(torch.equal(after[k], again[k]) for k in after)
 
@@ -170,9 +182,10 @@ def test_selftrain_merge_same_seed_and_resume(bases, tmp_path, family, monkeypat
 
     monkeypatch.setattr(Trainer, "_emit", stop_at_1)
     with pytest.raises(TrainingInterrupted):
-        self_train(base, tmp_path / "c", **RUN, **SIZE[family])
+        self_train(base, SelfTrainConfig(**SETTINGS, **SIZE[family]), TRAIN, _run(tmp_path / "c"))
     monkeypatch.setattr(Trainer, "_emit", emit)
-    assert self_train(base, tmp_path / "c", **RUN, **SIZE[family], resume=True)["steps"] == 3
+    assert self_train(base, SelfTrainConfig(**SETTINGS, **SIZE[family]), TRAIN,
+                      _run(tmp_path / "c", resume=True))["steps"] == 3
     resumed = _transformer(tmp_path / "c" / "pipeline")
     assert all(torch.equal(after[k], resumed[k]) for k in after)
 
@@ -207,7 +220,8 @@ def test_sd3_cli_selftrain_and_sweep(bases, tmp_path):
 
 def test_flow_errors_are_one_line(bases, tmp_path):
     with pytest.raises(ConditioningError, match="needs a prompt list"):
-        self_train(bases / "flux", tmp_path / "x", num_samples=2, steps=1, progress=False)
+        self_train(bases / "flux", SelfTrainConfig(num_samples=2), default_train_config(max_steps=1),
+                   RunOptions(out=tmp_path / "x", progress=False))
     r = runner.invoke(app, ["neon", "selftrain", "--model", str(bases / "sd3"), "--num-samples", "2",
                             "--max-steps", "1", "--out", str(tmp_path / "o"), "--device", "cpu"])
     assert r.exit_code == 2 and "needs a prompt list" in r.output and not (tmp_path / "o").exists()
@@ -222,7 +236,8 @@ def test_flow_errors_are_one_line(bases, tmp_path):
     comps = make_tiny_flux_components(tmp_path / "parts")
     FluxPipeline(**{**comps, "text_encoder_2": None, "tokenizer_2": None}).save_pretrained(tmp_path / "no_t5")
     with pytest.raises(NotImplementedError, match="needs a pipeline with 'text_encoder_2'"):
-        self_train(tmp_path / "no_t5", tmp_path / "o", prompts=["a cat"], num_samples=2, steps=1, progress=False)
+        self_train(tmp_path / "no_t5", SelfTrainConfig(prompts=["a cat"], num_samples=2),
+                   default_train_config(max_steps=1), RunOptions(out=tmp_path / "o", progress=False))
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
@@ -238,7 +253,8 @@ def test_perpneg_subclass_folders_selftrain(tmp_path, family):
         comps = make_tiny_flux_components(tmp_path / "parts")
     cls(**comps).save_pretrained(tmp_path / "base")
     assert type(load_pipeline(tmp_path / "base")) is cls
-    info = self_train(tmp_path / "base", tmp_path / "st", **{**RUN, "num_samples": 2, "steps": 1}, **SIZE[family])
+    info = self_train(tmp_path / "base", SelfTrainConfig(**{**SETTINGS, "num_samples": 2}, **SIZE[family]),
+                      dataclasses.replace(TRAIN, max_steps=1), _run(tmp_path / "st"))
     assert info["steps"] == 1
     index = json.loads((tmp_path / "st" / "pipeline" / "model_index.json").read_text())
     assert index["_class_name"] == cls.__name__ and type(load_pipeline(tmp_path / "st" / "pipeline")) is cls
