@@ -239,6 +239,7 @@ def main() -> None:
     from clip_ood.dcar.synthetic import make_caption_set
     from clip_ood.dcar.train import DCARConfig, train_retrieval
     from clip_ood.encoders import load_encoder, register_model_config
+    from vision.engine import RunOptions, TrainConfig
 
     t0 = time.time()
     work = tempfile.mkdtemp(prefix="dcar_bench_")
@@ -266,9 +267,10 @@ def main() -> None:
     val_runs: dict[str, dict] = {}
     if args.choose:  # every choice on the validation split only (seed 0)
         for name, over in CHOICES.items():
-            model, _ = train_retrieval(enc.model, enc.tokenizer, target_pp, target_train, f"{work}/choice_{name}",
-                                       DCARConfig(method="dcar", **over), val, epochs=args.epochs,
-                                       batch_size=args.batch_size, lr=args.lr, seed=0, cpu=True, progress=False)
+            model, _ = train_retrieval(enc.model, enc.tokenizer, target_pp, target_train, val,
+                                       DCARConfig(method="dcar", **over),
+                                       TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=0),
+                                       RunOptions(out=f"{work}/choice_{name}", device="cpu", progress=False))
             val_runs[name] = {k: round(v, 2) for k, v in _r1(evaluate_retrieval(model, val_ds)).items()}
             print(f"val {name}: {val_runs[name]}", file=sys.stderr, flush=True)
     jobs = [(m, {}, s) for s in range(args.seeds) for m in ("coop", "dcar")]
@@ -277,9 +279,10 @@ def main() -> None:
     for name, over, seed in jobs:
         method = name if name in ("coop", "dcar") else "dcar"
         t = time.time()
-        model, _ = train_retrieval(enc.model, enc.tokenizer, target_pp, target_train, f"{work}/{name}_{seed}",
-                                   DCARConfig(method=method, **over), val or None, epochs=args.epochs,
-                                   batch_size=args.batch_size, lr=args.lr, seed=seed, cpu=True, progress=False)
+        model, _ = train_retrieval(enc.model, enc.tokenizer, target_pp, target_train, val or None,
+                                   DCARConfig(method=method, **over),
+                                   TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed),
+                                   RunOptions(out=f"{work}/{name}_{seed}", device="cpu", progress=False))
         runs.setdefault(name, []).append(_r1(evaluate_retrieval(model, test_ds)))
         times.setdefault(name, []).append(time.time() - t)
     if args.ceiling:

@@ -97,7 +97,13 @@ def train(
     resume_from = opt.parse_resume(resume)
     from clip_ood.dcar.data import categories_of
     from clip_ood.dcar.train import DCARConfig, train_retrieval
-    from vision.engine import CheckpointCorruptError, TrainingInterrupted, WeightsMismatchError
+    from vision.engine import (
+        CheckpointCorruptError,
+        RunOptions,
+        TrainConfig,
+        TrainingInterrupted,
+        WeightsMismatchError,
+    )
 
     bad_tr: list[str] = []
     bad_va: list[str] = []
@@ -107,16 +113,17 @@ def train(
     enc = load_encoder_or_fail(model, pretrained, dev)
     cfg = DCARConfig(method=method.value, n_ctx=n_ctx, ctx_init=ctx_init or None, class_specific=class_specific,
                      n_vis=n_vis, vis_depth=vis_depth or None, alpha=alpha, k_neg=k_neg, lambda_attr=lambda_attr,
-                     attr_text_grad=attr_text_grad, hard_share=hard_share, hard_group=hard_group)
+                     attr_text_grad=attr_text_grad, hard_share=hard_share, hard_group=hard_group, val_split=val_split)
+    train_cfg = TrainConfig(epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch, seed=seed,
+                            mixed_precision=amp.value, checkpoint_every=checkpoint_every, deterministic=deterministic)
+    # no --device: the CPU when the encoder landed there, else Accelerate's choice (the launcher's under DDP)
+    run_dev = dev if dev is not None else ("cpu" if enc.device.type == "cpu" else None)
+    run = RunOptions(out=out, resume=resume_from, exist_ok=exist_ok, device=run_dev, workers=workers,
+                     skip_bad=skip_bad, config=opt.run_config(ctx.params))
     try:
-        _, summary = train_retrieval(enc.model, enc.tokenizer, enc.preprocess, tr, out, cfg, va, epochs=epochs,
-                                     batch_size=batch, lr=lr, seed=seed, cpu=enc.device.type == "cpu",
-                                     max_steps=max_steps, mixed_precision=amp.value, num_workers=workers,
-                                     resume=resume_from, exist_ok=exist_ok, run_config=opt.run_config(ctx.params),
-                                     checkpoint_every=checkpoint_every, deterministic=deterministic,
-                                     val_split=val_split,
-                                     extra_config={"model": model, "pretrained": pretrained or None},
-                                     skipped={"train": bad_tr, "val": bad_va})
+        _, summary = train_retrieval(enc.model, enc.tokenizer, enc.preprocess, tr, va, cfg, train_cfg, run,
+                                     skipped={"train": bad_tr, "val": bad_va},
+                                     extra_config={"model": model, "pretrained": pretrained or None})
     except TrainingInterrupted as e:
         typer.echo(f"{e} (negvision retrieval train ... --resume)", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None

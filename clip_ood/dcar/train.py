@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -27,14 +27,21 @@ from .data import Pair, PairDataset, attribute_vocab, categories_of, collate_pai
 from .losses import category_similarity, negative_weights, same_text_mask, weighted_contrastive_loss
 from .prompts import DualPromptCLIP
 
+if TYPE_CHECKING:
+    from vision.engine import RunOptions, TrainConfig
+
 METHODS = ("dcar", "coop")
+# the task's values of the TrainConfig fields left None ("the task's default"), and its DataLoader batch size
+TRAIN_DEFAULTS: dict[str, Any] = {"epochs": 10, "lr": 2e-3, "optimizer": "adamw", "weight_decay": 0.0,
+                                  "scheduler": "cosine"}
+DEFAULT_BATCH_SIZE = 32
 PROMPTS_WEIGHTS = "prompts.safetensors"
 PROMPTS_CONFIG = "prompts.json"
 
 
 @dataclass
 class DCARConfig:
-    """Method hyper-parameters (prompt shapes and loss weights)."""
+    """Method settings of the retrieval task (prompt shapes, loss weights, batch grouping, validation share)."""
 
     method: str = "dcar"
     n_ctx: int = 4
@@ -52,6 +59,7 @@ class DCARConfig:
     attr_text_grad: bool = False  # True: the attribute loss also trains the text context (hurt t2i R@1 here)
     hard_share: float = 1.0  # share of each batch in same-attributes / other-category groups (dcar; coop: 0)
     hard_group: int = 4  # pairs per such group
+    val_split: float = 0.15  # without validation pairs: the share of training images held out (0 = none)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -265,44 +273,55 @@ def holdout_pairs(pairs: Sequence[Pair], share: float) -> tuple[list[Pair], list
     return [p for p in pairs if p.image not in held], [p for p in pairs if p.image in held]
 
 
-def train_retrieval(clip: torch.nn.Module, tokenizer, preprocess, train_pairs: Sequence[Pair], out_dir: str | Path,
-                    cfg: DCARConfig | None = None, val_pairs: Sequence[Pair] | None = None, *,
-                    epochs: int = 10, batch_size: int = 32, lr: float = 2e-3, optimizer: str = "adamw",
-                    weight_decay: float = 0.0, seed: int = 0, cpu: bool = False, progress: bool = True,
-                    max_steps: int | None = None, extra_config: dict | None = None, mixed_precision: str = "auto",
-                    num_workers: int = 0, resume: bool | str = False, exist_ok: bool = False,
-                    run_config: dict | None = None, checkpoint_every: int = 0, deterministic: bool = False,
-                    val_split: float = 0.15,
-                    skipped: dict[str, Sequence[str]] | None = None) -> tuple[DualPromptCLIP, dict]:
+def train_retrieval(clip: torch.nn.Module, tokenizer, preprocess, train_pairs: Sequence[Pair],
+                    val_pairs: Sequence[Pair] | None = None, config: DCARConfig | None = None,
+                    train: TrainConfig | None = None, run: RunOptions | None = None, *,
+                    skipped: dict[str, Sequence[str]] | None = None,
+                    extra_config: dict | None = None) -> tuple[DualPromptCLIP, dict]:
     """Train the prompts with ``vision.engine.Trainer``; writes the engine's logs and prompts.* to the run folder.
 
-    The run folder follows ``vision.engine.run``: ``out_dir``, or ``out_dir2``, ... when ``out_dir`` already holds a
-    run, unless ``resume`` (True: continue its newest checkpoint; a path: that checkpoint folder) or ``exist_ok``
-    (reuse it, removing the earlier logs and checkpoints); ``summary["out"]`` is the folder used. ``run_config``
-    (the command's options) is written to its ``config.yaml``; ``skipped`` (split -> messages of the bad items
-    left out) goes to its ``skipped.txt``.
+    Args:
+        clip, tokenizer, preprocess: the frozen open_clip model, its tokenizer and image transform.
+        train_pairs: the training pairs; val_pairs: held-out pairs (None: ``config.val_split`` of ``train_pairs``).
+        config: the method settings (:class:`DCARConfig`; None: its defaults).
+        train: the optimisation settings; its unset task-defaulted fields take :data:`TRAIN_DEFAULTS` (epochs 10,
+            AdamW, lr 2e-3, weight decay 0, cosine schedule); None: ``TrainConfig(batch_size=DEFAULT_BATCH_SIZE)``.
+            The task sets ``log_every`` (5) and the evaluation cadence (every epoch and before training when there
+            are validation pairs, else never); ``out_dir``, ``device``, ``progress``, ``keep_last`` and
+            ``num_workers`` come from ``run``.
+        run: where and how the run runs (:class:`vision.engine.RunOptions`; None: its defaults).
+        skipped: split -> messages of the bad items left out, written to the run's ``skipped.txt``.
+        extra_config: more keys for the engine's config.json and prompts.json (e.g. the model name).
 
-    Validation: ``val_pairs``, else a ``val_split`` share of the training pairs (:func:`holdout_pairs`, the same pairs
-    for every seed; 0 = none). The frozen model is evaluated on it before training (epoch 0) and after every epoch;
-    the prompts of the best epoch are kept, and when no epoch beats the frozen model the saved prompts are switched
-    off (``enabled: false``: they give the frozen model's features), so prompt learning never ends below zero-shot
-    on the validation pairs. ``summary["selected"]`` says which won.
+    The run folder follows ``vision.engine.run``: ``run.out``, or that name with 2, 3, ... appended when it already
+    holds a run, unless ``run.resume`` (True: continue its newest checkpoint; a path: that checkpoint folder) or ``run.exist_ok``
+    (reuse it, removing the earlier logs and checkpoints); ``summary["out"]`` is the folder used. ``run.config``
+    (the command's options) is written to its ``config.yaml``.
+
+    Validation: ``val_pairs``, else a ``config.val_split`` share of the training pairs (:func:`holdout_pairs`, the
+    same pairs for every seed; 0 = none). The frozen model is evaluated on it before training (epoch 0) and after
+    every epoch; the prompts of the best epoch are kept, and when no epoch beats the frozen model the saved prompts
+    are switched off (``enabled: false``: they give the frozen model's features), so prompt learning never ends
+    below zero-shot on the validation pairs. ``summary["selected"]`` says which won.
     """
-    from vision.engine import TrainConfig, Trainer, load_model_weights
+    from vision.engine import RunOptions, TrainConfig, Trainer, load_model_weights
     from vision.engine.checkpoint import MODEL_FILE
     from vision.engine.run import prepare_run_dir, record_skipped, write_run_config
 
     from .evaluate import evaluate_retrieval
 
-    cfg = cfg or DCARConfig()
+    cfg = config or DCARConfig()
+    run = run or RunOptions()
+    train = train if train is not None else TrainConfig(batch_size=DEFAULT_BATCH_SIZE)
+    seed = train.seed
     if not val_pairs:
-        train_pairs, val_pairs = holdout_pairs(train_pairs, val_split)
-    if resume is True and not (Path(out_dir) / "checkpoints").is_dir():
-        raise FileNotFoundError(f"cannot resume {out_dir}: it holds no checkpoints ({Path(out_dir) / 'checkpoints'}); "
-                                "start without --resume")
-    out_dir = prepare_run_dir(out_dir, resume=resume, exist_ok=exist_ok)
-    if run_config is not None:
-        write_run_config(out_dir, {**run_config, "_resumed": bool(resume)})
+        train_pairs, val_pairs = holdout_pairs(train_pairs, cfg.val_split)
+    ckpts = Path(run.out) / "checkpoints"
+    if run.resume is True and not ckpts.is_dir():
+        raise FileNotFoundError(f"cannot resume {run.out}: it holds no checkpoints ({ckpts}); start without --resume")
+    out_dir = prepare_run_dir(run.out, resume=run.resume, exist_ok=run.exist_ok)
+    if run.config is not None:
+        write_run_config(out_dir, {**run.config, "_resumed": bool(run.resume)})
     if skipped and any(skipped.values()):
         record_skipped(out_dir, {k: list(v) for k, v in skipped.items() if v})
     torch.manual_seed(seed)
@@ -326,12 +345,8 @@ def train_retrieval(clip: torch.nn.Module, tokenizer, preprocess, train_pairs: S
                 return evaluate_retrieval(m, val_ds)
         return evaluate_retrieval(m, val_ds)
 
-    tcfg = TrainConfig(out_dir=str(out_dir), epochs=epochs, max_steps=max_steps, optimizer=optimizer, lr=lr,
-                       weight_decay=weight_decay, scheduler="cosine", seed=seed, device="cpu" if cpu else None, progress=progress,
-                       mixed_precision=mixed_precision, log_every=5, eval_every=1 if val_ds is not None else 0,
-                       eval_at_start=val_ds is not None,
-                       checkpoint_every=checkpoint_every, deterministic=deterministic, batch_size=batch_size,
-                       num_workers=num_workers)
+    tcfg = replace(train.resolved(**TRAIN_DEFAULTS), **run.train_fields(out_dir), log_every=5,
+                   eval_every=1 if val_ds is not None else 0, eval_at_start=val_ds is not None)
     extra = {"dcar": asdict(cfg), **(extra_config or {})}
     train_data: Any = dataset
     if cfg.method == "dcar" and cfg.hard_share > 0:
@@ -340,12 +355,12 @@ def train_retrieval(clip: torch.nn.Module, tokenizer, preprocess, train_pairs: S
         from .data import HardNegativeBatchSampler
 
         train_data = DataLoader(dataset, batch_sampler=HardNegativeBatchSampler(
-            train_pairs, batch_size, cfg.hard_share, cfg.hard_group, seed), collate_fn=collate_pairs,
-            num_workers=num_workers)
+            train_pairs, tcfg.batch_size, cfg.hard_share, cfg.hard_group, seed), collate_fn=collate_pairs,
+            num_workers=tcfg.num_workers)
     trainer = Trainer(model, train_data, tcfg, loss_fn=loss_fn, eval_fn=eval_fn if val_ds is not None else None,
                       metric="mean_recall" if val_ds is not None else None, collate_fn=collate_pairs,
                       batch_size_fn=lambda b: len(b["captions"]), extra_config=extra, callbacks=callbacks)
-    summary = trainer.fit(resume=resume)
+    summary = trainer.fit(resume=run.resume)
     model = trainer.unwrapped_model
     best = Path(out_dir) / "checkpoints" / "best"
     if val_ds is not None and (best / MODEL_FILE).is_file():  # the prompts of the best validation epoch
