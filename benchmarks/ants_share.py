@@ -10,14 +10,14 @@ concept, as an MLLM would. OOD concepts are half "far" (random) and half "near" 
 its own). The world, the stream and the per-concept noise are drawn from ``--seed``; report several seeds.
 
     python benchmarks/ants_share.py --seeds 0,1,2            # the 9 share x order cells, mean over seeds
-    python benchmarks/ants_share.py --ants '{"percentile": 1.0}'   # any ANTSState option, for comparisons
+    python benchmarks/ants_share.py --ants '{"percentile": 1.0}'   # any ANTS option, for comparisons
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
-import inspect
 import json
 import re
 import sys
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clip_ood.ants import ANTSState  # noqa: E402
+from clip_ood.ants import ANTSConfig, ANTSState  # noqa: E402
 from clip_ood.describers import LexiconDescriber  # noqa: E402
 from clip_ood.encoders import encode_labels  # noqa: E402
 from clip_ood.lexicon import select_negative_labels  # noqa: E402
@@ -114,7 +114,10 @@ def stream(world, id_words, ood_words, g, noise, n_total: int, ood_share: float,
 
 def run_cell(world, id_words, id_feats, neg_feats, x, is_ood, batch: int, seed: int, ants_kw: dict) -> dict:
     describer = LexiconDescriber(world, words=world.words, cache_dir=False)
-    ants = ANTSState(world, id_words, id_feats, neg_feats, describer=describer, seed=seed, **ants_kw)
+    kw = dict(ants_kw)
+    mode = kw.pop("mode", "ada")
+    ants = ANTSState(world, id_words, id_feats, neg_feats, describer=describer, mode=mode,
+                     config=ANTSConfig(**{**kw, "seed": seed}))
     steps = [ants.step(x[i:i + batch]) for i in range(0, len(x), batch)]
     scores = torch.cat([o["score"] for o in steps])
     base = torch.cat([o["base"] for o in steps])  # NegLabel itself: ANTS's base score, per image, banks empty
@@ -138,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n-id", type=int, default=20, help="ID classes")
     ap.add_argument("--noise", type=float, default=1.6, help="image noise (higher: harder)")
     ap.add_argument("--near-mix", type=float, default=0.55, help="share of an ID class in a near-OOD concept")
-    ap.add_argument("--ants", default="{}", help='ANTSState options as JSON, e.g. \'{"drift_correction": false}\'')
+    ap.add_argument("--ants", default="{}", help="ANTS options as JSON: mode and the ANTSConfig fields but seed, "
+                    'e.g. \'{"percentile": 0.9}\'')
     ap.add_argument("--json", default=None, help="write the results here")
     a = ap.parse_args(argv)
     try:
@@ -158,8 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"--ants is not valid JSON ({e.msg} at character {e.pos}): {a.ants}")
     if not isinstance(ants_kw, dict):
         ap.error(f"--ants must be a JSON object of ANTSState options, got {a.ants}")
-    known = set(inspect.signature(ANTSState.__init__).parameters) - {"self", "encoder", "id_labels", "id_features",
-                                                                     "neg_features", "describer", "seed"}
+    known = {"mode"} | {f.name for f in dataclasses.fields(ANTSConfig)} - {"seed"}
     unknown = sorted(set(ants_kw) - known)
     if unknown:
         ap.error(f"--ants: unknown ANTSState option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")

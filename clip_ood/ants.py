@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -73,16 +74,65 @@ def ants_lambda(a: float, b: float) -> float:
     return 0.5 if den <= 0 else (1.0 - a) / den
 
 
+@dataclass
+class ANTSConfig:
+    """The numeric settings of :class:`ANTSState` (saved with its state as ``cfg``).
+
+    Attributes:
+        temperature, num_groups, seed: of the NegLabel base score (``neglabel_score``).
+        threshold_init: tau before ``warmup`` scores were seen.
+        warmup: scores seen before tau follows the histogram rule (:func:`histogram_threshold`).
+        hist_bins: bins of that histogram.
+        percentile: caps tau at this quantile of the seen scores (1.0: no cap).
+        max_updates: batches whose negative images are described into the far (ENS) bank.
+        far_bank_size: far-bank sentences kept (newest first).
+        vsnl_start: batch of the first near-name (VSNL) update, or "auto" (see the module docstring).
+        vsnl_every: batches between VSNL updates.
+        vsnl_top_classes: most-predicted ID classes whose similar names are asked for.
+        vsnl_per_class: similar names per class.
+        vsnl_cache_size: classes whose names are cached (LRU).
+        history_size: base scores kept for the histogram.
+    """
+
+    temperature: float = 0.01
+    num_groups: int = 100
+    seed: int = 0
+    threshold_init: float = 0.8
+    warmup: int = 200
+    hist_bins: int = 10
+    percentile: float = 1.0
+    max_updates: int = 100
+    far_bank_size: int = 10_000
+    vsnl_start: int | str = "auto"
+    vsnl_every: int = 40
+    vsnl_top_classes: int = 40
+    vsnl_per_class: int = 5
+    vsnl_cache_size: int = 200
+    history_size: int = 100_000
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ANTSConfig:
+        """From a state's ``cfg`` (a key this class lacks: TypeError naming it)."""
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f"unknown ANTS setting(s) {', '.join(unknown)}")
+        return cls(**d)
+
+
 class ANTSState:
-    """Mutable test-time state; ``step(features, images)`` updates caches and returns the batch's scores."""
+    """Mutable test-time state; ``step(features, images)`` updates caches and returns the batch's scores.
+
+    Args:
+        encoder: the CLIP encoder (encodes the mined negatives).
+        id_labels: the ID class names; id_features [C, D] / neg_features [M, D]: their text features and the
+            negative labels'.
+        describer: the ENS image describer (None: a ``LexiconDescriber`` over ``encoder``).
+        mode: "ada" (far + near, adaptive lambda), "far_only" or "near_only".
+        config: the numeric settings (:class:`ANTSConfig`; None: its defaults).
+    """
 
     def __init__(self, encoder: Any, id_labels: Sequence[str], id_features: Tensor, neg_features: Tensor,
-                 describer: Any = None, mode: str = "ada", temperature: float = 0.01, num_groups: int = 100,
-                 seed: int = 0, threshold_init: float = 0.8, warmup: int = 200, hist_bins: int = 10,
-                 percentile: float = 1.0, max_updates: int = 100, far_bank_size: int = 10_000,
-                 vsnl_start: int | str = "auto", vsnl_every: int = 40, vsnl_top_classes: int = 40,
-                 vsnl_per_class: int = 5,
-                 vsnl_cache_size: int = 200, history_size: int = 100_000) -> None:
+                 describer: Any = None, mode: str = "ada", config: ANTSConfig | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown ANTS mode {mode!r}; choose one of {', '.join(MODES)}")
         self.encoder = encoder
@@ -95,24 +145,20 @@ class ANTSState:
             describer = LexiconDescriber(encoder)
         self.describer = describer
         self.mode = mode
-        self.cfg = dict(temperature=temperature, num_groups=num_groups, seed=seed, threshold_init=threshold_init,
-                        warmup=warmup, hist_bins=hist_bins, percentile=percentile, max_updates=max_updates,
-                        far_bank_size=far_bank_size, vsnl_start=vsnl_start, vsnl_every=vsnl_every,
-                        vsnl_top_classes=vsnl_top_classes, vsnl_per_class=vsnl_per_class,
-                        vsnl_cache_size=vsnl_cache_size, history_size=history_size)
+        self.config = config if config is not None else ANTSConfig()
         self.reset()
 
     @classmethod
     def from_inputs(cls, encoder: Any, id_labels: Sequence[str], inputs: ScoreInputs) -> ANTSState:
         """A fresh state over a scorer's ID and negative features (the registry's ``state`` factory)."""
         return cls(encoder, id_labels, inputs.id_text_features, inputs.neg_text_features,
-                   temperature=inputs.temperature, num_groups=inputs.num_groups, seed=inputs.seed)
+                   config=ANTSConfig(temperature=inputs.temperature, num_groups=inputs.num_groups, seed=inputs.seed))
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         """Forget everything learnt at test time."""
         d = self.id_features.shape[1]
-        self.tau = float(self.cfg["threshold_init"])
+        self.tau = float(self.config.threshold_init)
         self.history: list[float] = []
         self.seen = 0
         self.batches = 0
@@ -136,8 +182,8 @@ class ANTSState:
 
     def _neglabel(self, feats: Tensor, extra: Tensor) -> Tensor:
         negs = torch.cat([extra, self.neg_features]) if extra.numel() else self.neg_features
-        return neglabel_score(feats, self.id_features, negs, self.cfg["temperature"], self.cfg["num_groups"],
-                              self.cfg["seed"])
+        return neglabel_score(feats, self.id_features, negs, self.config.temperature, self.config.num_groups,
+                              self.config.seed)
 
     # ------------------------------------------------------------------ ENS
     def _update_ens(self, feats: Tensor, images: Sequence[Any] | None) -> int:
@@ -152,8 +198,8 @@ class ANTSState:
                 new.append(s)
         if new:
             f = encode_labels(self.encoder, new, ("{}",), cache_dir=False)
-            self.far_texts = (new + self.far_texts)[: self.cfg["far_bank_size"]]
-            self.far_features = torch.cat([f, self.far_features])[: self.cfg["far_bank_size"]]
+            self.far_texts = (new + self.far_texts)[: self.config.far_bank_size]
+            self.far_features = torch.cat([f, self.far_features])[: self.config.far_bank_size]
         self.updates += 1
         return len(new)
 
@@ -161,11 +207,11 @@ class ANTSState:
     @property
     def _all_classes_near(self) -> bool:
         """No more ID classes than ``vsnl_top_classes``: every class is among the top-k, whatever is predicted."""
-        return len(self.id_labels) <= int(self.cfg["vsnl_top_classes"])
+        return len(self.id_labels) <= int(self.config.vsnl_top_classes)
 
     def _vsnl_due(self) -> bool:
-        start = self.cfg["vsnl_start"]
-        b, every = self.batches, self.cfg["vsnl_every"]
+        start = self.config.vsnl_start
+        b, every = self.batches, self.config.vsnl_every
         if start == "auto":  # waiting only collects predicted-class counts; with every class taken, none needed
             if self._all_classes_near:
                 start = 0
@@ -181,15 +227,15 @@ class ANTSState:
         # the paper: the top-k most-predicted classes of the negative images. With no more classes than k, all
         # of them (ours): the near names then do not depend on which images came first.
         ranked = (range(len(self.id_labels)) if self._all_classes_near
-                  else [c for c, _ in self.class_counts.most_common(self.cfg["vsnl_top_classes"])])
+                  else [c for c, _ in self.class_counts.most_common(self.config.vsnl_top_classes)])
         for c in ranked:
             name = self.id_labels[c]
             if name in self.near_cache:
                 self.near_cache.move_to_end(name)
                 continue
-            sims = self.describer.similar_labels(name, self.cfg["vsnl_per_class"])
-            self.near_cache[name] = [s for s in sims if s.lower() not in ids][: self.cfg["vsnl_per_class"]]
-            while len(self.near_cache) > self.cfg["vsnl_cache_size"]:
+            sims = self.describer.similar_labels(name, self.config.vsnl_per_class)
+            self.near_cache[name] = [s for s in sims if s.lower() not in ids][: self.config.vsnl_per_class]
+            while len(self.near_cache) > self.config.vsnl_cache_size:
                 self.near_cache.popitem(last=False)
         texts = list(dict.fromkeys(t for v in self.near_cache.values() for t in v))
         if texts != self.near_texts:
@@ -207,7 +253,7 @@ class ANTSState:
         if idx:
             preds = (feats[idx] @ self.id_features.T).argmax(dim=-1).tolist()
             self.class_counts.update(preds)
-            if self.updates < self.cfg["max_updates"]:
+            if self.updates < self.config.max_updates:
                 self._update_ens(feats[idx], [images[i] for i in idx] if images is not None else None)
         if self._vsnl_due():
             self._update_vsnl()
@@ -219,12 +265,12 @@ class ANTSState:
             self.num_neg += len(idx)
         # history and threshold
         self.history.extend(base.tolist())
-        if len(self.history) > self.cfg["history_size"]:
-            self.history = self.history[-self.cfg["history_size"]:]
+        if len(self.history) > self.config.history_size:
+            self.history = self.history[-self.config.history_size:]
         self.seen += feats.shape[0]
         self.batches += 1
-        if self.seen >= self.cfg["warmup"]:
-            self.tau = histogram_threshold(self.history, self.cfg["hist_bins"], self.cfg["percentile"])
+        if self.seen >= self.config.warmup:
+            self.tau = histogram_threshold(self.history, self.config.hist_bins, self.config.percentile)
         lam = self.lambda_
         if self.mode == "far_only":
             score = s_ens
@@ -237,8 +283,8 @@ class ANTSState:
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "cfg": self.cfg, "tau": self.tau, "history": self.history, "seen": self.seen,
-                "batches": self.batches, "updates": self.updates, "far_texts": self.far_texts,
+        return {"mode": self.mode, "cfg": asdict(self.config), "tau": self.tau, "history": self.history,
+                "seen": self.seen, "batches": self.batches, "updates": self.updates, "far_texts": self.far_texts,
                 "near_cache": list(self.near_cache.items()), "near_texts": self.near_texts,
                 "class_counts": {str(k): v for k, v in self.class_counts.items()}, "sum_ens": self.sum_ens,
                 "sum_vsnl": self.sum_vsnl, "num_neg": self.num_neg, "id_labels": self.id_labels}
@@ -277,9 +323,10 @@ class ANTSState:
         try:
             near_cache = OrderedDict((k, v) for k, v in st["near_cache"])
             class_counts = Counter({int(k): v for k, v in st["class_counts"].items()})
+            config = ANTSConfig.from_dict(st["cfg"])
         except (TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"{jfile}: damaged ANTS state ({e})") from None
-        self.mode, self.cfg = st["mode"], st["cfg"]
+        self.mode, self.config = st["mode"], config
         self.tau, self.history, self.seen = st["tau"], st["history"], st["seen"]
         self.batches, self.updates = st["batches"], st["updates"]
         self.far_texts, self.far_features = st["far_texts"], t["far"]

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from clip_ood.ants import ANTSState, ants_lambda, histogram_threshold
+from clip_ood.ants import ANTSConfig, ANTSState, ants_lambda, histogram_threshold
 from clip_ood.describers import (
     Describer,
     LexiconDescriber,
@@ -64,7 +64,7 @@ def test_vsnl_auto_start_with_more_classes_than_the_top_k(tiny_encoder):
         st.batches = b
         due.append(st._vsnl_due())
     assert [b for b, x in enumerate(due) if x] == list(range(10)) + [10, 50, 90]
-    st.cfg["vsnl_start"] = 10  # an explicit start keeps the plain schedule
+    st.config.vsnl_start = 10  # an explicit start keeps the plain schedule
     st.batches = 3
     assert not st._vsnl_due()
 
@@ -75,10 +75,10 @@ def test_ants_lambda():
     assert ants_lambda(0.5, 0.5) == 0.5
 
 
-def _state(enc, describer, **kw):
+def _state(enc, describer, mode="ada", **kw):
     id_f = encode_labels(enc, ID, ("The nice {}.",), cache_dir=False)
     neg_f = encode_labels(enc, [f"thing{i}" for i in range(20)], ("The nice {}.",), cache_dir=False)
-    return ANTSState(enc, ID, id_f, neg_f, describer=describer, num_groups=4, **kw)
+    return ANTSState(enc, ID, id_f, neg_f, describer=describer, mode=mode, config=ANTSConfig(num_groups=4, **kw))
 
 
 class Counter:
@@ -172,8 +172,8 @@ def test_modes_and_save_load(tiny_encoder, tmp_path):
     assert torch.equal(st2.far_features, st.far_features)
     x = torch.randn(2, 32, generator=g)
     st.max_updates = st2.max_updates = 0
-    st.cfg["max_updates"] = st2.cfg["max_updates"] = 0
-    st.cfg["vsnl_every"] = st2.cfg["vsnl_every"] = 1000
+    st.config.max_updates = st2.config.max_updates = 0
+    st.config.vsnl_every = st2.config.vsnl_every = 1000
     a, b = st.step(x), st2.step(x)
     assert torch.allclose(a["score"], b["score"], atol=1e-6)
     st.mode = "far_only"
