@@ -352,7 +352,7 @@ def threed_cmd(
     """Text-to-3D: a density/albedo voxel grid trained with Perp-Neg SDS; GIF, mesh (.obj/.ply), checkpoint."""
     from vision.io import write_text_atomic
 
-    from .grid3d import DensityColorGrid, train_text_to_3d
+    from .grid3d import DensityColorGrid, TextTo3DConfig, train_text_to_3d
     from .sds import PerpNegSDS
 
     dev = opt.resolve_device(device)
@@ -360,8 +360,9 @@ def threed_cmd(
     pipe.vae.float()  # gradients through the VAE encoder in fp32
     sds = PerpNegSDS.from_pipeline(pipe, prompt, guidance_scale=guidance, schedule=schedule.value)
     grid = DensityColorGrid(resolution=grid_res).to(pipe.device)
-    res = train_text_to_3d(sds, grid, iters=iters, batch_size=batch, render_resolution=render_res, n_samples=samples,
-                           lr=lr, out_dir=out, preview_every=preview_every, seed=seed)
+    config = TextTo3DConfig(iters=iters, batch_size=batch, render_resolution=render_res, n_samples=samples, lr=lr,
+                            seed=seed)
+    res = train_text_to_3d(sds, grid, config, out_dir=out, preview_every=preview_every)
     settings = {"command": "3d", "model": model, "prompt": prompt, "iters": iters, "schedule": schedule.value,
                 "guidance": guidance, "grid_res": grid_res, "render_res": render_res, "samples": samples,
                 "batch": batch, "lr": lr, "seed": seed, "amp": amp.value}

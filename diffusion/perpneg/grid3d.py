@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -219,18 +220,44 @@ def load_checkpoint(path: Path) -> DensityColorGrid:
     return grid
 
 
-def train_text_to_3d(
-    sds, grid: DensityColorGrid, iters: int = 1000, batch_size: int = 1, render_resolution: int = 64,
-    n_samples: int = 32, lr: float = 1e-2, out_dir: Path | None = None, preview_every: int = 0, seed: int = 0,
-    lambda_opacity: float = 1e-3, progress: bool = True, textureless_prob: float = 0.2,
-) -> dict:
-    """Optimise ``grid`` with ``sds`` (PerpNegSDS) from random cameras; write previews, log, GIF, mesh, checkpoint."""
+@dataclass
+class TextTo3DConfig:
+    """Optimisation settings of :func:`train_text_to_3d`.
+
+    Attributes:
+        iters: Adam steps on the grid.
+        batch_size: random cameras per step.
+        render_resolution: rendered image side in pixels.
+        n_samples: samples per ray.
+        lr: Adam learning rate.
+        seed: seeds the torch RNG and the camera / shading draws.
+        lambda_opacity: weight of the opacity sparsity prior.
+        textureless_prob: share of steps rendered with textureless shading.
+    """
+
+    iters: int = 1000
+    batch_size: int = 1
+    render_resolution: int = 64
+    n_samples: int = 32
+    lr: float = 1e-2
+    seed: int = 0
+    lambda_opacity: float = 1e-3
+    textureless_prob: float = 0.2
+
+
+def train_text_to_3d(sds, grid: DensityColorGrid, config: TextTo3DConfig | None = None, out_dir: Path | None = None,
+                     preview_every: int = 0, progress: bool = True) -> dict:
+    """Optimise ``grid`` with ``sds`` (PerpNegSDS) from random cameras; write previews, log, GIF, mesh, checkpoint.
+
+    ``config``: the optimisation settings (None: :class:`TextTo3DConfig`'s defaults); ``out_dir`` None writes
+    nothing; ``preview_every`` (> 0, with ``out_dir``): a 4-view preview every that many steps."""
     from tqdm.auto import tqdm
 
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    cfg = config if config is not None else TextTo3DConfig()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
     device = grid.density.device
-    opt = torch.optim.Adam(grid.parameters(), lr=lr)
+    opt = torch.optim.Adam(grid.parameters(), lr=cfg.lr)
     out = Path(out_dir) if out_dir else None
     log = []
     csv_log = None
@@ -240,13 +267,13 @@ def train_text_to_3d(
         out.mkdir(parents=True, exist_ok=True)
         (out / "log.csv").unlink(missing_ok=True)
         csv_log = CSVLog(out / "log.csv")
-    for it in tqdm(range(iters), disable=not progress, desc="text-to-3D"):
-        el, az, rad = sample_cameras(batch_size, generator=gen)
-        o, d = camera_rays(el, az, rad, render_resolution)
-        shading = "textureless" if torch.rand(1, generator=gen).item() < textureless_prob else "lambertian"
-        r = grid.render(o.to(device), d.to(device), n_samples=n_samples, shading=shading, perturb=True)
+    for it in tqdm(range(cfg.iters), disable=not progress, desc="text-to-3D"):
+        el, az, rad = sample_cameras(cfg.batch_size, generator=gen)
+        o, d = camera_rays(el, az, rad, cfg.render_resolution)
+        shading = "textureless" if torch.rand(1, generator=gen).item() < cfg.textureless_prob else "lambertian"
+        r = grid.render(o.to(device), d.to(device), n_samples=cfg.n_samples, shading=shading, perturb=True)
         loss_sds = sds(r["rgb"], el.to(device), az.to(device))
-        loss = loss_sds + lambda_opacity * r["opacity"].mean()  # small sparsity prior on opacity
+        loss = loss_sds + cfg.lambda_opacity * r["opacity"].mean()  # small sparsity prior on opacity
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -257,13 +284,13 @@ def train_text_to_3d(
         if out and preview_every and (it + 1) % preview_every == 0:
             from vision.viz import save_image
 
-            frames = render_turntable(grid, n_frames=4, resolution=render_resolution, n_samples=n_samples)
+            frames = render_turntable(grid, n_frames=4, resolution=cfg.render_resolution, n_samples=cfg.n_samples)
             save_image(np.concatenate(frames, axis=1), out / "previews" / f"iter_{it + 1:06d}.png")
     result: dict = {"log": log}
     if out:
-        result["gif"] = save_turntable(render_turntable(grid, resolution=render_resolution, n_samples=n_samples),
-                                       out / "turntable.gif")
+        frames = render_turntable(grid, resolution=cfg.render_resolution, n_samples=cfg.n_samples)
+        result["gif"] = save_turntable(frames, out / "turntable.gif")
         result["mesh_obj"] = export_mesh(grid, out / "mesh.obj")
         result["mesh_ply"] = export_mesh(grid, out / "mesh.ply")
-        result["checkpoint"] = save_checkpoint(grid, out / "grid.safetensors", {"iters": iters, "seed": seed})
+        result["checkpoint"] = save_checkpoint(grid, out / "grid.safetensors", {"iters": cfg.iters, "seed": cfg.seed})
     return result

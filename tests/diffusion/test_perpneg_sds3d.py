@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from diffusion.perpneg.grid3d import DensityColorGrid, camera_rays, load_checkpoint, train_text_to_3d
+from diffusion.perpneg.grid3d import (
+    DensityColorGrid,
+    TextTo3DConfig,
+    camera_rays,
+    load_checkpoint,
+    train_text_to_3d,
+)
 from diffusion.perpneg.sds import PerpNegSDS
 from diffusion.perpneg.tiny import make_tiny_pipeline
 
@@ -121,7 +127,7 @@ def test_render_shapes_and_range():
 def test_text_to_3d_loop_changes_grid_and_exports(sds, tmp_path):
     grid = DensityColorGrid(resolution=10)
     before = {k: v.clone() for k, v in grid.state_dict().items()}
-    res = train_text_to_3d(sds, grid, iters=3, render_resolution=16, n_samples=8, out_dir=tmp_path,
+    res = train_text_to_3d(sds, grid, TextTo3DConfig(iters=3, render_resolution=16, n_samples=8), out_dir=tmp_path,
                            preview_every=2, progress=False)
     assert any(not torch.equal(before[k], v) for k, v in grid.state_dict().items())
     for key in ("gif", "mesh_obj", "mesh_ply", "checkpoint"):
