@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FeatureNorm", "GradientMultiplier", "SegDecNet", "gradient_multiply"]
+__all__ = ["FeatureNorm", "GradientMultiplier", "SegDecNet", "channel_statistics", "gradient_multiply"]
 
 STRIDE = 8  # the segmentation map is at 1/8 of the input resolution
 
@@ -93,15 +93,23 @@ class _Pool2(nn.MaxPool2d):
 
 
 class _BackboneVolume(nn.Module):
-    """A registry backbone's stride-8 map as the segmentation volume; normalises [0, 1] inputs itself."""
+    """A registry backbone's stride-8 map as the segmentation volume; normalises [0, 1] inputs itself.
 
-    def __init__(self, name: str, in_channels: int, pretrained: bool | str) -> None:
+    ``stats_strides``: the backbone also returns its maps at these strides (<= 8) for the statistics branch
+    (:meth:`features` gives them all; ``forward`` only the volume)."""
+
+    def __init__(self, name: str, in_channels: int, pretrained: bool | str,
+                 stats_strides: tuple[int, ...] = ()) -> None:
         super().__init__()
         from vision.backbones import create_backbone
 
-        self.backbone = create_backbone(name, pretrained=pretrained, out_strides=[STRIDE])
+        strides = sorted(set(stats_strides) | {STRIDE})
+        self.backbone = create_backbone(name, pretrained=pretrained, out_strides=strides)
         self.name = name
-        self.out_channels = int(self.backbone.out_channels[0])
+        self.strides = strides
+        self.volume_index = strides.index(STRIDE)
+        self.out_channels = int(self.backbone.out_channels[self.volume_index])
+        self.stats_channels = [int(c) for s, c in zip(strides, self.backbone.out_channels, strict=True) if s in stats_strides]
         mean, std = torch.tensor(self.backbone.mean), torch.tensor(self.backbone.std)
         self.register_buffer("mean", mean.view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", std.view(1, -1, 1, 1), persistent=False)
@@ -113,11 +121,33 @@ class _BackboneVolume(nn.Module):
                 f"got {in_channels}"
             )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def features(self, x: Tensor) -> list[Tensor]:
+        """The backbone's maps at ``self.strides`` (ascending)."""
         if x.shape[1] == 1 and self.mean.shape[1] != 1:
             x = x.expand(-1, self.mean.shape[1], -1, -1)
         x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-        return self.backbone(x)[0]
+        return list(self.backbone(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.features(x)[self.volume_index]
+
+
+STATS_STRIDES = (2, 4, 8)  # the statistics branch pools a registry trunk's maps at these strides
+STATS_HIDDEN = 32
+STATS_EPS = 1e-3
+
+
+def channel_statistics(maps: list[Tensor]) -> Tensor:
+    """[B, sum 2 C]: each map's per-channel mean and log standard deviation over (H, W), in fp32.
+
+    The global (first- and second-order) statistics of the features: what a texture is, and what a slight shift of
+    its orientation, scale, contrast or grain changes; the decision network's per-sample FeatureNorm removes them.
+    """
+    out = []
+    for f in maps:
+        std, mean = torch.std_mean(f.float(), dim=(2, 3), correction=0)
+        out += [mean, torch.log(std + STATS_EPS)]
+    return torch.cat(out, dim=1)
 
 
 class SegDecNet(nn.Module):
@@ -133,6 +163,11 @@ class SegDecNet(nn.Module):
             timm name used at stride 8 instead.
         pretrained: with ``backbone``: True (the registry's weights), False, or a weights file.
         width: channel multiplier of the paper's trunk (1 = the paper; < 1 is a lighter variant for CPU runs).
+        stats_head: add the statistics branch to the decision network (not in the paper): per-channel mean and log
+            std of the trunk's maps (a registry trunk: at strides :data:`STATS_STRIDES`; the paper's trunk: its
+            volume), through Linear + ReLU (:data:`STATS_HIDDEN` units), beside the paper's 66 pooled features.
+            The paper's decision network normalises every feature map per sample (FeatureNorm) and so cannot see
+            a change of the whole image's texture statistics; this branch can.
     """
 
     def __init__(
@@ -142,6 +177,7 @@ class SegDecNet(nn.Module):
         backbone: str | None = None,
         pretrained: bool | str = False,
         width: float = 1.0,
+        stats_head: bool = False,
     ) -> None:
         super().__init__()
         if in_channels < 1:
@@ -172,7 +208,8 @@ class SegDecNet(nn.Module):
             )
             volume_channels = c1024
         else:
-            self.volume = _BackboneVolume(backbone, in_channels, pretrained)
+            self.volume = _BackboneVolume(backbone, in_channels, pretrained,
+                                          STATS_STRIDES if stats_head else ())
             volume_channels = self.volume.out_channels
         self.volume_channels = volume_channels
         # segmentation head: 1x1 conv -> 1 channel (logits at 1/8 resolution), feature-normalised as the official
@@ -187,7 +224,11 @@ class SegDecNet(nn.Module):
             _conv_block(16, 32, 5),
         )
         # global max + avg of the 32 features and of the segmentation map -> 66 -> 1
-        self.fc = nn.Linear(66, 1)
+        self.stats_head = bool(stats_head)
+        if self.stats_head:
+            n_stats = 2 * (sum(self.volume.stats_channels) if backbone is not None else volume_channels)
+            self.stats = nn.Sequential(nn.Linear(n_stats, STATS_HIDDEN), nn.ReLU())
+        self.fc = nn.Linear(66 + (STATS_HIDDEN if self.stats_head else 0), 1)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -197,6 +238,7 @@ class SegDecNet(nn.Module):
             "grad_multiplier": self.grad_multiplier,
             "backbone": self.backbone_name,
             "width": self.width,
+            **({"stats_head": True} if self.stats_head else {}),
         }
 
     def _check_input(self, x: Tensor) -> None:
@@ -215,21 +257,36 @@ class SegDecNet(nn.Module):
         """(decision logits [B], segmentation logits [B, 1, H/8, W/8]); ``grad_multiplier`` overrides the
         network's for this call, one value per sample when a tensor [B] (mixed supervision: see train_segdec)."""
         self._check_input(x)
-        volume = self.volume(x)
+        volume, stat_maps = self._volume(x)
         seg = self.seg_mask(volume)  # [B, 1, H/8, W/8] logits
         # gradient-flow adjustment: the decision loss reaches the segmentation net scaled by grad_multiplier
         m = self.grad_multiplier if grad_multiplier is None else grad_multiplier
-        return self._decide(volume, seg, m), seg
+        return self._decide(volume, seg, m, stat_maps), seg
 
-    def _decide(self, volume: Tensor, seg: Tensor, m: Tensor | float) -> Tensor:
-        """The decision network on the volume and the segmentation logits: logits [B]."""
+    def _volume(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """(the stride-8 volume, the maps the statistics branch pools: none without it)."""
+        if not self.stats_head:
+            return self.volume(x), []
+        if isinstance(self.volume, _BackboneVolume):
+            maps = self.volume.features(x)
+            return maps[self.volume.volume_index], [f for s, f in zip(self.volume.strides, maps, strict=True)
+                                                     if s in STATS_STRIDES]
+        volume = self.volume(x)
+        return volume, [volume]
+
+    def _decide(self, volume: Tensor, seg: Tensor, m: Tensor | float, stat_maps: list[Tensor] | None = None) -> Tensor:
+        """The decision network on the volume, the segmentation logits (and the statistics branch's maps): [B]."""
         cat = gradient_multiply(torch.cat([volume, seg], dim=1), m)
         feats = self.extractor(cat)
         f_max = torch.amax(feats, dim=(2, 3))
         f_avg = torch.mean(feats, dim=(2, 3))
         s_max = gradient_multiply(torch.amax(seg, dim=(2, 3)), m)
         s_avg = gradient_multiply(torch.mean(seg, dim=(2, 3)), m)
-        return self.fc(torch.cat([f_max, f_avg, s_max, s_avg], dim=1)).squeeze(1)
+        parts = [f_max, f_avg, s_max, s_avg]
+        if self.stats_head:
+            stats = channel_statistics([gradient_multiply(f, m) for f in (stat_maps or [volume])])
+            parts.append(self.stats(stats.to(f_max.dtype)))
+        return self.fc(torch.cat(parts, dim=1)).squeeze(1)
 
     def decision_cam(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(decision logits [B], class-activation map [B, 1, H/8, W/8] in [0, 1]): Grad-CAM of the decision on the
@@ -237,9 +294,12 @@ class SegDecNet(nn.Module):
         The localisation map of a network whose segmentation head no mask trained."""
         self._check_input(x)
         with torch.inference_mode(False), torch.enable_grad():
-            volume = self.volume(x).detach().clone().requires_grad_(True)
+            volume, stat_maps = self._volume(x)
+            leaf = volume.detach().clone().requires_grad_(True)
+            stat_maps = [leaf if f is volume else f.detach() for f in stat_maps]
+            volume = leaf
             seg = self.seg_mask(volume)
-            decision = self._decide(volume, seg, 1.0)
+            decision = self._decide(volume, seg, 1.0, stat_maps)
             (grad,) = torch.autograd.grad(decision.sum(), volume)
             weights = grad.mean(dim=(2, 3), keepdim=True)  # alpha_c = mean_hw d y / d A_c
             cam = torch.relu((weights * volume).sum(dim=1, keepdim=True))  # ReLU(sum_c alpha_c A_c)
