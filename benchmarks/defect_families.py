@@ -34,19 +34,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from segdec_weak import texture_lr  # noqa: E402
 
-from detectors.segdec import evaluate_segdec, load_defect_dataset, load_segdec, train_segdec  # noqa: E402
-from detectors.segdec.anomaly import train_patchcore  # noqa: E402
+from detectors.segdec import (  # noqa: E402
+    SegDecConfig,
+    evaluate_segdec,
+    load_defect_dataset,
+    load_segdec,
+    train_segdec,
+)
+from detectors.segdec.anomaly import PatchCoreConfig, train_patchcore  # noqa: E402
 from vision.data.defects import FAMILIES, make_defects  # noqa: E402
+from vision.engine import RunOptions, TrainConfig  # noqa: E402
 
-# labels-only settings compared on validation data (--choose); "default" is whatever train_segdec does unasked
+# labels-only settings compared on validation data (--choose): SegDecConfig fields, and TrainConfig fields under
+# "train"; "default" is whatever train_segdec does unasked
+_FLIPS = {"flip": True, "rot90": False, "brightness": 0.0, "contrast": 0.0}
 CANDIDATES: dict[str, dict] = {
     "default": {},
+    "stats_head": {"stats_head": True},
+    "no_stats_head": {"stats_head": False},
     "no_augment": {"augment": False},
-    "flips_only": {"augment": {"flip": True, "rot90": False, "brightness": 0.0, "contrast": 0.0}},
+    "flips_only": {"augment": _FLIPS},
     "geometric": {"augment": {"flip": True, "rot90": True, "brightness": 0.0, "contrast": 0.0}},
-    "lr_1e-4": {"lr": 1e-4},
-    "flips_only_lr_3e-4": {"augment": {"flip": True, "rot90": False, "brightness": 0.0, "contrast": 0.0}, "lr": 3e-4},
+    "lr_1e-4": {"train": {"lr": 1e-4}},
+    "flips_only_lr_3e-4": {"augment": _FLIPS, "train": {"lr": 3e-4}},
 }
+
+
+def _train(data: Path, out: Path, a: argparse.Namespace, seed: int, epochs: int | None = None, **settings) -> None:
+    """train_segdec with the benchmark's common run: batch 8, CPU, no progress, a reused folder."""
+    train = TrainConfig(epochs=epochs or a.epochs, batch_size=8, seed=seed, **settings.pop("train", {}))
+    train_segdec(data, SegDecConfig(**settings), train,
+                 RunOptions(out=out, device="cpu", progress=False, workers=0, exist_ok=True))
 
 
 def _sets(root: Path, family: str, seed: int, a: argparse.Namespace) -> tuple[Path, Path, Path]:
@@ -103,7 +121,6 @@ def main() -> None:
                     "n_test": a.n_test, "img_size": a.img_size, "epochs": a.epochs}
     with tempfile.TemporaryDirectory(prefix="negvision-defect-families-") as tmp:
         root = Path(a.out) if a.out else Path(tmp)
-        common = dict(cpu=True, progress=False, workers=0, exist_ok=True, batch=8)
         if a.choose:
             seeds = [int(s) for s in a.choose_seeds.split(",")]
             val: dict = {}
@@ -112,8 +129,7 @@ def main() -> None:
                     tr, va, _ = _sets(root, family, seed, argparse.Namespace(**{**vars(a), "n_test": 0}))
                     for name in a.candidates.split(","):
                         run = root / f"choose_{family}_{seed}_{name}"
-                        train_segdec(tr, run, epochs=a.epochs, num_segmented=0, val_data=va, seed=seed,
-                                     **CANDIDATES[name], **common)
+                        _train(tr, run, a, seed, num_segmented=0, val_data=va, **CANDIDATES[name])
                         curve = _val_curve(run)
                         val.setdefault(name, {}).setdefault(family, []).append(max(curve) if curve else float("nan"))
                         print(f"{family} seed {seed} {name}: val AUROC best {max(curve):.3f} last {curve[-1]:.3f}",
@@ -137,15 +153,14 @@ def main() -> None:
                             load_defect_dataset(te, "test", progress=False)))
                     if "official_weak" in wanted:
                         run = root / f"{family}_official{seed}"
-                        train_segdec(tr, run, backbone="paper", width=a.paper_width, epochs=a.official_epochs,
-                                     dynamic=False, weak_grad_multiplier=0.0, augment=False, num_segmented=0,
-                                     val_data=va, seed=seed, **common)
+                        _train(tr, run, a, seed, epochs=a.official_epochs, backbone="paper", width=a.paper_width,
+                               dynamic=False, weak_grad_multiplier=0.0, augment=False, num_segmented=0, val_data=va)
                         rows.setdefault("official_weak", []).append(_eval(run, te))
                     for name, k in (("default", 0), ("masks_5pct", max(1, round(0.05 * n_def)))):
                         if name not in wanted:
                             continue
                         run = root / f"{family}_{name}{seed}"
-                        train_segdec(tr, run, epochs=a.epochs, num_segmented=k, val_data=va, seed=seed, **common)
+                        _train(tr, run, a, seed, num_segmented=k, val_data=va)
                         r = _eval(run, te)
                         curve = _val_curve(run)
                         spec = json.loads((run / "segdec.json").read_text())
@@ -154,8 +169,8 @@ def main() -> None:
                         rows.setdefault(name, []).append(r)
                     if "patchcore" in wanted:
                         run = root / f"{family}_patchcore{seed}"
-                        train_patchcore(tr, run, val_data=va, seed=seed, progress=False, exist_ok=True,
-                                        final_eval=False, device="cpu")
+                        train_patchcore(tr, PatchCoreConfig(val_data=va, seed=seed, final_eval=False),
+                                        RunOptions(out=run, device="cpu", progress=False, exist_ok=True))
                         rows.setdefault("patchcore", []).append(_eval(run, te))
                     print(f"{family} seed {seed}: " + ", ".join(f"{k} {v[-1]['AUROC']:.3f}" for k, v in rows.items()),
                           file=sys.stderr, flush=True)

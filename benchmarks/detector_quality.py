@@ -251,8 +251,9 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
 
     if job["threads"] > 0:
         torch.set_num_threads(job["threads"])
-    from detectors.detect import train_detector
+    from detectors.detect import DetectConfig, train_detector
     from vision.device import pick_device
+    from vision.engine import RunOptions, TrainConfig
 
     rec: dict[str, Any] = {"model": job["model"], "seed": job["seed"], "lr": job["lr"], "out": job["out"]}
     device = pick_device("cpu" if job["cpu"] else None)
@@ -260,11 +261,13 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         summary = train_detector(
-            job["data"], job["out"], model=job["model"], backbone=job["backbone"], pretrained=job["pretrained"],
-            img_size=job["img_size"], epochs=job["epochs"], batch=job["batch"], lr=job["lr"],
-            warmup_steps=job["warmup_steps"], workers=job["workers"], seed=job["seed"],
-            eval_every=job["eval_every"], augment=job["augment"], cpu=job["cpu"], progress=False,
-            model_kwargs={"fpn_channels": job["fpn_channels"]},
+            job["data"],
+            DetectConfig(model=job["model"], backbone=job["backbone"], pretrained=job["pretrained"],
+                         img_size=job["img_size"], augment=job["augment"],
+                         model_kwargs={"fpn_channels": job["fpn_channels"]}),
+            TrainConfig(epochs=job["epochs"], batch_size=job["batch"], lr=job["lr"], warmup_steps=job["warmup_steps"],
+                        seed=job["seed"], eval_every=job["eval_every"]),
+            RunOptions(out=job["out"], workers=job["workers"], device="cpu" if job["cpu"] else None, progress=False),
         )
     except Exception as e:  # a diverged or crashed run is a result too: report it and go on with the others
         rec.update(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=20),

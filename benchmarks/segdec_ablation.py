@@ -32,8 +32,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detectors.segdec import evaluate_segdec, load_defect_dataset, load_segdec, train_segdec  # noqa: E402
+from detectors.segdec import (  # noqa: E402
+    SegDecConfig,
+    evaluate_segdec,
+    load_defect_dataset,
+    load_segdec,
+    train_segdec,
+)
 from vision.data.defects import make_defects  # noqa: E402
+from vision.engine import RunOptions, TrainConfig  # noqa: E402
 
 VARIANTS: dict[str, dict] = {
     "full": {},
@@ -107,10 +114,13 @@ def main() -> None:
                     kw["num_segmented"] = mixed
                 run_dir = work / f"{name}_s{seed}"
                 t = time.time()
-                train_segdec(data, run_dir, epochs=args.epochs, batch=args.batch, lr=args.lr, delta=args.delta,
-                             w_pos=args.w_pos, p=args.p, dilate=args.dilate, width=args.width, seed=seed, workers=args.workers,
-                             cpu=args.cpu, progress=False, eval_every=0, final_eval=False, cache=True,
-                             backbone="paper", weak_grad_multiplier=0.0, augment=False, **kw)  # the papers' setup
+                train_segdec(  # the papers' setup
+                    data,
+                    SegDecConfig(delta=args.delta, w_pos=args.w_pos, p=args.p, dilate=args.dilate, width=args.width,
+                                 final_eval=False, cache=True, backbone="paper", weak_grad_multiplier=0.0,
+                                 augment=False, **kw),
+                    TrainConfig(epochs=args.epochs, batch_size=args.batch, lr=args.lr, seed=seed, eval_every=0),
+                    RunOptions(out=run_dir, workers=args.workers, device="cpu" if args.cpu else None, progress=False))
                 train_s = time.time() - t
                 model, spec = load_segdec(run_dir, "cpu" if args.cpu else None)
                 test = load_defect_dataset(data, "test", img_size=tuple(spec["img_size"]), channels=spec["channels"])

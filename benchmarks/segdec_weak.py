@@ -38,9 +38,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detectors.segdec import evaluate_segdec, load_defect_dataset, load_segdec, train_segdec  # noqa: E402
+from detectors.segdec import (  # noqa: E402
+    SegDecConfig,
+    evaluate_segdec,
+    load_defect_dataset,
+    load_segdec,
+    train_segdec,
+)
 from detectors.segdec.train import WEAK_BACKBONE  # noqa: E402
 from vision.data.defects import make_defects  # noqa: E402
+from vision.engine import RunOptions, TrainConfig  # noqa: E402
 
 
 def texture_features(img: np.ndarray) -> np.ndarray:
@@ -119,7 +126,8 @@ def main() -> None:
                               seed=seed, defect_fraction=0.5, image_level_fraction=0.0)
             te = make_defects(root / f"test{seed}", n_train=0, n_test=a.n_test, img_size=a.img_size,
                               seed=10_000 + seed, defect_fraction=0.5, image_level_fraction=0.0)
-            common = dict(cpu=True, progress=False, eval_every=0, workers=0, seed=seed, exist_ok=True, batch=8)
+            def run_opts(out: Path) -> RunOptions:
+                return RunOptions(out=out, device="cpu", progress=False, workers=0, exist_ok=True)
             train_ds = load_defect_dataset(tv, "train", progress=False)
             val_ds = load_defect_dataset(tv, "test", progress=False)
             test_ds = load_defect_dataset(te, "test", progress=False)
@@ -127,8 +135,9 @@ def main() -> None:
             n_def = sum(train_ds.labels)
             if not a.skip_official:
                 run = root / f"official{seed}"
-                train_segdec(tv, run, backbone="paper", width=a.paper_width, epochs=a.official_epochs,
-                             dynamic=False, weak_grad_multiplier=0.0, augment=False, num_segmented=0, **common)
+                train_segdec(tv, SegDecConfig(backbone="paper", width=a.paper_width, dynamic=False,
+                                              weak_grad_multiplier=0.0, augment=False, num_segmented=0),
+                             TrainConfig(epochs=a.official_epochs, batch_size=8, eval_every=0, seed=seed), run_opts(run))
                 rows.setdefault("official_weak", []).append(_eval(run, te, a.img_size))
             for share in shares:
                 k = round(share * n_def)
@@ -136,7 +145,8 @@ def main() -> None:
                 # all masks, the reference: the same trunk and augmentation (auto would pick the paper's trunk) and
                 # the decision gradient on (validation AUROC 0.899 with it, 0.784 with the paper's adjustment)
                 full = {"backbone": WEAK_BACKBONE, "augment": True, "grad_multiplier": 1.0} if k >= n_def else {}
-                train_segdec(tv, run, epochs=a.epochs, num_segmented=k, lr=a.lr, **full, **common)
+                train_segdec(tv, SegDecConfig(num_segmented=k, **full),
+                             TrainConfig(epochs=a.epochs, lr=a.lr, batch_size=8, eval_every=0, seed=seed), run_opts(run))
                 rows.setdefault(f"default_masks_{int(round(100 * share))}pct", []).append(_eval(run, te, a.img_size))
     summary = {k: {m: {"mean": round(float(np.mean([r[m] for r in v])), 4),
                        "std": round(float(np.std([r[m] for r in v])), 4)} for m in ("AP", "AUROC")}

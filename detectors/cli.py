@@ -82,21 +82,18 @@ def train(
     config: Path | None = opt.config_option(),
 ) -> None:
     """Train a detector (multi-GPU: `accelerate launch $(which negvision) detect train ...`)."""
-    from detectors.detect import train_detector
+    from detectors.detect import DetectConfig, train_detector
     from vision.data import DatasetError
-    from vision.engine import TrainingInterrupted, WeightsMismatchError
+    from vision.engine import TrainConfig, TrainingInterrupted, WeightsMismatchError
 
-    augment = False if no_augment else _augment(hflip, scale, color_jitter)
-    dev = opt.resolve_device(device, cpu)
+    config = DetectConfig(model=model, backbone=backbone, pretrained=parse_pretrained(pretrained), img_size=img_size,
+                          augment=False if no_augment else _augment(hflip, scale, color_jitter),
+                          model_kwargs={"fpn_channels": fpn_channels})
+    train = TrainConfig(epochs=epochs, batch_size=batch, lr=lr, optimizer=optimizer.value, scheduler=scheduler.value,
+                        warmup_steps=warmup, clip_grad_norm=clip_grad, max_steps=max_steps, mixed_precision=amp.value,
+                        seed=seed, checkpoint_every=checkpoint_every, deterministic=deterministic)
     try:
-        summary = train_detector(data, out, model=model, backbone=backbone, pretrained=parse_pretrained(pretrained),
-                                 img_size=img_size, epochs=epochs, batch=batch, lr=lr, optimizer=optimizer.value,
-                                 scheduler=scheduler.value, warmup_steps=warmup, clip_grad_norm=clip_grad,
-                                 workers=workers, skip_bad=skip_bad, augment=augment,
-                                 resume=opt.parse_resume(resume), max_steps=max_steps, mixed_precision=amp.value,
-                                 seed=seed, cpu=dev == "cpu", device=dev, model_kwargs={"fpn_channels": fpn_channels},
-                                 exist_ok=exist_ok, keep_last=keep_last, checkpoint_every=checkpoint_every,
-                                 deterministic=deterministic, run_config=opt.run_config(ctx.params))
+        summary = train_detector(data, config, train, opt.run_options(ctx))
     except TrainingInterrupted as e:
         typer.echo(f"{e} (negvision detect train ... --resume)", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None

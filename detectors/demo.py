@@ -15,9 +15,10 @@ DEMO_EPOCHS = 6
 def run_demo(out: Path = Path("runs/demo"), n_train: int = 400, n_val: int = 100, img_size: int = 256, batch: int = 8,
              epochs: int = DEMO_EPOCHS, workers: int = 1) -> dict[str, Any]:
     """Make the digits set, train ATSS for ``epochs`` (sized to fit 10 minutes on 2 CPU cores), evaluate, predict."""
-    from detectors.detect import predict_images, train_detector
+    from detectors.detect import DetectConfig, predict_images, train_detector
     from vision.data.digits import make_digits
     from vision.device import pick_device
+    from vision.engine import RunOptions, TrainConfig
 
     out = Path(out)
     t_start = time.perf_counter()
@@ -32,10 +33,13 @@ def run_demo(out: Path = Path("runs/demo"), n_train: int = 400, n_val: int = 100
     print(f"[demo] 2/4 training ATSS (efficientnet_lite0.offline, ImageNet weights) on {device}: "
           f"{epochs} epochs x {steps_per_epoch} steps, batch {batch}, {img_size}px")
     run = out / "run"
-    summary = train_detector(data, run, exist_ok=True, model="atss", backbone="efficientnet_lite0.offline", pretrained=True,
-                             img_size=img_size, epochs=epochs, batch=batch, lr=0.01, warmup_steps=min(100, steps_per_epoch),
-                             workers=workers, seed=0, eval_every=max(1, epochs // 3), clip_grad_norm=10.0,
-                             model_kwargs=dict(DEMO_MODEL))
+    summary = train_detector(
+        data,
+        DetectConfig(model="atss", backbone="efficientnet_lite0.offline", pretrained=True, img_size=img_size,
+                     model_kwargs=dict(DEMO_MODEL)),
+        TrainConfig(epochs=epochs, batch_size=batch, lr=0.01, warmup_steps=min(100, steps_per_epoch), seed=0,
+                    eval_every=max(1, epochs // 3), clip_grad_norm=10.0),
+        RunOptions(out=run, exist_ok=True, workers=workers))
     ev = summary.get("eval", {})
     print("[demo] 3/4 evaluation on the validation split (pycocotools COCOeval):")
     print(f"        AP {ev.get('AP', float('nan')):.4f}  AP50 {ev.get('AP50', float('nan')):.4f}  "

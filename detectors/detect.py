@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 
 from vision.device import pick_device
+from vision.engine.config import RunOptions, TrainConfig
 from vision.io import list_images, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -128,49 +131,39 @@ def save_eval_outputs(result: dict[str, Any], preds: list[dict[str, Any]], datas
 
 
 # ----------------------------------------------------------------------------- training
-def train_detector(
-    data: str | Path,
-    out: str | Path,
-    *,
-    model: str = "atss",
-    backbone: str = "efficientnet_lite0.offline",
-    pretrained: bool | str = True,
-    img_size: int = 512,
-    epochs: int = 12,
-    batch: int = 8,
-    lr: float = 0.01,
-    optimizer: str = "sgd",
-    weight_decay: float = 1e-4,
-    scheduler: str = "cosine",
-    warmup_steps: int = 100,
-    clip_grad_norm: float | None = None,
-    workers: int = 2,
-    skip_bad: bool = False,
-    augment: bool | dict[str, Any] = True,
-    resume: bool | str = False,
-    max_steps: int | None = None,
-    mixed_precision: str = "auto",
-    seed: int = 0,
-    eval_every: int = 1,
-    checkpoint_every: int = 0,
-    deterministic: bool = False,
-    val_split: str = "val",
-    progress: bool = True,
-    cpu: bool = False,
-    model_kwargs: dict[str, Any] | None = None,
-    exist_ok: bool = False,
-    keep_last: int = 2,
-    device: str | None = None,
-    run_config: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+@dataclass
+class DetectConfig:
+    """What a detector learns: the registry ``model`` on a ``backbone`` (``pretrained``: True, False or a weights
+    file) at ``img_size`` (the longer side, letterboxed), with ``augment`` (True, False, or a dict of
+    :func:`vision.data.build_detection_transforms` arguments), validated on the ``val_split`` split;
+    ``model_kwargs`` go to the detector's constructor."""
+
+    model: str = "atss"
+    backbone: str = "efficientnet_lite0.offline"
+    pretrained: bool | str = True
+    img_size: int = 512
+    augment: bool | dict[str, Any] = True
+    val_split: str = "val"
+    model_kwargs: dict[str, Any] | None = None
+
+
+# The detector's schedule where the TrainConfig leaves it unset (mmdetection's 1x habit, shortened warmup).
+TRAIN_DEFAULTS: dict[str, Any] = {"epochs": 12, "lr": 0.01, "optimizer": "sgd", "momentum": 0.9,
+                                  "weight_decay": 1e-4, "scheduler": "cosine", "warmup_steps": 100, "batch_size": 8}
+
+
+def train_detector(data: str | Path, config: DetectConfig | None = None, train: TrainConfig | None = None,
+                   run: RunOptions | None = None) -> dict[str, Any]:
     """Train a detector on a COCO / YOLO / VOC / LabelMe folder through the shared engine; writes the run folder.
 
     Both splits go through the same validation pass: a bad item in either stops with an error listing the
     problems (or is skipped with ``skip_bad`` and listed in ``skipped.txt``); only an absent val split trains
-    without validation. A new run into a used ``out`` goes to ``out2``, ``out3``... unless ``resume`` or
-    ``exist_ok`` (reuse, clearing the old logs); ``summary["out"]`` is the folder used. ``run_config`` (the
-    command's resolved options) is written to ``config.yaml`` there, so ``--config OUT/config.yaml`` replays the
-    run; ``device``: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+    without validation. ``config`` (:class:`DetectConfig`): the model and data settings; ``train``
+    (:class:`TrainConfig`): the schedule, unset fields from :data:`TRAIN_DEFAULTS`; ``run`` (:class:`RunOptions`):
+    a new run into a used ``run.out`` goes to ``out2``, ``out3``... unless ``resume`` or ``exist_ok`` (reuse,
+    clearing the old logs); ``summary["out"]`` is the folder used. ``run.config`` (the command's resolved options)
+    is written to ``config.yaml`` there, so ``--config OUT/config.yaml`` replays the run; ``run.device``: ``cpu``,
+    ``cuda``, ``cuda:N`` or ``mps``.
     """
     from vision.data import (
         DatasetError,
@@ -181,11 +174,14 @@ def train_detector(
     )
     from vision.data.formats import combine_errors
     from vision.device import training_device
-    from vision.engine import LossContext, TrainConfig, Trainer
+    from vision.engine import LossContext, Trainer
     from vision.engine.run import main_process_first, prepare_run_dir, record_skipped, write_run_config
 
-    aug = dict(augment) if isinstance(augment, dict) else {}
-    tf = build_detection_transforms(True, img_size=img_size, **aug) if augment else None
+    cfg, run = config or DetectConfig(), run or RunOptions()
+    train = (train or TrainConfig()).resolved(**TRAIN_DEFAULTS)
+    seed, val_split, skip_bad, progress, resume = train.seed, cfg.val_split, run.skip_bad, run.progress, run.resume
+    aug = dict(cfg.augment) if isinstance(cfg.augment, dict) else {}
+    tf = build_detection_transforms(True, img_size=cfg.img_size, **aug) if cfg.augment else None
     errors: list[tuple[str, DatasetError]] = []  # both splits are checked before any error is raised
     with main_process_first():  # one rank decodes every image, the others read its cache
         try:
@@ -209,13 +205,15 @@ def train_detector(
     if val_ds is not None and list(val_ds.classes) != list(train_ds.classes):
         raise ValueError(f"class lists differ between train {train_ds.classes} and {val_split} {val_ds.classes} in "
                          f"{data} (COCO: the two annotation files declare different categories)")
-    out = prepare_run_dir(out, resume=resume, exist_ok=exist_ok)
-    if run_config is not None:
-        write_run_config(out, {**run_config, "_resumed": bool(resume)})
-    device = "cpu" if cpu or training_device(device) else device
+    out = prepare_run_dir(run.out, resume=resume, exist_ok=run.exist_ok)
+    if run.config is not None:
+        write_run_config(out, {**run.config, "_resumed": bool(resume)})
+    device = "cpu" if training_device(run.device) else run.device
     record_skipped(out, {"train": train_ds.bad, **({val_split: val_ds.bad} if val_ds is not None else {})})
     classes = list(train_ds.classes)
-    spec = model_spec(model, len(classes), classes, backbone, pretrained, img_size, **(model_kwargs or {}))
+    pretrained = cfg.pretrained
+    spec = model_spec(cfg.model, len(classes), classes, cfg.backbone, pretrained, cfg.img_size,
+                      **(cfg.model_kwargs or {}))
     resuming = bool(resume)
     if resuming and (out / DETECTOR_JSON).is_file():
         from vision.engine.run import read_spec
@@ -242,19 +240,15 @@ def train_detector(
 
     def eval_fn(m: nn.Module, ctx: LossContext) -> dict[str, float]:
         assert val_ds is not None and ctx.trainer is not None
-        res, preds = evaluate_detector(m, val_ds, batch_size=batch, device=next(m.parameters()).device)
+        res, preds = evaluate_detector(m, val_ds, batch_size=train.batch_size, device=next(m.parameters()).device)
         for step in [k for k in evals if k != ctx.trainer.best_step]:
             del evals[step]
         evals[ctx.step] = (res, preds)
         return {k: float(res[k]) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
 
-    cfg = TrainConfig(out_dir=str(out), epochs=epochs, max_steps=max_steps, optimizer=optimizer, lr=lr,
-                      weight_decay=weight_decay, scheduler=scheduler, warmup_steps=warmup_steps,
-                      clip_grad_norm=clip_grad_norm, mixed_precision=mixed_precision, seed=seed,
-                      eval_every=eval_every if val_ds is not None else 0, checkpoint_every=checkpoint_every,
-                      progress=progress, device=device, keep_last=keep_last, deterministic=deterministic,
-                      batch_size=batch, num_workers=workers)
-    trainer = Trainer(net, train_ds, cfg, loss_fn=loss_fn, eval_fn=eval_fn if val_ds is not None else None,
+    tcfg = dataclasses.replace(train, **{**run.train_fields(out), "device": device,
+                                         "eval_every": train.eval_every if val_ds is not None else 0})
+    trainer = Trainer(net, train_ds, tcfg, loss_fn=loss_fn, eval_fn=eval_fn if val_ds is not None else None,
                       metric="AP" if val_ds is not None else None, mode="max", collate_fn=detection_collate, batch_size_fn=lambda b: len(b[0]),
                       extra_config={"task": "detect", "data": str(data), "detector": spec})
     summary = trainer.fit(resume=resume)
@@ -268,7 +262,7 @@ def train_detector(
         else:  # e.g. its evaluation happened before a resume
             best = out / "checkpoints" / "best" / "model.safetensors"
             final_model, _ = load_detector(best if best.is_file() else out)
-            res, preds = evaluate_detector(final_model, val_ds, batch_size=batch)
+            res, preds = evaluate_detector(final_model, val_ds, batch_size=train.batch_size)
         summary["eval"] = {k: res[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "per_class", "images_per_s")}
         summary["files"] = save_eval_outputs(res, preds, val_ds, out)
     write_json_atomic(out / "train_summary.json", summary)

@@ -199,6 +199,19 @@ def run_config(params: dict[str, Any]) -> dict[str, Any]:
     return {k: enum_value(v) for k, v in params.items() if k not in NOT_IN_CONFIG}
 
 
+def run_options(ctx: typer.Context, **overrides: Any) -> Any:
+    """The :class:`~vision.engine.config.RunOptions` of a training command, built once from its shared options
+    (``out``, ``resume``, ``exist_ok``, ``keep_last``, ``device`` / ``cpu``, ``workers``, ``skip_bad``; those it does not
+    have keep their defaults) with its resolved options as the run's config file; ``overrides`` replace fields."""
+    from vision.engine.config import RunOptions
+
+    p = ctx.params
+    given = {"out": p.get("out"), "resume": parse_resume(p.get("resume")), "exist_ok": p.get("exist_ok"),
+             "keep_last": p.get("keep_last"), "device": resolve_device(p.get("device"), bool(p.get("cpu"))),
+             "workers": p.get("workers"), "skip_bad": p.get("skip_bad"), "config": run_config(p)}
+    return RunOptions(**{**{k: v for k, v in given.items() if v is not None}, **overrides})
+
+
 # ------------------------------------------------------------------------------------------ resuming a run
 
 # options a continued run may change: how it runs (processes, device, precision, checkpoints), and how long it trains

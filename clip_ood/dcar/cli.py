@@ -94,12 +94,11 @@ def train(
 ) -> None:
     """Learn prompts (DCAR: text + visual + reweighting; CoOp: text context) on a frozen CLIP."""
     dev = opt.resolve_device(device)
-    resume_from = opt.parse_resume(resume)
+    opt.parse_resume(resume)  # a bad --resume stops before the encoder loads
     from clip_ood.dcar.data import categories_of
     from clip_ood.dcar.train import DCARConfig, train_retrieval
     from vision.engine import (
         CheckpointCorruptError,
-        RunOptions,
         TrainConfig,
         TrainingInterrupted,
         WeightsMismatchError,
@@ -118,8 +117,7 @@ def train(
                             mixed_precision=amp.value, checkpoint_every=checkpoint_every, deterministic=deterministic)
     # no --device: the CPU when the encoder landed there, else Accelerate's choice (the launcher's under DDP)
     run_dev = dev if dev is not None else ("cpu" if enc.device.type == "cpu" else None)
-    run = RunOptions(out=out, resume=resume_from, exist_ok=exist_ok, device=run_dev, workers=workers,
-                     skip_bad=skip_bad, config=opt.run_config(ctx.params))
+    run = opt.run_options(ctx, device=run_dev)
     try:
         _, summary = train_retrieval(enc.model, enc.tokenizer, enc.preprocess, tr, va, cfg, train_cfg, run,
                                      skipped={"train": bad_tr, "val": bad_va},

@@ -31,10 +31,9 @@ if TYPE_CHECKING:
     from vision.engine import RunOptions, TrainConfig
 
 METHODS = ("dcar", "coop")
-# the task's values of the TrainConfig fields left None ("the task's default"), and its DataLoader batch size
+# the task's values of the TrainConfig fields left None ("the task's default")
 TRAIN_DEFAULTS: dict[str, Any] = {"epochs": 10, "lr": 2e-3, "optimizer": "adamw", "weight_decay": 0.0,
-                                  "scheduler": "cosine"}
-DEFAULT_BATCH_SIZE = 32
+                                  "scheduler": "cosine", "batch_size": 32}
 PROMPTS_WEIGHTS = "prompts.safetensors"
 PROMPTS_CONFIG = "prompts.json"
 
@@ -285,7 +284,7 @@ def train_retrieval(clip: torch.nn.Module, tokenizer, preprocess, train_pairs: S
         train_pairs: the training pairs; val_pairs: held-out pairs (None: ``config.val_split`` of ``train_pairs``).
         config: the method settings (:class:`DCARConfig`; None: its defaults).
         train: the optimisation settings; its unset task-defaulted fields take :data:`TRAIN_DEFAULTS` (epochs 10,
-            AdamW, lr 2e-3, weight decay 0, cosine schedule); None: ``TrainConfig(batch_size=DEFAULT_BATCH_SIZE)``.
+            AdamW, lr 2e-3, weight decay 0, cosine schedule, batch 32); None: ``TrainConfig()``.
             The task sets ``log_every`` (5) and the evaluation cadence (every epoch and before training when there
             are validation pairs, else never); ``out_dir``, ``device``, ``progress``, ``keep_last`` and
             ``num_workers`` come from ``run``.
@@ -312,7 +311,7 @@ def train_retrieval(clip: torch.nn.Module, tokenizer, preprocess, train_pairs: S
 
     cfg = config or DCARConfig()
     run = run or RunOptions()
-    train = train if train is not None else TrainConfig(batch_size=DEFAULT_BATCH_SIZE)
+    train = train if train is not None else TrainConfig()
     seed = train.seed
     if not val_pairs:
         train_pairs, val_pairs = holdout_pairs(train_pairs, cfg.val_split)

@@ -19,7 +19,10 @@ _EXPORTS = {
     "FeatureNorm": "model",
     "FrequencySampler": "sampler",
     "GradientMultiplier": "model",
-    "PRESETS": "spec",
+    "MaskTargets": "data",
+    "PRESETS": "config",
+    "PatchCoreConfig": "anomaly",
+    "SegDecConfig": "config",
     "SegDecNet": "model",
     "detect_layout": "data",
     "dilate_mask": "losses",
@@ -37,6 +40,7 @@ _EXPORTS = {
     "rle_decode": "data",
     "segdec_loss": "losses",
     "segmentation_targets": "losses",
+    "train_patchcore": "anomaly",
     "train_segdec": "train",
 }
 

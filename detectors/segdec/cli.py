@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -95,9 +96,14 @@ def train(
     augment: bool | None = typer.Option(None, "--augment/--no-augment", help="Flips and 90-degree rotations "
                                         "(default: on in weak / mixed mode, off with full masks, as the official "
                                         "code)."),
-    optimizer: opt.Optimizer = typer.Option(opt.Optimizer.sgd, "--optimizer", help="sgd (official, plain) | adamw | adam"),
-    momentum: float = typer.Option(0.0, "--momentum"),
-    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    stats_head: bool | None = typer.Option(None, "--stats-head/--no-stats-head", help="The decision network's "
+                                           "statistics branch (per-channel mean and log std of the trunk's maps; "
+                                           "not in the paper). Default: on with the labels-only / mixed registry "
+                                           "trunk."),
+    optimizer: opt.Optimizer | None = typer.Option(None, "--optimizer", help="sgd | adamw | adam (default: the "
+                                                   "preset's plain SGD; AdamW with a registry trunk)."),
+    momentum: float | None = typer.Option(None, "--momentum", help="SGD momentum (default: the preset's 0)."),
+    weight_decay: float | None = typer.Option(None, "--weight-decay", help="Default: the preset's 0."),
     workers: int = opt.workers_option(2),
     device: str | None = opt.device_option(),
     cpu: bool = opt.cpu_option(),
@@ -123,32 +129,39 @@ def train(
     config: Path | None = opt.config_option(),
 ) -> None:
     """Train SegDecNet (multi-GPU: `accelerate launch $(which negvision) defect train ...`)."""
-    from vision.engine import TrainingInterrupted, WeightsMismatchError
+    from vision.engine import TrainConfig, TrainingInterrupted, WeightsMismatchError
 
+    from .config import SegDecConfig
     from .data import DatasetError
     from .train import train_segdec
 
-    dev = opt.resolve_device(device, cpu)
+    run = opt.run_options(ctx)
     if method is Method.patchcore:
-        _train_patchcore(ctx, data, out, dataset_kind, img_size, backbone, pretrained, coreset_ratio,
-                         batch, workers, seed, val_split, val_data, skip_bad, cache, dev, dagm_class, fold, resume,
-                         exist_ok)
+        from .anomaly import PatchCoreConfig
+
+        if backbone in ("paper", "none", ""):
+            usage_error(f"--backbone {backbone}: patchcore needs a pretrained registry or timm backbone (default "
+                        "auto: efficientnet_lite0.offline)")
+        _train_patchcore(data, PatchCoreConfig(
+            dataset_kind=dataset_kind, img_size=img_size, backbone=None if backbone == "auto" else backbone,
+            pretrained=None if pretrained.lower() == "auto" else parse_pretrained(pretrained),
+            coreset_ratio=coreset_ratio, batch=batch or 8, seed=seed, val_split=val_split, val_data=val_data,
+            cache=cache, dagm_class=dagm_class, fold=fold), run)
         return
+    config = SegDecConfig(
+        dataset_kind=dataset_kind, img_size=img_size, delta=delta, p=p, w_pos=w_pos, dilate=dilate,
+        dynamic=not no_dynamic, grad_adjust=not no_grad_adjust, grad_multiplier=grad_multiplier,
+        weak_grad_multiplier=weak_grad_multiplier, frequency=not no_frequency, weighted=not no_weighted,
+        num_segmented=num_segmented, backbone=backbone,
+        pretrained=None if pretrained.lower() == "auto" else parse_pretrained(pretrained), width=width,
+        stats_head=stats_head, augment=augment, val_split=val_split, val_data=val_data, cache=cache,
+        dagm_class=dagm_class, fold=fold)
+    train = TrainConfig(epochs=epochs, batch_size=batch, lr=lr, optimizer=opt.enum_value(optimizer),
+                        momentum=momentum, weight_decay=weight_decay, max_steps=max_steps, seed=seed,
+                        eval_every=1 if eval_every is None else eval_every, checkpoint_every=checkpoint_every,
+                        deterministic=deterministic, mixed_precision=amp.value)
     try:
-        summary = train_segdec(
-            data, out, dataset_kind=dataset_kind, img_size=img_size, epochs=epochs, batch=batch, lr=lr,
-            delta=delta, p=p, w_pos=w_pos, dilate=dilate, dynamic=not no_dynamic, grad_adjust=not no_grad_adjust,
-            grad_multiplier=grad_multiplier, frequency=not no_frequency, weighted=not no_weighted,
-            num_segmented=num_segmented, backbone=backbone,
-            pretrained=None if pretrained.lower() == "auto" else parse_pretrained(pretrained), width=width,
-            weak_grad_multiplier=weak_grad_multiplier, augment=augment,
-            optimizer=optimizer.value, momentum=momentum, weight_decay=weight_decay, workers=workers,
-            resume=opt.parse_resume(resume),
-            max_steps=max_steps, seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every,
-            deterministic=deterministic, val_split=val_split, val_data=val_data,
-            skip_bad=skip_bad, cache=cache, exist_ok=exist_ok, keep_last=keep_last, mixed_precision=amp.value,
-            cpu=dev == "cpu", device=dev, dagm_class=dagm_class, fold=fold, run_config=opt.run_config(ctx.params),
-        )
+        summary = train_segdec(data, config, train, run)
     except TrainingInterrupted as e:
         typer.echo(f"{e} (negvision defect train ... --resume)", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -161,29 +174,18 @@ def train(
         typer.echo(f"evaluation written to {Path(summary['out']) / 'eval'}")
 
 
-def _train_patchcore(ctx: typer.Context, data: Path, out: Path, kind: str, img_size: str | None, backbone: str,
-                     pretrained: str, coreset_ratio: float, batch: int | None, workers: int, seed: int,
-                     val_split: float, val_data: Path | None, skip_bad: bool, cache: bool, dev: str | None,
-                     dagm_class: int | None, fold: int, resume: str | None, exist_ok: bool) -> None:
+def _train_patchcore(data: Path, config: Any, run: Any) -> None:
     """``defect train --method patchcore``: fit the good-images-only scorer (no training steps, nothing to resume)."""
     from vision.engine import WeightsMismatchError
 
     from .anomaly import train_patchcore
     from .data import DatasetError
 
-    if opt.parse_resume(resume):
+    if run.resume:
         usage_error("--resume: a patchcore run has no training steps to continue; run it again (--exist-ok to reuse "
                     "the folder)")
-    if backbone in ("paper", "none", ""):
-        usage_error(f"--backbone {backbone}: patchcore needs a pretrained registry or timm backbone (default auto: "
-                    "efficientnet_lite0.offline)")
     try:
-        summary = train_patchcore(
-            data, out, dataset_kind=kind, img_size=img_size, backbone=None if backbone == "auto" else backbone,
-            pretrained=None if pretrained.lower() == "auto" else parse_pretrained(pretrained), coreset_ratio=coreset_ratio,
-            batch=batch or 8, workers=workers, seed=seed, val_split=val_split, val_data=val_data, skip_bad=skip_bad,
-            cache=cache, device=dev, dagm_class=dagm_class, fold=fold, exist_ok=exist_ok,
-            run_config=opt.run_config(ctx.params))
+        summary = train_patchcore(data, config, run)
     except (DatasetError, ValueError, FileNotFoundError, WeightsMismatchError) as e:
         fail(str(e))
         return

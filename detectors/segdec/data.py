@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ __all__ = [
     "DatasetError",
     "DefectDataset",
     "DefectSample",
+    "MaskTargets",
     "SplitNotFoundError",
     "detect_layout",
     "list_samples",
@@ -294,6 +295,21 @@ class SurfaceAugment:
         return {"flip": self.flip, "rot90": self.rot90, "brightness": self.brightness, "contrast": self.contrast}
 
 
+@dataclass(frozen=True)
+class MaskTargets:
+    """How a split's segmentation targets are made: mask ``dilate`` (pixels), distance-transform ``weighted``
+    positive pixels with exponent ``p`` and centre weight ``w_pos``, and ``num_segmented``: keep the masks of only
+    that many defective images (chosen with ``seed``; the others become image-level only: weak / mixed supervision;
+    None: all)."""
+
+    dilate: int = 1
+    weighted: bool = True
+    p: float = 1.0
+    w_pos: float = 1.0
+    num_segmented: int | None = None
+    seed: int = 0
+
+
 def load_defect_dataset(
     root: str | Path,
     split: str = "train",
@@ -301,12 +317,7 @@ def load_defect_dataset(
     *,
     img_size: Any = None,
     channels: int | None = None,
-    dilate: int = 1,
-    weighted: bool = True,
-    p: float = 1.0,
-    w_pos: float = 1.0,
-    num_segmented: int | None = None,
-    seed: int = 0,
+    targets: MaskTargets | None = None,
     skip_bad: bool = False,
     dagm_class: int | None = None,
     fold: int = 0,
@@ -317,15 +328,16 @@ def load_defect_dataset(
     """Read and check ``split`` of a defect data set (layout auto-detected unless ``kind`` is given).
 
     ``img_size``: N or WIDTHxHEIGHT (default: the first image's size, rounded down to multiples of 8);
-    ``channels``: 1 or 3 (default: from the first image); ``num_segmented``: keep pixel masks of only that
-    many defective training images (seeded choice), the others become image-level only (mixed / weak
-    supervision). Every image is fully decoded once (``verify``; the result is cached next to the data); bad
+    ``channels``: 1 or 3 (default: from the first image); ``targets``: how the segmentation targets are made
+    (:class:`MaskTargets`; default: undilated, weighted, every mask kept). Every image is fully decoded once (``verify``; the result is cached next to the data); bad
     files raise one :class:`DatasetError` listing the first 20 problems, or are skipped with ``skip_bad``.
     A split that does not exist raises :class:`SplitNotFoundError`.
     """
     checked = check_defect_split(root, split, kind, skip_bad=skip_bad, dagm_class=dagm_class, fold=fold,
                                  verify=verify, progress=progress)
     layout, samples = checked.layout, checked.samples
+    targets = targets or MaskTargets()
+    num_segmented = targets.num_segmented
     first_size = checked.images.size(samples[0].image)
     with Image.open(samples[0].image) as im:
         first_mode = im.mode
@@ -333,7 +345,7 @@ def load_defect_dataset(
         if num_segmented < 0:
             raise ValueError(f"num_segmented must be >= 0, got {num_segmented}")
         seg_pos = [i for i, s in enumerate(samples) if s.label == 1 and s.segmented]
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(targets.seed)
         keep = set(rng.permutation(len(seg_pos))[: int(num_segmented)].tolist())
         for j, i in enumerate(seg_pos):
             if j not in keep:
@@ -348,10 +360,10 @@ def load_defect_dataset(
         samples,
         size,
         channels,
-        dilate=dilate,
-        weighted=weighted,
-        p=p,
-        w_pos=w_pos,
+        dilate=targets.dilate,
+        weighted=targets.weighted,
+        p=targets.p,
+        w_pos=targets.w_pos,
         cache=cache,
         root=root,
         layout=layout,

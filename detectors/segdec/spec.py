@@ -1,4 +1,4 @@
-"""SegDecNet run files: the official presets, ``segdec.json`` (what rebuilds the network and its input size) and
+"""SegDecNet run files: ``segdec.json`` (what rebuilds the network and its input size) and
 loading a trained network from a run folder (the final model, ``checkpoints/last``, as the official code)."""
 
 from __future__ import annotations
@@ -16,34 +16,6 @@ from .model import SegDecNet
 SPEC_FILE = "segdec.json"
 DEFAULT_WEIGHTS = "last"  # a segdec run's model is its final checkpoint, as the official code (else best)
 SAMPLER_FILE = "sampler.safetensors"
-
-# Official experiment settings (vicoslab/mixed-segdec-net-comind2021, EXPERIMENTS_COMIND.sh / config.py).
-# img_size is WIDTHxHEIGHT. Plain SGD (no momentum, no weight decay, constant lr) as the official code.
-# Severstal: the official code sums per-sample losses over its batch of 10 at lr 0.1; our loss is the batch
-# mean, so the same update needs lr 1.0.
-PRESETS: dict[str, dict[str, Any]] = {
-    "dagm": dict(img_size="512x512", channels=1, epochs=70, lr=0.05, delta=1.0, batch=1, p=1.0, w_pos=10.0,
-                 dilate=7),
-    "ksdd": dict(img_size="512x1408", channels=1, epochs=50, lr=1.0, delta=0.01, batch=1, p=2.0, w_pos=1.0,
-                 dilate=7),
-    "ksdd2": dict(img_size="232x640", channels=3, epochs=50, lr=0.01, delta=1.0, batch=1, p=2.0, w_pos=3.0,
-                  dilate=15),
-    "severstal": dict(img_size="1600x256", channels=1, epochs=50, lr=1.0, delta=0.1, batch=10, p=2.0, w_pos=1.0,
-                      dilate=1),
-    # generic folders: DAGM's loss settings, the images' own size and channels, no mask dilation
-    "folder": dict(img_size=None, channels=None, epochs=50, lr=0.05, delta=1.0, batch=1, p=1.0, w_pos=10.0,
-                   dilate=1),
-}
-
-
-def resolve_settings(layout: str, **overrides: Any) -> dict[str, Any]:
-    """The preset of ``layout`` with every non-None override applied."""
-    if layout not in PRESETS:
-        raise ValueError(f"no preset for dataset kind '{layout}' (known: {', '.join(PRESETS)})")
-    s = dict(PRESETS[layout])
-    s.update({k: v for k, v in overrides.items() if v is not None})
-    return s
-
 
 METHODS = ("segdec", "patchcore")  # spec["method"]: the supervised network, or the good-images-only scorer
 
@@ -68,6 +40,7 @@ def build_from_spec(spec: dict[str, Any], pretrained_backbone: bool | str = Fals
         backbone=m.get("backbone"),
         pretrained=pretrained_backbone,
         width=float(m.get("width", 1.0)),
+        stats_head=bool(m.get("stats_head", False)),
     )
 
 

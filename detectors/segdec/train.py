@@ -8,6 +8,7 @@ the engine's ``checkpoints/last`` (final model, what eval/predict use by default
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from vision.device import pick_device
+from vision.engine.config import RunOptions, TrainConfig
 from vision.io import write_bytes_atomic, write_json_atomic
 
+from .config import SegDecConfig, preset_train_defaults
 from .data import load_defect_dataset, validation_and_test, validation_record
 from .evaluate import (
     evaluate_segdec,
@@ -29,11 +32,7 @@ from .evaluate import (
 from .losses import loss_weights, segdec_loss
 from .model import SegDecNet
 from .sampler import FrequencySampler
-from .spec import (
-    SAMPLER_FILE,
-    SPEC_FILE,
-    resolve_settings,
-)
+from .spec import SAMPLER_FILE, SPEC_FILE
 
 log = logging.getLogger(__name__)
 
@@ -67,109 +66,68 @@ def _sampler_callback(sampler: FrequencySampler):
 
 def train_segdec(
     data: str | Path,
-    out: str | Path,
-    *,
-    dataset_kind: str = "auto",
-    img_size: Any = None,
-    channels: int | None = None,
-    epochs: int | None = None,
-    batch: int | None = None,
-    lr: float | None = None,
-    delta: float | None = None,
-    p: float | None = None,
-    w_pos: float | None = None,
-    dilate: int | None = None,
-    dynamic: bool = True,
-    grad_adjust: bool = True,
-    grad_multiplier: float | None = None,
-    weak_grad_multiplier: float = 1.0,
-    frequency: bool = True,
-    weighted: bool = True,
-    num_segmented: int | None = None,
-    backbone: str | None = "auto",
-    pretrained: bool | str | None = None,
-    width: float = 1.0,
-    augment: bool | dict[str, Any] | None = None,
-    optimizer: str = "sgd",
-    momentum: float = 0.0,
-    weight_decay: float = 0.0,
-    scheduler: str = "constant",
-    workers: int = 0,
-    resume: bool | str = False,
-    max_steps: int | None = None,
-    seed: int = 0,
-    eval_every: int | None = None,
-    checkpoint_every: int = 0,
-    deterministic: bool = False,
-    val_split: float = 0.15,
-    val_data: str | Path | None = None,
-    skip_bad: bool = False,
-    cache: bool = False,
-    mixed_precision: str = "auto",
-    cpu: bool = False,
-    progress: bool = True,
-    dagm_class: int | None = None,
-    fold: int = 0,
-    final_eval: bool = True,
-    max_images: int = 16,
-    exist_ok: bool = False,
-    keep_last: int = 2,
-    device: str | None = None,
-    run_config: dict[str, Any] | None = None,
+    config: SegDecConfig | None = None,
+    train: TrainConfig | None = None,
+    run: RunOptions | None = None,
 ) -> dict[str, Any]:
-    """Train SegDecNet end-to-end on a defect data set through the shared engine; writes the run folder ``out``.
+    """Train SegDecNet end-to-end on a defect data set through the shared engine; writes the run folder ``run.out``.
 
-    Unset hyper-parameters come from the dataset's official preset (:data:`PRESETS`). ``dynamic``: dynamic
-    balancing of the losses; ``grad_adjust``: the decision loss does not reach the segmentation net (gradient
-    multiplier 0, or ``grad_multiplier``); ``frequency``: frequency-of-use negative sampling (else uniform);
-    ``weighted``: distance-transform weights of positive pixels. Returns the engine's summary plus ``eval``.
+    ``config`` (:class:`SegDecConfig`): the method's settings; ``train`` (:class:`TrainConfig`): the schedule;
+    ``run`` (:class:`RunOptions`): folder, resume, device, workers, bad files, progress, config file. Settings left
+    None come from the dataset's official preset (:data:`PRESETS`: a :class:`SegDecConfig` and a
+    :class:`TrainConfig` per dataset kind). Returns the engine's summary plus ``eval``.
 
     Weak / mixed supervision (fewer masks than defective training images; a deviation from the official code,
     where the decision loss then never reaches the trunk): the gradient multiplier applies only to defective
     images with a mask, every other sample's decision loss trains the trunk scaled by ``weak_grad_multiplier``
     (default 1; 0 = the official behaviour); ``backbone="auto"`` picks the pretrained registry trunk
-    :data:`WEAK_BACKBONE` (with full masks: the paper's trunk); ``augment`` (default: on in weak / mixed mode; a dict: :class:`SurfaceAugment` arguments)
-    adds flips, 90-degree rotations and brightness / contrast jitter; with a registry trunk and no ``lr``, the
-    trunk's stable default :data:`BACKBONE_LR` (AdamW) replaces the paper trunk's preset SGD rate.
+    :data:`WEAK_BACKBONE` (with full masks: the paper's trunk) with the decision network's statistics branch
+    (``stats_head``); ``augment`` (default: on in weak / mixed mode; a dict: :class:`SurfaceAugment` arguments)
+    adds flips and 90-degree rotations; with a registry trunk and no ``lr``, the trunk's stable default
+    :data:`BACKBONE_LR` (AdamW unless an optimizer is given) replaces the paper trunk's preset SGD rate.
 
     Validation: the training split of ``val_data``, else a stratified ``val_split`` share of the training images
-    (:func:`holdout_split`, the same images for every seed) is evaluated every ``eval_every`` epochs (default 1); the
+    (:func:`holdout_split`, the same images for every seed) is evaluated every ``train.eval_every`` epochs; the
     run's model is the best epoch by validation AP (``checkpoints/best``). The test split is only evaluated at the
     end, on that model, and never chooses anything. With ``val_split=0`` and no ``val_data`` the model is the last
     epoch's.
     """
     from vision.device import training_device
-    from vision.engine import LossContext, TrainConfig, Trainer
+    from vision.engine import LossContext, Trainer
     from vision.engine.run import main_process_first, prepare_run_dir, record_skipped, write_run_config
 
-    from .data import detect_layout
+    from .data import MaskTargets, SurfaceAugment, detect_layout
 
-    layout = detect_layout(data) if dataset_kind == "auto" else dataset_kind
-    st = resolve_settings(layout, img_size=img_size, channels=channels, epochs=epochs, batch=batch, lr=lr,
-                          delta=delta, p=p, w_pos=w_pos, dilate=dilate)
-    gm = grad_multiplier if grad_multiplier is not None else (0.0 if grad_adjust else 1.0)
-    data_kw = dict(dilate=int(st["dilate"]), weighted=weighted, p=float(st["p"]), w_pos=float(st["w_pos"]),
-                   skip_bad=skip_bad, dagm_class=dagm_class, fold=fold, cache=cache, seed=seed)
+    cfg, train, run = config or SegDecConfig(), train or TrainConfig(), run or RunOptions()
+    layout = detect_layout(data) if cfg.dataset_kind == "auto" else cfg.dataset_kind
+    cfg = cfg.resolved(layout)
+    seed = train.seed
+    gm = cfg.grad_multiplier if cfg.grad_multiplier is not None else (0.0 if cfg.grad_adjust else 1.0)
+    targets = MaskTargets(dilate=int(cfg.dilate), weighted=cfg.weighted, p=float(cfg.p), w_pos=float(cfg.w_pos),
+                          seed=seed)
+    data_kw = dict(targets=targets, skip_bad=run.skip_bad, dagm_class=cfg.dagm_class, fold=cfg.fold, cache=cfg.cache)
     with main_process_first():  # one rank decodes every image, the others read its cache
-        train_ds = load_defect_dataset(data, "train", layout, img_size=st["img_size"], channels=st["channels"],
-                                       num_segmented=num_segmented, progress=progress, **data_kw)
+        train_targets = dataclasses.replace(targets, num_segmented=cfg.num_segmented)  # val / test keep every mask
+        train_ds = load_defect_dataset(data, "train", layout, img_size=cfg.img_size, channels=cfg.channels,
+                                       progress=run.progress, **{**data_kw, "targets": train_targets})
         log.info("%s", train_ds.summary())
         if sum(train_ds.labels) == 0:
             raise ValueError(f"{data}: the training split has no defective images; SegDecNet needs some to learn from")
         full_train = train_ds
-        train_ds, val_ds, eval_ds = validation_and_test(data, layout, train_ds, val_data=val_data,
-                                                        val_split=val_split, progress=progress, **data_kw)
+        train_ds, val_ds, eval_ds = validation_and_test(data, layout, train_ds, val_data=cfg.val_data,
+                                                        val_split=cfg.val_split, progress=run.progress, **data_kw)
     if val_ds is not None and len(set(val_ds.labels)) < 2:  # AP / AUROC need both kinds to pick an epoch
         kind = "defective" if val_ds.labels[0] else "good"
-        if val_data is not None:
-            raise ValueError(f"{val_data}: every validation image is {kind} ({len(val_ds)}); picking the best epoch "
-                             "needs good and defective images")
+        if cfg.val_data is not None:
+            raise ValueError(f"{cfg.val_data}: every validation image is {kind} ({len(val_ds)}); picking the best "
+                             "epoch needs good and defective images")
         log.warning("the held-out validation images are all %s (too few of the other kind to hold one out): "
                     "no validation, the run's model is the last epoch's", kind)
         train_ds, val_ds = full_train, None
     n_pos = sum(train_ds.labels)
     n_seg = train_ds.num_segmented_defects
     weak = n_seg < n_pos  # weakly or mixed supervised: some defective images have no mask
+    backbone, pretrained = cfg.backbone, cfg.pretrained
     if backbone == "auto":
         backbone = WEAK_BACKBONE if weak else None
         if pretrained is None:
@@ -180,37 +138,38 @@ def train_segdec(
     elif backbone in ("paper", "none", ""):
         backbone = None
     pretrained = bool(pretrained) if pretrained is None or isinstance(pretrained, bool) else pretrained
-    if augment is None:
-        augment = weak
-    if backbone is not None and lr is None:
-        st["lr"] = BACKBONE_LR
-        if optimizer == "sgd" and momentum == 0.0:
-            optimizer = "adamw"
+    augment = weak if cfg.augment is None else cfg.augment
+    stats_head = (weak and backbone is not None) if cfg.stats_head is None else bool(cfg.stats_head)
+    if backbone is not None and not train.is_set("lr"):  # a registry trunk: its own stable rate, not the preset's
+        train = dataclasses.replace(train, lr=BACKBONE_LR)
+        if not train.is_set("optimizer") and not train.is_set("momentum"):
+            train = dataclasses.replace(train, optimizer="adamw")
+    train = train.resolved(**preset_train_defaults(layout))
     if augment:
-        from .data import SurfaceAugment
-
         train_ds.augment = SurfaceAugment(**(augment if isinstance(augment, dict) else DEFAULT_AUGMENT))
         train_ds.augment_seed = seed
-    out = prepare_run_dir(out, resume=resume, exist_ok=exist_ok)
-    if run_config is not None:
-        write_run_config(out, {**run_config, "_resumed": bool(resume)})
-    device = "cpu" if cpu or training_device(device) else device
+    resume = run.resume
+    out = prepare_run_dir(run.out, resume=resume, exist_ok=run.exist_ok)
+    if run.config is not None:
+        write_run_config(out, {**run.config, "_resumed": bool(resume)})
+    device = "cpu" if training_device(run.device) else run.device
     record_skipped(out, {"train": train_ds.bad, **({"val": val_ds.bad} if val_ds is not None else {}),
                          **({"test": eval_ds.bad} if eval_ds is not None else {})})
 
     model_cfg = {"in_channels": train_ds.channels, "grad_multiplier": float(gm), "backbone": backbone,
-                 "width": float(width)}
+                 "width": float(cfg.width), **({"stats_head": True} if stats_head else {})}
+    batch = int(train.batch_size)
     settings = {
-        "epochs": int(st["epochs"]), "batch": int(st["batch"]), "lr": float(st["lr"]), "delta": float(st["delta"]),
-        "p": float(st["p"]), "w_pos": float(st["w_pos"]), "dilate": int(st["dilate"]), "dynamic": bool(dynamic),
-        "grad_multiplier": float(gm), "frequency": bool(frequency), "weighted": bool(weighted),
-        "weak_grad_multiplier": float(weak_grad_multiplier) if weak else None, "supervision":
+        "epochs": int(train.epochs), "batch": batch, "lr": float(train.lr), "delta": float(cfg.delta),
+        "p": float(cfg.p), "w_pos": float(cfg.w_pos), "dilate": int(cfg.dilate), "dynamic": bool(cfg.dynamic),
+        "grad_multiplier": float(gm), "frequency": bool(cfg.frequency), "weighted": bool(cfg.weighted),
+        "weak_grad_multiplier": float(cfg.weak_grad_multiplier) if weak else None, "supervision":
         "full" if not weak else "weak" if n_seg == 0 else "mixed", "defective_with_masks": n_seg,
         "defective": n_pos, "augment": train_ds.augment.config() if train_ds.augment is not None else None,
-        "num_segmented": num_segmented, "optimizer": optimizer, "momentum": momentum,
-        "weight_decay": weight_decay, "scheduler": scheduler, "seed": seed, "max_steps": max_steps,
-        "dagm_class": dagm_class, "fold": fold,
-        "validation": validation_record(val_ds, val_data, val_split),
+        "num_segmented": cfg.num_segmented, "optimizer": train.optimizer, "momentum": train.momentum,
+        "weight_decay": train.weight_decay, "scheduler": train.scheduler, "seed": seed, "max_steps": train.max_steps,
+        "dagm_class": cfg.dagm_class, "fold": cfg.fold,
+        "validation": validation_record(val_ds, cfg.val_data, cfg.val_split),
     }
     spec = {"format": "negvision.segdec/1", "weights": "best" if val_ds is not None else "last", "model": model_cfg,
             "img_size": list(train_ds.img_size),
@@ -229,21 +188,21 @@ def train_segdec(
 
     set_seed(seed)  # the initial weights depend on the seed only
     net = SegDecNet(train_ds.channels, grad_multiplier=gm, backbone=backbone,
-                    pretrained=pretrained if not resume else False, width=width)
+                    pretrained=pretrained if not resume else False, width=cfg.width, stats_head=stats_head)
 
-    sampler = FrequencySampler(train_ds.labels, seed=seed, frequency=frequency)
+    sampler = FrequencySampler(train_ds.labels, seed=seed, frequency=cfg.frequency)
     use_cuda = device != "cpu" and pick_device().type == "cuda"
-    loader = DataLoader(train_ds, batch_size=int(st["batch"]), sampler=sampler, num_workers=workers,
+    loader = DataLoader(train_ds, batch_size=batch, sampler=sampler, num_workers=run.workers,
                         pin_memory=use_cuda, drop_last=False, persistent_workers=False)
 
     def loss_fn(m: nn.Module, b: dict[str, torch.Tensor], ctx: LossContext) -> dict[str, torch.Tensor]:
         # dynamic balancing over the configured epochs (max_steps only stops early)
         total_epochs = settings["epochs"]
-        w_seg, w_dec = loss_weights(min(ctx.epoch, total_epochs), total_epochs, settings["delta"], dynamic)
+        w_seg, w_dec = loss_weights(min(ctx.epoch, total_epochs), total_epochs, settings["delta"], cfg.dynamic)
         gm_batch = None
         if weak:  # the multiplier only for defective images with a mask; the others' decision loss trains the trunk
             with_mask = (b["label"] > 0.5) & b["segmented"].bool()
-            gm_batch = torch.where(with_mask, float(gm), float(weak_grad_multiplier))
+            gm_batch = torch.where(with_mask, float(gm), float(cfg.weak_grad_multiplier))
         dec, seg = m(b["image"], grad_multiplier=gm_batch)
         out_ = segdec_loss(dec, seg, b["label"], b["seg_target"], b["seg_weight"], b["segmented"], w_seg, w_dec)
         out_["w_seg"], out_["w_dec"] = w_seg, w_dec
@@ -251,16 +210,13 @@ def train_segdec(
 
     def eval_fn(m: nn.Module) -> dict[str, float]:  # on the validation images: picks checkpoints/best
         assert val_ds is not None
-        res = evaluate_segdec(m, val_ds, batch=max(1, int(st["batch"])), pixel=False)
+        res = evaluate_segdec(m, val_ds, batch=max(1, batch), pixel=False)
         return {k: float(res[k]) for k in ("AP", "AUROC", "FP", "FN", "detection_rate", "FP_at_FN0")}
 
-    every = 1 if eval_every is None else eval_every
-    cfg = TrainConfig(out_dir=str(out), epochs=int(st["epochs"]), max_steps=max_steps, optimizer=optimizer,
-                      lr=float(st["lr"]), momentum=momentum, weight_decay=weight_decay, scheduler=scheduler,
-                      mixed_precision=mixed_precision, seed=seed, eval_every=every if val_ds is not None else 0,
-                      checkpoint_every=checkpoint_every, progress=progress, device=device,
-                      log_every=max(1, min(10, len(loader))), keep_last=keep_last, deterministic=deterministic)
-    trainer = Trainer(net, loader, cfg, loss_fn=loss_fn, eval_fn=eval_fn if val_ds is not None else None,
+    tcfg = dataclasses.replace(train, **{**run.train_fields(out), "device": device,
+                                         "eval_every": train.eval_every if val_ds is not None else 0,
+                                         "log_every": max(1, min(10, len(loader)))})
+    trainer = Trainer(net, loader, tcfg, loss_fn=loss_fn, eval_fn=eval_fn if val_ds is not None else None,
                       metric="AP" if val_ds is not None else None, mode="max",
                       batch_size_fn=lambda b: int(b["image"].shape[0]),
                       extra_config={"task": "segdec", "segdec": spec},
@@ -285,12 +241,12 @@ def train_segdec(
         summary["selected"] = {"checkpoint": "last"}
     if val_ds is not None:  # the decision threshold of predict: best F1 on the validation images, never the test's
         summary["validation"] = record_validation(trainer.unwrapped_model.eval(), val_ds, out, spec,
-                                                   batch=max(1, int(st["batch"])))
-    if final_eval and eval_ds is not None:
+                                                   batch=max(1, batch))
+    if cfg.final_eval and eval_ds is not None:
         final = trainer.unwrapped_model.eval()
-        res = evaluate_segdec(final, eval_ds, batch=max(1, int(st["batch"])))
+        res = evaluate_segdec(final, eval_ds, batch=max(1, batch))
         summary["eval"] = public_metrics(res)
-        summary["files"] = save_eval_outputs(res, eval_ds, out / "eval", max_images=max_images)
+        summary["files"] = save_eval_outputs(res, eval_ds, out / "eval", max_images=cfg.max_images)
     write_json_atomic(out / "train_summary.json", summary)
     return summary
 

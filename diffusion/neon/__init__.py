@@ -20,7 +20,6 @@ _EXPORTS = {
     "load_feature_extractor": "metrics",
     "self_train": "selftrain",
     "SelfTrainConfig": "selftrain",
-    "default_train_config": "selftrain",
     "sample_images": "selftrain",
     "denoising_loss": "selftrain",
     "neon_sweep": "sweep",

@@ -137,21 +137,18 @@ def selftrain_cmd(
     config: Path | None = opt.config_option(),
 ) -> None:
     """Sample N images from the base model and fine-tune it on them with the denoising loss."""
-    dev = opt.resolve_device(device)
-    resume_from = opt.parse_resume(resume)
-    from vision.engine import RunOptions, TrainingInterrupted
+    run = opt.run_options(ctx)  # checks --device and --resume before the heavy imports
+    from vision.engine import TrainConfig, TrainingInterrupted
 
-    from .selftrain import ConditioningError, SelfTrainConfig, default_train_config, self_train
+    from .selftrain import ConditioningError, SelfTrainConfig, self_train
 
     settings = SelfTrainConfig(
         num_samples=num_samples, save_every=save_every, sample_batch_size=sample_batch_size,
         num_inference_steps=num_inference_steps, prompts=_lines(prompts), class_labels=_ints(class_labels),
         guidance_scale=guidance_scale, height=height, width=width, max_sequence_length=max_sequence_length,
     )
-    train = default_train_config(max_steps=max_steps, batch_size=batch, lr=lr, seed=seed, mixed_precision=amp.value,
-                                 deterministic=deterministic)
-    run = RunOptions(out=out, resume=resume_from, exist_ok=exist_ok, device=dev, workers=workers,
-                     config=opt.run_config(ctx.params))
+    train = TrainConfig(max_steps=max_steps, batch_size=batch, lr=lr, seed=seed, mixed_precision=amp.value,
+                        deterministic=deterministic)
     try:
         info = _call(self_train, model, settings, train, run, usage=(ConditioningError,))
     except TrainingInterrupted as e:

@@ -29,7 +29,7 @@ from vision.io import write_text_atomic
 if TYPE_CHECKING:
     from vision.engine import RunOptions, TrainConfig
 
-__all__ = ["ConditioningError", "SelfTrainConfig", "default_train_config", "denoising_loss", "is_dit", "load_pipeline",
+__all__ = ["ConditioningError", "SelfTrainConfig", "denoising_loss", "is_dit", "load_pipeline",
            "num_classes", "sample_images", "self_train", "trainable_component"]
 
 logger = logging.getLogger("negvision.neon")
@@ -270,10 +270,10 @@ class Repeated(torch.utils.data.Dataset):
         return self.dataset[i % len(self.dataset)]
 
 
-# the task's defaults of the TrainConfig fields left None (TrainConfig.resolved), and of max_steps / batch_size
-TRAIN_DEFAULTS: dict[str, Any] = {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.0, "scheduler": "constant"}
+# the task's defaults of the TrainConfig fields left None (TrainConfig.resolved), and of max_steps
+TRAIN_DEFAULTS: dict[str, Any] = {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.0, "scheduler": "constant",
+                                  "batch_size": 32}
 DEFAULT_MAX_STEPS = 1000
-DEFAULT_BATCH_SIZE = 32
 
 
 @dataclass
@@ -311,14 +311,6 @@ class SelfTrainConfig:
     max_sequence_length: int | None = None
 
 
-def default_train_config(**fields: Any) -> TrainConfig:
-    """The :class:`TrainConfig` ``self_train`` uses when given none: ``max_steps`` 1000, ``batch_size`` 32 (the
-    other task defaults, :data:`TRAIN_DEFAULTS`, are filled for any TrainConfig), with ``fields`` set."""
-    from vision.engine import TrainConfig
-
-    return TrainConfig(**{"max_steps": DEFAULT_MAX_STEPS, "batch_size": DEFAULT_BATCH_SIZE, **fields})
-
-
 def self_train(
     model: str | os.PathLike,
     config: SelfTrainConfig | None = None,
@@ -334,9 +326,8 @@ def self_train(
         train: how the denoiser is optimised (:class:`TrainConfig`): ``max_steps`` (None: 1000; self-training counts
             steps, so ``epochs`` alone is refused), ``batch_size``, ``seed`` (sampling, VAE posterior and training
             draws), ``mixed_precision``, ``deterministic``, and the optimiser fields, those left None taking the
-            task's defaults :data:`TRAIN_DEFAULTS` (AdamW, lr 1e-4, no weight decay, constant schedule). None:
-            :func:`default_train_config` (max_steps 1000, batch_size 32; a TrainConfig built directly has
-            TrainConfig's own batch_size 8 unless given). Set here: ``out_dir``, ``device``, ``progress``,
+            task's defaults :data:`TRAIN_DEFAULTS` (AdamW, lr 1e-4, no weight decay, constant schedule, batch 32).
+            None: ``TrainConfig()``. Set here: ``out_dir``, ``device``, ``progress``,
             ``num_workers`` (from ``run``), ``checkpoint_every`` and ``keep_last`` (from ``config.save_every``: every
             saved step is kept), ``log_every`` (max(1, min(50, max_steps // 10))), ``eval_every`` 0.
         run: the run folder ``run.out``, ``resume``, ``exist_ok``, ``device``, ``workers``, ``progress``, and
@@ -358,13 +349,13 @@ def self_train(
     from torch.utils.data import TensorDataset
 
     from vision.device import pick_device
-    from vision.engine import RunOptions, Trainer
+    from vision.engine import RunOptions, TrainConfig, Trainer
     from vision.engine.run import clear_run_outputs, prepare_run_dir, write_run_config
     from vision.viz import image_grid, save_image
 
     config = config if config is not None else SelfTrainConfig()
     run = run if run is not None else RunOptions()
-    train = train if train is not None else default_train_config()
+    train = train if train is not None else TrainConfig()
     if train.max_steps is None and train.epochs is not None:
         raise ValueError("self_train counts optimizer steps: set TrainConfig.max_steps, not epochs")
     train = train.resolved(**TRAIN_DEFAULTS)

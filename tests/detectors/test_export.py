@@ -284,12 +284,13 @@ def test_raw_onnx_file_and_pt2_program(run, images, tmp_path):
 
 @pytest.fixture(scope="module")
 def segdec_run(tmp_path_factory) -> tuple[Path, Path]:
-    from detectors.segdec import train_segdec
+    from _settings import train_segdec
+
     from vision.data.defects import make_defects
 
     data = make_defects(tmp_path_factory.mktemp("defects") / "set", n_train=8, n_test=4, img_size=32, seed=0)
     run = tmp_path_factory.mktemp("segrun") / "run"
-    train_segdec(data, run, epochs=1, batch=4, width=0.25, cpu=True, progress=False, eval_every=0, backbone="paper")
+    train_segdec(data, run, epochs=1, batch=4, width=0.25, device="cpu", progress=False, eval_every=0, backbone="paper")
     return run, data / "test" / "images"
 
 

@@ -10,7 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from detectors.segdec import DatasetError, detect_layout, load_defect_dataset, parse_img_size, rle_decode
+from detectors.segdec import (
+    DatasetError,
+    MaskTargets,
+    detect_layout,
+    load_defect_dataset,
+    parse_img_size,
+    rle_decode,
+)
 from vision.data.defects import make_defects
 
 
@@ -77,9 +84,9 @@ def test_folder_layout_with_image_level_labels(tmp_path):
     it = ds[i]
     assert bool(it["segmented"]) and float(it["seg_target"].max()) > 0
     # num_segmented keeps masks of exactly N defective images
-    ds1 = load_defect_dataset(root, "train", num_segmented=1, seed=0)
+    ds1 = load_defect_dataset(root, "train", targets=MaskTargets(num_segmented=1, seed=0))
     assert sum(1 for s in ds1.samples if s.label == 1 and s.segmented) == 1
-    ds0 = load_defect_dataset(root, "train", num_segmented=0)
+    ds0 = load_defect_dataset(root, "train", targets=MaskTargets(num_segmented=0))
     assert not any(s.segmented for s in ds0.samples if s.label == 1)
     assert all(s.segmented for s in ds0.samples if s.label == 0)
     test = load_defect_dataset(root, "test", img_size="16x24")

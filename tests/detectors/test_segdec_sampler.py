@@ -168,7 +168,8 @@ import json, sys
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
-from detectors.segdec import FrequencySampler, train_segdec
+from detectors.segdec import FrequencySampler, SegDecConfig, train_segdec
+from vision.engine import RunOptions, TrainConfig
 
 class Idx(Dataset):
     def __len__(self):
@@ -185,8 +186,8 @@ seen = {}
 for epoch in range(3):
     loader.set_epoch(epoch)
     seen[epoch] = torch.cat(list(loader)).tolist()
-summary = train_segdec(data, out + "/run", epochs=2, batch=2, width=0.25, cpu=True, progress=False,
-                       eval_every=0, final_eval=False, workers=0)
+summary = train_segdec(data, SegDecConfig(width=0.25, final_eval=False), TrainConfig(epochs=2, batch_size=2, eval_every=0),
+                       RunOptions(out=out + "/run", device="cpu", progress=False, workers=0))
 json.dump({"seen": seen, "freq": s.freq.tolist(), "global": {e: s.epoch_indices(e) for e in range(3)},
            "steps": summary["steps"], "num_processes": summary["num_processes"]},
           open(f"{out}/rank{acc.process_index}.json", "w"))

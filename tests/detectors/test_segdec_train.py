@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _settings import train_segdec
 from PIL import Image
 from typer.testing import CliRunner
 
-from detectors.segdec import image_metrics, train_segdec
+from detectors.segdec import image_metrics
 from detectors.segdec.cli import app
 from detectors.segdec.metrics import dice_iou
 from vision.data.defects import make_defects
@@ -100,7 +101,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_mid_epoch_is_exact(defect_set, tmp_path):
-    kw = dict(epochs=3, batch=4, width=0.25, cpu=True, progress=False, eval_every=0, final_eval=False, seed=1)
+    kw = dict(epochs=3, batch=4, width=0.25, device="cpu", progress=False, eval_every=0, final_eval=False, seed=1)
     full = train_segdec(defect_set, tmp_path / "full", **kw)
     steps = full["steps"]
     assert steps >= 4
@@ -124,7 +125,7 @@ def test_broken_test_split_is_an_error_and_skip_bad_lists_it(defect_set, tmp_pat
     r = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1",
                                  *FAST])
     assert r.exit_code == 1 and str(img) in r.output and "Traceback" not in r.output
-    kw = dict(epochs=1, batch=4, width=0.25, cpu=True, progress=False, final_eval=False)
+    kw = dict(epochs=1, batch=4, width=0.25, device="cpu", progress=False, final_eval=False)
     s = train_segdec(data, tmp_path / "run", skip_bad=True, **kw)
     assert s["skipped"] == {"train": 0, "test": 1}
     assert (tmp_path / "run" / "skipped.txt").read_text().startswith(f"[test] {img}")
@@ -133,7 +134,7 @@ def test_broken_test_split_is_an_error_and_skip_bad_lists_it(defect_set, tmp_pat
 
 
 def test_predict_mirrors_sub_folders_and_applies_exif(defect_set, tmp_path):
-    kw = dict(epochs=1, batch=4, width=0.25, cpu=True, progress=False, final_eval=False, eval_every=0)
+    kw = dict(epochs=1, batch=4, width=0.25, device="cpu", progress=False, final_eval=False, eval_every=0)
     run = Path(train_segdec(defect_set, tmp_path / "run", **kw)["out"])
     src = tmp_path / "src"
     (src / "line2").mkdir(parents=True)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from _settings import train_segdec
 from typer.testing import CliRunner
 
-from detectors.segdec import train_segdec
 from detectors.segdec.cli import app
-from detectors.segdec.data import SurfaceAugment, load_defect_dataset
+from detectors.segdec.data import MaskTargets, SurfaceAugment, load_defect_dataset
 from detectors.segdec.model import SegDecNet, gradient_multiply
 from detectors.segdec.predict import heatmap_kind
 from vision.data.defects import make_defects
@@ -96,7 +96,7 @@ def test_decision_cam_is_grad_cam_of_the_decision():
 
 def test_labels_only_run_uses_the_pretrained_trunk_and_writes_cam_heatmaps(labels_only, tmp_path):
     run = tmp_path / "weak"
-    train_segdec(labels_only, run, epochs=1, batch=4, cpu=True, progress=False, eval_every=0, workers=0)
+    train_segdec(labels_only, run, epochs=1, batch=4, device="cpu", progress=False, eval_every=0, workers=0)
     spec = json.loads((run / "segdec.json").read_text())
     assert spec["model"]["backbone"] == "efficientnet_lite0.offline" and spec["pretrained_backbone"] is True
     t = spec["train"]
@@ -121,16 +121,16 @@ def test_labels_only_run_uses_the_pretrained_trunk_and_writes_cam_heatmaps(label
 def test_full_masks_keep_the_paper_setup(tmp_path):
     data = make_defects(tmp_path / "full", n_train=8, n_test=0, img_size=32, seed=1, image_level_fraction=0.0)
     run = tmp_path / "run"
-    train_segdec(data, run, epochs=1, batch=4, width=0.25, cpu=True, progress=False, eval_every=0, workers=0)
+    train_segdec(data, run, epochs=1, batch=4, width=0.25, device="cpu", progress=False, eval_every=0, workers=0)
     spec = json.loads((run / "segdec.json").read_text())
     t = spec["train"]
     assert spec["model"]["backbone"] is None and t["supervision"] == "full" and t["augment"] is None
     assert t["optimizer"] == "sgd" and t["lr"] == 0.05 and t["weak_grad_multiplier"] is None  # the preset
     # the official weak behaviour stays available: multiplier 0 for every sample, paper trunk, no augmentation
-    ds = load_defect_dataset(data, "train", num_segmented=0, progress=False)
+    ds = load_defect_dataset(data, "train", targets=MaskTargets(num_segmented=0), progress=False)
     assert sum(ds.labels) > 0 and not any(s for s, lab in zip(ds.segmented, ds.labels, strict=True) if lab)
     run2 = tmp_path / "official"
-    train_segdec(data, run2, epochs=1, batch=4, width=0.25, cpu=True, progress=False, eval_every=0, workers=0,
+    train_segdec(data, run2, epochs=1, batch=4, width=0.25, device="cpu", progress=False, eval_every=0, workers=0,
                  num_segmented=0, backbone="paper", weak_grad_multiplier=0.0, augment=False, dynamic=False)
     t2 = json.loads((run2 / "segdec.json").read_text())["train"]
     assert t2["supervision"] == "weak" and t2["weak_grad_multiplier"] == 0.0 and t2["augment"] is None

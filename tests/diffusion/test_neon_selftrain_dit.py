@@ -9,7 +9,6 @@ from safetensors.torch import load_file
 
 from diffusion.neon.selftrain import (
     SelfTrainConfig,
-    default_train_config,
     denoising_loss,
     is_dit,
     num_classes,
@@ -94,5 +93,5 @@ def test_dit_rejects_prompts(tmp_path):
     base = tmp_path / "base"
     _tiny_dit().save_pretrained(str(base), safe_serialization=True)
     with pytest.raises(ValueError, match="class-conditional"):
-        self_train(base, SelfTrainConfig(num_samples=2, prompts=["a cat"]), default_train_config(max_steps=1),
+        self_train(base, SelfTrainConfig(num_samples=2, prompts=["a cat"]), TrainConfig(max_steps=1),
                    RunOptions(out=tmp_path / "self", progress=False))

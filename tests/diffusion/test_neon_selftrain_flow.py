@@ -23,7 +23,6 @@ from diffusion.neon.flow import (
 from diffusion.neon.selftrain import (
     ConditioningError,
     SelfTrainConfig,
-    default_train_config,
     load_pipeline,
     self_train,
 )
@@ -220,7 +219,7 @@ def test_sd3_cli_selftrain_and_sweep(bases, tmp_path):
 
 def test_flow_errors_are_one_line(bases, tmp_path):
     with pytest.raises(ConditioningError, match="needs a prompt list"):
-        self_train(bases / "flux", SelfTrainConfig(num_samples=2), default_train_config(max_steps=1),
+        self_train(bases / "flux", SelfTrainConfig(num_samples=2), TrainConfig(max_steps=1),
                    RunOptions(out=tmp_path / "x", progress=False))
     r = runner.invoke(app, ["neon", "selftrain", "--model", str(bases / "sd3"), "--num-samples", "2",
                             "--max-steps", "1", "--out", str(tmp_path / "o"), "--device", "cpu"])
@@ -237,7 +236,7 @@ def test_flow_errors_are_one_line(bases, tmp_path):
     FluxPipeline(**{**comps, "text_encoder_2": None, "tokenizer_2": None}).save_pretrained(tmp_path / "no_t5")
     with pytest.raises(NotImplementedError, match="needs a pipeline with 'text_encoder_2'"):
         self_train(tmp_path / "no_t5", SelfTrainConfig(prompts=["a cat"], num_samples=2),
-                   default_train_config(max_steps=1), RunOptions(out=tmp_path / "o", progress=False))
+                   TrainConfig(max_steps=1), RunOptions(out=tmp_path / "o", progress=False))
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
