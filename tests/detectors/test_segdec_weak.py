@@ -99,6 +99,7 @@ def test_labels_only_run_uses_the_pretrained_trunk_and_writes_cam_heatmaps(label
     train_segdec(labels_only, run, epochs=1, batch=4, device="cpu", progress=False, eval_every=0, workers=0)
     spec = json.loads((run / "segdec.json").read_text())
     assert spec["model"]["backbone"] == "efficientnet_lite0.offline" and spec["pretrained_backbone"] is True
+    assert spec["model"]["stats_head"] is True  # the labels-only default: the decision's statistics branch
     t = spec["train"]
     assert t["supervision"] == "weak" and t["defective_with_masks"] == 0 and t["weak_grad_multiplier"] == 1.0
     assert t["augment"]["flip"] and t["lr"] == 1e-3 and t["optimizer"] == "adamw"
@@ -125,6 +126,7 @@ def test_full_masks_keep_the_paper_setup(tmp_path):
     spec = json.loads((run / "segdec.json").read_text())
     t = spec["train"]
     assert spec["model"]["backbone"] is None and t["supervision"] == "full" and t["augment"] is None
+    assert "stats_head" not in spec["model"]  # the paper's decision network
     assert t["optimizer"] == "sgd" and t["lr"] == 0.05 and t["weak_grad_multiplier"] is None  # the preset
     # the official weak behaviour stays available: multiplier 0 for every sample, paper trunk, no augmentation
     ds = load_defect_dataset(data, "train", targets=MaskTargets(num_segmented=0), progress=False)

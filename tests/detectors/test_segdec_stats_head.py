@@ -1,0 +1,64 @@
+"""The decision network's statistics branch (``stats_head``): what it computes, that it reads a whole-image change
+of the feature statistics, that gradients reach it, and that runs record and reload it."""
+
+from __future__ import annotations
+
+import torch
+
+from detectors.segdec.model import STATS_EPS, STATS_HIDDEN, STATS_STRIDES, SegDecNet, channel_statistics
+from detectors.segdec.spec import build_from_spec
+
+
+def test_channel_statistics_by_hand():
+    a = torch.tensor([[[[1.0, 3.0], [5.0, 7.0]]]])  # mean 4, population std sqrt(5)
+    b = torch.zeros(1, 2, 1, 3)
+    b[0, 1] = torch.tensor([2.0, 2.0, 2.0])
+    s = channel_statistics([a, b])
+    # order: map a (mean, logstd), map b (means of its 2 channels, logstds of its 2 channels)
+    want = torch.tensor([[4.0, float(torch.log(torch.tensor(5.0).sqrt() + STATS_EPS)), 0.0, 2.0,
+                          float(torch.log(torch.tensor(STATS_EPS))), float(torch.log(torch.tensor(STATS_EPS)))]])
+    assert torch.allclose(s, want, atol=1e-6)
+
+
+def test_stats_head_reads_a_global_contrast_change():
+    # the paper's decision head FeatureNorms every map by its own spread; the statistics branch reads the spread
+    torch.manual_seed(0)
+    x = 0.5 + 0.1 * torch.randn(2, 1, 32, 32)
+    x2 = 0.5 + 1.3 * (x - 0.5)  # the whole image's contrast x1.3
+    torch.manual_seed(1)
+    m = SegDecNet(width=0.25, stats_head=True).eval()
+    assert m.config["stats_head"] is True
+    with torch.no_grad():
+        v1, v2 = m.volume(x), m.volume(x2)
+        s1, s2 = channel_statistics([v1]), channel_statistics([v2])
+    assert not torch.allclose(s1, s2, atol=1e-3)
+
+
+def test_registry_trunk_stats_use_strides_2_4_8_and_gradients_reach_them():
+    torch.manual_seed(0)
+    m = SegDecNet(in_channels=1, backbone="mobilenetv3_small_050", stats_head=True)
+    assert m.volume.strides == sorted(set(STATS_STRIDES) | {8})
+    n = 2 * sum(m.volume.stats_channels)
+    assert m.stats[0].in_features == n and m.fc.in_features == 66 + STATS_HIDDEN
+    dec, seg = m(torch.rand(2, 1, 32, 48), grad_multiplier=1.0)
+    assert dec.shape == (2,) and seg.shape == (2, 1, 4, 6)
+    dec.sum().backward()
+    first = next(m.volume.backbone.parameters())
+    assert first.grad is not None and float(first.grad.abs().sum()) > 0
+    assert float(m.stats[0].weight.grad.abs().sum()) > 0
+
+
+def test_decision_cam_and_rebuild_from_spec_with_stats_head():
+    torch.manual_seed(0)
+    m = SegDecNet(in_channels=1, backbone="mobilenetv3_small_050", stats_head=True).eval()
+    x = torch.rand(2, 1, 32, 32)
+    dec, cam = m.decision_cam(x)
+    assert torch.allclose(dec, m(x)[0], atol=1e-5) and cam.shape == (2, 1, 4, 4) and float(cam.max()) > 0
+    spec = {"model": m.config}
+    m2 = build_from_spec(spec)
+    m2.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(m2.eval()(x)[0], m(x)[0], atol=1e-6)
+    # a spec written before the branch existed rebuilds the paper's head
+    old = build_from_spec({"model": {"in_channels": 1, "width": 0.25}})
+    assert not old.stats_head and old.fc.in_features == 66 and "stats_head" not in old.config
