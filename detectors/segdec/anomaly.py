@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from vision.engine.config import RunOptions
 from vision.io import write_json_atomic
 
+from .config import DefectDataConfig
 from .data import MaskTargets, load_defect_dataset, validation_and_test, validation_record
 from .evaluate import evaluate_segdec, public_metrics, record_validation, save_eval_outputs
 from .spec import SPEC_FILE
@@ -27,35 +28,23 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class PatchCoreConfig:
-    """The good-images-only scorer's settings.
+class PatchCoreConfig(DefectDataConfig):
+    """The good-images-only scorer's settings (the data settings: :class:`DefectDataConfig`'s; the validation
+    images set the decision threshold).
 
     Attributes:
-        dataset_kind, img_size, channels, dagm_class, fold, cache: the data, as :class:`SegDecConfig`'s.
         backbone: the frozen feature extractor (None: the offline ImageNet EfficientNet-Lite0).
         pretrained: its weights (None: True; random features make a poor memory bank), False, or a weights file.
         coreset_ratio: the share of good-image patch features the memory bank keeps (greedy coreset).
         batch: images per feature-extraction batch.
         seed: the coreset's random start.
-        val_split, val_data: the validation images that set the decision threshold (as :class:`SegDecConfig`'s).
-        final_eval, max_images: evaluate the test split at the end (with up to ``max_images`` pictures).
     """
 
-    dataset_kind: str = "auto"
-    img_size: Any = None
-    channels: int | None = None
     backbone: str | None = None
     pretrained: bool | str | None = None
     coreset_ratio: float = 0.1
     batch: int = 8
     seed: int = 0
-    val_split: float = 0.15
-    val_data: str | Path | None = None
-    cache: bool = False
-    dagm_class: int | None = None
-    fold: int = 0
-    final_eval: bool = True
-    max_images: int = 16
 
 
 def train_patchcore(data: str | Path, config: PatchCoreConfig | None = None,

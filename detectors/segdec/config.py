@@ -18,13 +18,38 @@ _PLAIN_SGD = dict(optimizer="sgd", momentum=0.0, weight_decay=0.0, scheduler="co
 
 
 @dataclass
-class SegDecConfig:
-    """What SegDecNet learns and from what (None: the preset of the data's layout, or the rule named).
+class DefectDataConfig:
+    """The data settings every defect method shares (SegDecNet's and PatchCore's configs extend it).
 
     Attributes:
         dataset_kind: the data's layout ("auto": detected; a :data:`PRESETS` name otherwise).
         img_size: "WIDTHxHEIGHT" or one side; None: the preset's (a folder: the images' own size).
         channels: 1 or 3; None: the preset's (a folder: the images' own).
+        val_split: stratified share of the training images held out for validation (0: none).
+        val_data: a folder whose training split is the validation set instead.
+        cache: decode the images once into a cache file.
+        dagm_class, fold: the DAGM class / KSDD fold to use.
+        final_eval: evaluate the test split at the end (with pictures, up to ``max_images``).
+    """
+
+    dataset_kind: str = "auto"
+    img_size: Any = None
+    channels: int | None = None
+    val_split: float = 0.15
+    val_data: str | Path | None = None
+    cache: bool = False
+    dagm_class: int | None = None
+    fold: int = 0
+    final_eval: bool = True
+    max_images: int = 16
+
+
+@dataclass
+class SegDecConfig(DefectDataConfig):
+    """What SegDecNet learns and from what (None: the preset of the data's layout, or the rule named); the data
+    settings are :class:`DefectDataConfig`'s.
+
+    Attributes:
         delta: the dynamic loss balancing's final decision-loss weight.
         p, w_pos: distance-transform weights of positive pixels (exponent, weight of a defect's centre).
         dilate: mask dilation (pixels).
@@ -43,16 +68,8 @@ class SegDecConfig:
         stats_head: the decision network's statistics branch (None: on with a registry trunk in weak / mixed
             supervision; see :class:`SegDecNet`).
         augment: surface augmentation (None: on in weak / mixed supervision; a dict: ``SurfaceAugment`` arguments).
-        val_split: stratified share of the training images held out for validation (0: none).
-        val_data: a folder whose training split is the validation set instead.
-        cache: decode the images once into a cache file.
-        dagm_class, fold: the DAGM class / KSDD fold to use.
-        final_eval: evaluate the test split at the end (with pictures, up to ``max_images``).
     """
 
-    dataset_kind: str = "auto"
-    img_size: Any = None
-    channels: int | None = None
     delta: float | None = None
     p: float | None = None
     w_pos: float | None = None
@@ -69,13 +86,6 @@ class SegDecConfig:
     width: float = 1.0
     stats_head: bool | None = None
     augment: bool | dict[str, Any] | None = None
-    val_split: float = 0.15
-    val_data: str | Path | None = None
-    cache: bool = False
-    dagm_class: int | None = None
-    fold: int = 0
-    final_eval: bool = True
-    max_images: int = 16
 
     def resolved(self, layout: str) -> SegDecConfig:
         """A copy whose preset fields left None take the preset of ``layout``."""
