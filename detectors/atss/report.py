@@ -561,7 +561,7 @@ def make_thumbnails(ds: Any, data: DatasetBoxes, stats: AssignStats, worst: np.n
     return thumbs, rows
 
 
-@register_section("atss_assignment", order=40)
+@register_section("atss_assignment", order=25)
 def atss_assignment_section(ctx: ReportContext) -> ReportSection | None:
     """What ATSS will do with the training boxes at ``ctx.img_size``; None when there are no boxes.
 
