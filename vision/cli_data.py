@@ -1,4 +1,4 @@
-"""``negvision data``: make the sample data sets, check a detection folder."""
+"""``negvision data``: make the sample data sets, check a folder, report what is in it."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from vision.cli_options import RegistryChoice, registry_command
 DIGITS_FORMAT = RegistryChoice("--format", "vision.data.formats:format_names", "detection format to write",
                                args=("detection", True))
 DEFECT_FAMILY = RegistryChoice("--family", "vision.data.defects:FAMILIES", "defect family")
+ANY_FORMAT = RegistryChoice("--format", "vision.data.formats:FORMATS", "data format (default: auto-detected)")
 
 
-app = typer.Typer(help="Data sets: make the sample digits set, check a folder.", no_args_is_help=True,
+app = typer.Typer(help="Data sets: make the sample digits set, check a folder, report what is in it.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
 
 
@@ -136,3 +137,64 @@ def _check_splits(data: Path, fmt: str, splits: list[str], named: bool, check) -
     typer.echo(f"checked in {time.perf_counter() - t0:.1f} s" + (f"; {n_bad} bad items" if n_bad else ""))
     if failed or n_bad:
         raise typer.Exit(EXIT_USER_ERROR)
+
+
+@app.command("report", cls=registry_command(fmt=ANY_FORMAT))
+def report_cmd(
+    data: Path = typer.Option(..., "--data", help="A detection folder (COCO, YOLO, VOC, LabelMe) or a defect layout."),
+    out: Path = typer.Option(Path("report"), "--out", help="Report folder: report.html (self-contained) and "
+                             "report.json."),
+    fmt: str = ANY_FORMAT.option(None),
+    img_size: int = typer.Option(640, "--img-size", min=32, help="Training resolution (longer side) box sizes are "
+                                 "given at."),
+    split: list[str] = typer.Option([], "--split", help="Report only this split (repeatable); default: every split."),
+    near_threshold: int = typer.Option(6, "--near-threshold", min=0, max=64, help="Perceptual-hash distance (bits of "
+                                       "64) at or below which two images are near duplicates."),
+    overlap_iou: float = typer.Option(0.9, "--overlap-iou", min=0.0, max=1.0, help="Two same-class boxes of one image "
+                                      "above this IoU are reported as a probable double label."),
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 when a section finds a severe problem (duplicates "
+                                "across splits)."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images and bad boxes (listed in the "
+                                  "report) instead of stopping at them."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Decode every image again, ignoring the index cache."),
+) -> None:
+    """What is in a data folder and what is wrong with it: counts per split and class, box sizes at --img-size against
+    the ATSS anchors, duplicates within and across splits (leakage), tiny boxes and double labels, and the sections
+    of the other packages (what the ATSS assigner does with the boxes). Writes OUT/report.html and OUT/report.json."""
+    from vision.data import DatasetError
+    from vision.data.report import ReportWriteError, make_report
+
+    try:
+        res = make_report(data, out, format=fmt, img_size=img_size, splits=list(split) or None,
+                          near_threshold=near_threshold, skip_bad=skip_bad, strict=strict, cache=not no_cache,
+                          options={"overlap_iou": overlap_iou})
+    except (DatasetError, ReportWriteError) as e:
+        fail(str(e))
+    typer.echo(_report_headline(data, res))
+    if res["strict_failed"]:
+        titles = ", ".join(res["titles"][n] for n in res["headline"]["severe"])
+        fail(f"--strict: severe problems in {titles} (see {res['report_html']})")
+
+
+def _report_headline(data: Path, res: dict) -> str:
+    """The lines ``data report`` prints: splits, leakage, each section's problems (the first few), the report path."""
+    head = res["headline"]
+    parts = []
+    for s, v in head["splits"].items():
+        extra = f", {v['boxes']} boxes" if "boxes" in v else f", {v['defective']} defective"
+        parts.append(f"{s} {v['images']} images{extra}")
+    a = head["duplicates_across_splits"]
+    lines = [f"{data} ({res['format']}): " + "; ".join(parts)]
+    leak = "LEAKAGE: " if a["exact"] or a["near"] else ""
+    lines.append(f"{leak}duplicates across splits: {a['exact']} exact, {a['near']} near ({a['images']} images)")
+    for name, problems in res["sections"].items():
+        if not problems:
+            continue
+        sev = " [severe]" if name in head["severe"] else ""
+        lines.append(f"{res['titles'][name]}{sev}: {len(problems)} problem{'s' if len(problems) != 1 else ''}")
+        lines += [f"  {p}" for p in problems[:5]]
+        if len(problems) > 5:
+            lines.append(f"  ... and {len(problems) - 5} more")
+    lines += [f"note: {n}" for n in res["notes"]]
+    lines.append(f"report: {res['report_html']} (figures: {res['report_json']})")
+    return "\n".join(lines)
