@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from vision.cli import app
 from vision.data.digits import make_digits
 from vision.data.report import REPORT_HTML, REPORT_JSON, ReportWriteError, make_report
-from vision.data.report_basic import near_pairs
+from vision.data.report_basic import NEAR_THRESHOLD, near_pairs
 from vision.data.report_sections import ReportSection, register_section, report_sections
 
 runner = CliRunner()
@@ -273,6 +273,16 @@ def test_cli_bad_image_named_or_skipped(tmp_path):
     assert any("val_00001.jpg" in m for m in doc["skipped"]["val"])
     assert doc["headline"]["splits"]["val"]["images"] == 2
     assert "val_00001.jpg" in (out / REPORT_HTML).read_text()
+
+
+def test_cli_defaults_are_the_library_defaults():
+    import inspect
+
+    from vision.cli_data import report_cmd
+
+    params = inspect.signature(report_cmd).parameters
+    assert params["near_threshold"].default.default == NEAR_THRESHOLD
+    assert params["img_size"].default.default == inspect.signature(make_report).parameters["img_size"].default
 
 
 def test_cli_usage_errors(planted, tmp_path):

@@ -164,7 +164,7 @@ def make_report(
 
     Returns:
         ``{"report_html", "report_json", "headline", "sections": {name: problems}, "severe", "strict_failed",
-        "timings": {"load", "hashing", "sections", "write"}, "notes"}``.
+        "timings": {"load", "hashing", "sections", "write"}, "section_seconds": {name: s}, "notes"}``.
 
     Raises:
         DatasetError: the data cannot be read (names the file and line), as ``data check``.
@@ -186,8 +186,11 @@ def make_report(
     notes = load_external_sections()
     t0 = time.perf_counter()
     sections: dict[str, ReportSection] = {}
+    per_section: dict[str, float] = {}
     for name, fn in report_sections():
+        t1 = time.perf_counter()
         sec, err = _run_section(name, fn, ctx)
+        per_section[name] = round(time.perf_counter() - t1, 3)
         if err:
             notes.append(err)
         if sec is not None:
@@ -202,7 +205,7 @@ def make_report(
         "options": {k: v for k, v in opts.items() if k != "progress"}, "headline": head, "skipped": skipped,
         "sections": {n: {"title": s.title, "severe": s.severe, "problems": s.problems, "figures": s.figures}
                      for n, s in sections.items()},
-        "notes": notes, "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "notes": notes, "timings_s": {k: round(v, 3) for k, v in timings.items()}, "section_seconds": per_section,
     }
     blocks = [(n, s.title + (" (severe)" if s.severe else ""), s.html) for n, s in sections.items()]
     if any(skipped.values()):
@@ -219,4 +222,5 @@ def make_report(
     return {"report_html": out / REPORT_HTML, "report_json": out / REPORT_JSON, "format": fmt.name,
             "headline": head, "sections": {n: s.problems for n, s in sections.items()},
             "titles": {n: s.title for n, s in sections.items()}, "severe": severe,
-            "strict_failed": bool(strict and severe), "timings": doc_timings, "notes": notes}
+            "strict_failed": bool(strict and severe), "timings": doc_timings, "section_seconds": per_section,
+            "notes": notes}
