@@ -81,6 +81,7 @@ def report(planted, tmp_path_factory) -> tuple[dict, dict, str]:
 
 def test_leakage_found_exact_and_near(report):
     res, doc, _ = report
+    assert res["notes"] == [] and set(SECTIONS) <= set(doc["sections"])
     dup = doc["sections"]["duplicates"]
     assert dup["severe"] and res["severe"] and "duplicates" in res["headline"]["severe"]
     exact = [sorted(f"{x['split']}:{Path(x['path']).name}" for x in g["images"]) for g in dup["figures"]["exact"]["list"]]
@@ -194,6 +195,7 @@ def test_defect_layout(tmp_path):
     doc = json.loads(Path(res["report_json"]).read_text())
     assert doc["task"] == "defect" and set(doc["sections"]) >= {"counts", "duplicates"}
     assert "geometry" not in doc["sections"] and "box_problems" not in doc["sections"]
+    assert doc["notes"] == []  # every section either applies or says it does not (None), none fails
     counts = doc["sections"]["counts"]["figures"]["splits"]
     assert counts["train"]["images"] == 6 and counts["train"]["good"] + counts["train"]["defective"] == 6
     assert counts["test"]["images"] == 5
