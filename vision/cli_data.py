@@ -169,7 +169,9 @@ def report_cmd(
                           near_threshold=near_threshold, skip_bad=skip_bad, strict=strict, cache=not no_cache,
                           options={"overlap_iou": overlap_iou})
     except (DatasetError, ReportWriteError) as e:
-        fail(str(e))
+        from vision.data.formats.base import SKIP_HINT
+
+        fail(str(e).replace(SKIP_HINT, "(--skip-bad skips bad items and lists them in the report)"))
     typer.echo(_report_headline(data, res))
     if res["strict_failed"]:
         titles = ", ".join(res["titles"][n] for n in res["headline"]["severe"])

@@ -265,15 +265,23 @@ def test_cli_bad_image_named_or_skipped(tmp_path):
     root = make_digits(tmp_path / "d", format="yolo", n_train=6, n_val=3, img_size=64, seed=4, max_objects=2)
     bad = root / "images" / "val" / "val_00001.jpg"
     bad.write_bytes(bad.read_bytes()[:200])  # cut short by a failed copy
+    with (root / "labels" / "train" / "train_00002.txt").open("a") as f:
+        f.write("1 0.5 0.5 0.0 0.1\n")  # a box of width 0: degenerate, refused by the reader
     out = tmp_path / "rep"
     r = runner.invoke(app, ["data", "report", "--data", str(root), "--out", str(out), "--no-cache"])
     assert r.exit_code == 1 and "val_00001.jpg" in r.output and "Traceback" not in r.output
+    assert "train_00002.txt" in r.output  # every split's problems at once
+    assert "lists them in the report" in r.output
     assert not (out / REPORT_HTML).exists()
     r = runner.invoke(app, ["data", "report", "--data", str(root), "--out", str(out), "--skip-bad", "--no-cache"])
     assert r.exit_code == 0, r.output
     doc = json.loads((out / REPORT_JSON).read_text())
     assert any("val_00001.jpg" in m for m in doc["skipped"]["val"])
     assert doc["headline"]["splits"]["val"]["images"] == 2
+    bp = doc["sections"]["box_problems"]
+    assert bp["figures"]["splits"]["train"]["dropped_by_reader"] == {"degenerate": 1}
+    assert any("skipped by --skip-bad: 1 x degenerate box" in p for p in bp["problems"])
+    assert any("train_00002.txt" in m for m in doc["skipped"]["train"])
     assert "val_00001.jpg" in (out / REPORT_HTML).read_text()
 
 

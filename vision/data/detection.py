@@ -78,6 +78,11 @@ class DetectionDataset(Dataset):
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def bad_kinds(self) -> dict[str, int]:
+        """The items ``skip_bad`` dropped, counted by kind (keys of ``KIND_WORDS``: ``degenerate``, ``bad_image`` ...)."""
+        return dict(self._bad_kinds)
+
     def annotations(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Ground-truth (boxes xyxy [N, 4], labels [N]) of image ``i`` without decoding it."""
         it = self._items[i]

@@ -601,7 +601,7 @@ def box_problems_section(ctx: ReportContext) -> ReportSection | None:
                 doubles.append({"split": s, "path": _rel(ctx, ds.image_paths[i]), "image": i,
                                 "class": ds.classes[d.label[sel[a]]], "iou": round(iou, 4),
                                 "boxes": [d.box[sel[a]].tolist(), d.box[sel[b]].tolist()]})
-        kinds = dict(getattr(ds, "_bad_kinds", {}) or {})
+        kinds = ds.bad_kinds
         box_kinds = {k: n for k, n in kinds.items() if k in ("degenerate", "outside", "malformed")}
         skipped[s] = {"by_kind": kinds, "items": list(getattr(ds, "bad", []))}
         per_split[s] = {"boxes": len(d.wh), "tiny": int(len(t)), "double_labels": n_double,
@@ -615,7 +615,7 @@ def box_problems_section(ctx: ReportContext) -> ReportSection | None:
             problems.append(f"split '{s}': {v['double_labels']} pair{'s' if v['double_labels'] != 1 else ''} of "
                             f"same-class boxes with IoU > {iou_min:g} (probable double labels)")
         for k, n in v["dropped_by_reader"].items():
-            problems.append(f"split '{s}': {n} {KIND_WORDS.get(k, k)}{'s' if n != 1 else ''} dropped by --skip-bad")
+            problems.append(f"split '{s}': skipped by --skip-bad: {n} x {KIND_WORDS.get(k, k)} (listed under 'Skipped')")
     problems += [f"tiny box: [{x['split']}] {x['path']} class '{x['class']}' {x['box']} is "
                  f"{x['size_at_img_size'][0]:g} x {x['size_at_img_size'][1]:g} px at {ctx.img_size}" for x in tiny]
     problems += [f"double label: [{x['split']}] {x['path']} class '{x['class']}' two boxes with IoU {x['iou']:.3f}"
