@@ -137,6 +137,21 @@ STATS_HIDDEN = 32
 STATS_EPS = 1e-3
 
 
+_SOBEL_X = ((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))
+_LAPLACE = ((0.0, 1.0, 0.0), (1.0, -4.0, 1.0), (0.0, 1.0, 0.0))
+N_PIXEL_MAPS = 3
+
+
+def pixel_maps(x: Tensor) -> list[Tensor]:
+    """The input's own texture maps for the statistics branch: the grey image, its Sobel gradient magnitude and
+    its Laplacian (3x3, valid convolution), each [B, 1, h, w]; fixed filters, no parameters."""
+    g = x.float().mean(dim=1, keepdim=True)
+    kx = torch.tensor(_SOBEL_X, dtype=g.dtype, device=g.device).view(1, 1, 3, 3)
+    lap = torch.tensor(_LAPLACE, dtype=g.dtype, device=g.device).view(1, 1, 3, 3)
+    gx, gy = F.conv2d(g, kx), F.conv2d(g, kx.transpose(2, 3))
+    return [g, torch.sqrt(gx * gx + gy * gy + 1e-12), F.conv2d(g, lap)]
+
+
 def channel_statistics(maps: list[Tensor]) -> Tensor:
     """[B, sum 2 C]: each map's per-channel mean and log standard deviation over (H, W), in fp32.
 
@@ -165,7 +180,8 @@ class SegDecNet(nn.Module):
         width: channel multiplier of the paper's trunk (1 = the paper; < 1 is a lighter variant for CPU runs).
         stats_head: add the statistics branch to the decision network (not in the paper): per-channel mean and log
             std of the trunk's maps (a registry trunk: at strides :data:`STATS_STRIDES`; the paper's trunk: its
-            volume), through Linear + ReLU (:data:`STATS_HIDDEN` units), beside the paper's 66 pooled features.
+            volume) and of the input's grey level, gradient magnitude and Laplacian (:func:`pixel_maps`), through
+            Linear + ReLU (:data:`STATS_HIDDEN` units), beside the paper's 66 pooled features.
             The paper's decision network normalises every feature map per sample (FeatureNorm) and so cannot see
             a change of the whole image's texture statistics; this branch can.
     """
@@ -227,6 +243,7 @@ class SegDecNet(nn.Module):
         self.stats_head = bool(stats_head)
         if self.stats_head:
             n_stats = 2 * (sum(self.volume.stats_channels) if backbone is not None else volume_channels)
+            n_stats += 2 * N_PIXEL_MAPS
             self.stats = nn.Sequential(nn.Linear(n_stats, STATS_HIDDEN), nn.ReLU())
         self.fc = nn.Linear(66 + (STATS_HIDDEN if self.stats_head else 0), 1)
 
@@ -270,9 +287,9 @@ class SegDecNet(nn.Module):
         if isinstance(self.volume, _BackboneVolume):
             maps = self.volume.features(x)
             return maps[self.volume.volume_index], [f for s, f in zip(self.volume.strides, maps, strict=True)
-                                                     if s in STATS_STRIDES]
+                                                     if s in STATS_STRIDES] + pixel_maps(x)
         volume = self.volume(x)
-        return volume, [volume]
+        return volume, [volume, *pixel_maps(x)]
 
     def _decide(self, volume: Tensor, seg: Tensor, m: Tensor | float, stat_maps: list[Tensor] | None = None) -> Tensor:
         """The decision network on the volume, the segmentation logits (and the statistics branch's maps): [B]."""

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from detectors.segdec.model import STATS_EPS, STATS_HIDDEN, STATS_STRIDES, SegDecNet, channel_statistics
+from detectors.segdec.model import (
+    N_PIXEL_MAPS,
+    STATS_EPS,
+    STATS_HIDDEN,
+    STATS_STRIDES,
+    SegDecNet,
+    channel_statistics,
+    pixel_maps,
+)
 from detectors.segdec.spec import build_from_spec
 
 
@@ -38,7 +46,7 @@ def test_registry_trunk_stats_use_strides_2_4_8_and_gradients_reach_them():
     torch.manual_seed(0)
     m = SegDecNet(in_channels=1, backbone="mobilenetv3_small_050", stats_head=True)
     assert m.volume.strides == sorted(set(STATS_STRIDES) | {8})
-    n = 2 * sum(m.volume.stats_channels)
+    n = 2 * sum(m.volume.stats_channels) + 2 * N_PIXEL_MAPS
     assert m.stats[0].in_features == n and m.fc.in_features == 66 + STATS_HIDDEN
     dec, seg = m(torch.rand(2, 1, 32, 48), grad_multiplier=1.0)
     assert dec.shape == (2,) and seg.shape == (2, 1, 4, 6)
@@ -62,3 +70,14 @@ def test_decision_cam_and_rebuild_from_spec_with_stats_head():
     # a spec written before the branch existed rebuilds the paper's head
     old = build_from_spec({"model": {"in_channels": 1, "width": 0.25}})
     assert not old.stats_head and old.fc.in_features == 66 and "stats_head" not in old.config
+
+
+def test_pixel_maps_by_hand():
+    x = torch.zeros(1, 3, 5, 5)
+    x[..., :, 3:] = 1.0  # a vertical step edge between columns 2 and 3, in every channel
+    g, grad, lap = pixel_maps(x)
+    assert g.shape == (1, 1, 5, 5) and grad.shape == lap.shape == (1, 1, 3, 3)
+    # Sobel x across the step: columns (1, 2, 3) of the valid output see 0, 4, 4; y: 0
+    assert torch.allclose(grad[0, 0], torch.tensor([[0.0, 4.0, 4.0]] * 3), atol=1e-5)
+    # Laplacian: +1 left of the edge, -1 right of it
+    assert torch.allclose(lap[0, 0], torch.tensor([[0.0, 1.0, -1.0]] * 3))
