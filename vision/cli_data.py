@@ -74,17 +74,12 @@ def check_cmd(
     formats (COCO, YOLO, VOC, LabelMe) and the defect layouts of `negvision defect` are recognised."""
     from vision.data import DETECTION_SPLITS, DatasetError, load_detection_dataset
     from vision.data.defect_split import DEFECT_SPLITS, check_defect_split
-    from vision.data.formats import detect_format
+    from vision.data.formats import resolve_format
 
     try:
-        fmt = detect_format(data, "detection")
+        fmt = resolve_format(data)
     except DatasetError as e:
-        try:
-            fmt = detect_format(data, "defect") if data.is_dir() else None
-        except DatasetError:
-            fmt = None
-        if fmt is None:
-            fail(str(e))
+        fail(str(e))
 
     def detection(s: str) -> tuple[str, list[str]]:
         ds = load_detection_dataset(data, s, skip_bad=skip_bad, format=fmt.name, cache=not no_cache)

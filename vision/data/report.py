@@ -14,7 +14,7 @@ from typing import Any
 from vision.io import error_line, write_json_atomic, write_text_atomic
 
 from . import report_basic  # noqa: F401  (registers vision's own sections)
-from .formats import DataFormat, DatasetError, SplitNotFoundError, combine_errors, detect_format, get_format
+from .formats import DataFormat, DatasetError, SplitNotFoundError, combine_errors, resolve_format
 from .report_basic import NEAR_THRESHOLD, image_hashes
 from .report_html import esc, page, problem_list
 from .report_sections import ReportContext, ReportSection, load_external_sections, report_sections
@@ -27,23 +27,6 @@ REPORT_JSON = "report.json"
 
 class ReportWriteError(OSError):
     """The report folder cannot be created or written (the message is one line naming it)."""
-
-
-def resolve_format(data: str | os.PathLike, format: str | None = None) -> DataFormat:
-    """The registered format of ``data``: ``format`` when given, else the detection format auto-detected, else (for a
-    folder) the defect layout; DatasetError with the detection formats' layouts when none fits."""
-    p = Path(data)
-    if format:
-        return get_format(format)
-    try:
-        return detect_format(p, "detection")
-    except DatasetError as e:
-        if p.is_dir():
-            try:
-                return detect_format(p, "defect")
-            except DatasetError:
-                pass
-        raise e from None
 
 
 def _check_writable(out: Path) -> None:

@@ -21,6 +21,7 @@ from .base import (
     get_format,
     list_formats,
     register_format,
+    resolve_format,
 )
 from .common import DetectionSample
 
@@ -37,6 +38,7 @@ __all__ = [
     "SplitNotFoundError",
     "combine_errors",
     "detect_format",
+    "resolve_format",
     "format_names",
     "get_format",
     "list_formats",

@@ -266,3 +266,20 @@ def detect_format(path: str | os.PathLike, task: str) -> DataFormat:
             continue
     layouts = "; ".join(f.layout.replace("{split}", "SPLIT") for f in list_formats(task) if f.layout)
     raise DatasetError(f"cannot tell the layout of '{p}': no {task} data set found; expected one of: {layouts}")
+
+
+def resolve_format(data: str | os.PathLike, format: str | None = None) -> DataFormat:
+    """The registered format of ``data``: ``format`` when given, else the detection format auto-detected, else (for a
+    folder) the defect layout; DatasetError with the detection formats' layouts when none fits."""
+    p = Path(data)
+    if format:
+        return get_format(format)
+    try:
+        return detect_format(p, "detection")
+    except DatasetError as e:
+        if p.is_dir():
+            try:
+                return detect_format(p, "defect")
+            except DatasetError:
+                pass
+        raise e from None
