@@ -68,6 +68,8 @@ class SegDecConfig(DefectDataConfig):
         stats_head: the decision network's statistics branch (None: on with a registry trunk in weak / mixed
             supervision; see :class:`SegDecNet`).
         augment: surface augmentation (None: on in weak / mixed supervision; a dict: ``SurfaceAugment`` arguments).
+        trunk_lr_scale: a registry trunk learns at this share of the learning rate (the new layers at the full
+            rate); None: 1.
     """
 
     delta: float | None = None
@@ -86,6 +88,7 @@ class SegDecConfig(DefectDataConfig):
     width: float = 1.0
     stats_head: bool | None = None
     augment: bool | dict[str, Any] | None = None
+    trunk_lr_scale: float | None = None
 
     def resolved(self, layout: str) -> SegDecConfig:
         """A copy whose preset fields left None take the preset of ``layout``."""
