@@ -81,3 +81,26 @@ def test_pixel_maps_by_hand():
     assert torch.allclose(grad[0, 0], torch.tensor([[0.0, 4.0, 4.0]] * 3), atol=1e-5)
     # Laplacian: +1 left of the edge, -1 right of it
     assert torch.allclose(lap[0, 0], torch.tensor([[0.0, 1.0, -1.0]] * 3))
+
+
+def test_trunk_lr_scale_zero_keeps_the_trunk_and_trains_the_head(tmp_path):
+    from accelerate.utils import set_seed
+    from safetensors.torch import load_file
+
+    from _settings import train_segdec
+    from vision.data.defects import make_defects
+
+    data = make_defects(tmp_path / "d", n_train=12, n_test=0, img_size=32, seed=3, image_level_fraction=0.0)
+    run = tmp_path / "run"
+    train_segdec(data, run, num_segmented=0, backbone="mobilenetv3_small_050", pretrained=False, trunk_lr_scale=0.0,
+                 epochs=2, batch=4, device="cpu", progress=False, val_split=0, workers=0)  # epoch 0: w_dec = 0
+    set_seed(0)  # train_segdec builds the network right after set_seed(seed): the same initial weights
+    init = SegDecNet(1, grad_multiplier=0.0, backbone="mobilenetv3_small_050", stats_head=True).state_dict()
+    trained = load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
+    trunk = [k for k in init if k.startswith("volume.") and "running" not in k and "num_batches" not in k]
+    assert trunk and all(torch.equal(trained[k], init[k]) for k in trunk)
+    assert not torch.equal(trained["fc.weight"], init["fc.weight"])
+    assert not torch.equal(trained["stats.0.weight"], init["stats.0.weight"])
+    import json
+
+    assert json.loads((run / "segdec.json").read_text())["train"]["trunk_lr_scale"] == 0.0
