@@ -62,7 +62,7 @@ SectionFn = Callable[[ReportContext], "ReportSection | None"]
 _SECTIONS: dict[str, tuple[int, SectionFn]] = {}
 
 # modules of the packages above vision that register sections when imported
-EXTERNAL_SECTION_MODULES: tuple[str, ...] = ("detectors.atss.report",)
+EXTERNAL_SECTION_MODULES: tuple[str, ...] = ("detectors.atss.report", "detectors.label_issues")
 
 
 def register_section(name: str, order: int = 100) -> Callable[[SectionFn], SectionFn]:
