@@ -119,13 +119,26 @@ def evaluate(
     skip_bad: bool = opt.skip_bad_option("Skip bad images/labels (counted)."),
     device: str | None = opt.device_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+    label_issues: bool = typer.Option(False, "--label-issues", help="Also rank the images of every split most "
+                                      "likely mislabelled (missing box, wrong class, badly placed box; cleanlab): "
+                                      "OUT/label_issues/ (default RUN/label_issues/): JSON, CSV, pictures."),
+    folds: int = typer.Option(0, "--folds", min=0, help="With --label-issues: predict the training images with K "
+                              "models cross-fitted on the other folds (K trainings of the run's settings); 0: the "
+                              "given model, which saw them."),
+    top: int = typer.Option(20, "--top", min=0, help="With --label-issues: pictures (label | prediction) of the N "
+                            "lowest-ranked images, and the lines printed."),
 ) -> None:
-    """COCO AP / AP50 / AP75 / AP small-medium-large and a per-class AP table (pycocotools)."""
+    """COCO AP / AP50 / AP75 / AP small-medium-large and a per-class AP table (pycocotools); with --label-issues,
+    the images most likely mislabelled, ranked by cleanlab's label quality."""
     from detectors.detect import evaluate_detector, load_detector, save_eval_outputs
     from vision.data import DatasetError, load_detection_dataset
     from vision.engine import WeightsMismatchError
     from vision.metrics import format_ap_table
 
+    if folds == 1:
+        usage_error("--folds 1 cannot hold an image out: use 0 (the given model) or K >= 2")
+    if folds and not label_issues:
+        usage_error("--folds goes with --label-issues")
     dev = opt.resolve_device(device)
     try:
         model, spec = load_detector(weights, dev)
@@ -141,6 +154,44 @@ def evaluate(
         typer.echo(json.dumps({k: v for k, v in res.items() if k != "pr_curves"}, default=float))
     else:
         typer.echo(format_ap_table(res))
+    if label_issues:
+        del model
+        _label_issues(weights, data, out, folds=folds, top=top, batch=batch, device=dev, skip_bad=skip_bad,
+                      quiet=as_json)
+
+
+def _label_issues(weights: Path, data: Path, out: Path | None, *, folds: int, top: int, batch: int,
+                  device: str | None, skip_bad: bool, quiet: bool) -> None:
+    """``detect eval --label-issues``: rank every split, write OUT/label_issues/, print the sources and the top."""
+    from detectors.label_issues import OUT_NAME, LabelIssueConfig, cost_line, describe, rank_label_issues
+    from vision.data import DatasetError
+    from vision.engine import TrainingInterrupted, WeightsMismatchError
+    from vision.engine.run import find_spec
+
+    if out is None:
+        spec_path = find_spec(weights, "detector.json")
+        out = spec_path.parent if spec_path is not None else (weights if weights.is_dir() else weights.parent)
+    folder = out / OUT_NAME
+    config = LabelIssueConfig(folds=folds, top=top, batch_size=batch, device=device, skip_bad=skip_bad)
+    try:
+        res = rank_label_issues(data, weights, folder, config)
+    except TrainingInterrupted as e:
+        typer.echo(f"{e} (a fold training was interrupted; run the command again)", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except (DatasetError, OSError, ValueError, WeightsMismatchError) as e:
+        fail(str(e))
+    echo = (lambda s: typer.echo(s, err=True)) if quiet else typer.echo  # --json keeps stdout one JSON line
+    summ = res.summary()
+    echo(f"label issues: {summ['flagged']} of {summ['images']} images flagged by cleanlab (find_label_issues)")
+    for s, how in res.sources.items():
+        echo(f"  {s}: predicted by {how}")
+    if folds >= 2:
+        n_train = summ["by_split"].get("train", {}).get("images", 0)
+        echo(f"  cost: {cost_line(folds, n_train)}; {res.seconds.get('cross_fit', 0):.0f} s")
+    for r in res.rows[:top]:
+        flag = "*" if r["issue"] else " "
+        echo(f"{r['rank']:>4}{flag} {r['score']:.3f}  [{r['split']}] {Path(r['file']).name}  {describe(r)}")
+    echo(f"ranked list: {folder / 'label_issues.csv'} (and .json); pictures: {folder / 'pictures'}")
 
 
 @detect_app.command("predict")

@@ -152,17 +152,23 @@ def report_cmd(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images and bad boxes (listed in the "
                                   "report) instead of stopping at them."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Decode every image again, ignoring the index cache."),
+    weights: Path | None = typer.Option(None, "--weights", help="A trained detector (run folder, checkpoint or "
+                                        "model.safetensors): adds the label issues its predictions point to "
+                                        "(missing box, wrong class, badly placed box; cleanlab)."),
 ) -> None:
     """What is in a data folder and what is wrong with it: counts per split and class, box sizes at --img-size against
     the ATSS anchors, duplicates within and across splits (leakage), tiny boxes and double labels, and the sections
-    of the other packages (what the ATSS assigner does with the boxes). Writes OUT/report.html and OUT/report.json."""
+    of the other packages (what the ATSS assigner does with the boxes; with --weights, the images most likely
+    mislabelled). Writes OUT/report.html and OUT/report.json."""
     from vision.data import DatasetError
     from vision.data.report import ReportWriteError, make_report
 
+    if weights is not None and not weights.exists():
+        fail(f"--weights '{weights}' does not exist (expected a run folder, a checkpoint folder or a weights file)")
     try:
         res = make_report(data, out, format=fmt, img_size=img_size, splits=list(split) or None,
                           near_threshold=near_threshold, skip_bad=skip_bad, strict=strict, cache=not no_cache,
-                          options={"overlap_iou": overlap_iou})
+                          options={"overlap_iou": overlap_iou, "weights": str(weights) if weights else None})
     except (DatasetError, ReportWriteError) as e:
         from vision.data.formats.base import SKIP_HINT
 
