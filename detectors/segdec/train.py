@@ -156,6 +156,10 @@ def train_segdec(
     out = prepare_run_dir(run.out, resume=resume, exist_ok=run.exist_ok)
     if run.config is not None:
         write_run_config(out, {**run.config, "_resumed": bool(resume)})
+    if resume and cfg.stats_head is None and (out / SPEC_FILE).is_file():  # a resumed run keeps its network
+        from vision.engine.run import read_spec
+
+        stats_head = bool(read_spec(out / SPEC_FILE).get("model", {}).get("stats_head", False))
     device = "cpu" if training_device(run.device) else run.device
     record_skipped(out, {"train": train_ds.bad, **({"val": val_ds.bad} if val_ds is not None else {}),
                          **({"test": eval_ds.bad} if eval_ds is not None else {})})

@@ -104,3 +104,19 @@ def test_trunk_lr_scale_zero_keeps_the_trunk_and_trains_the_head(tmp_path):
     import json
 
     assert json.loads((run / "segdec.json").read_text())["train"]["trunk_lr_scale"] == 0.0
+
+
+def test_a_run_from_before_the_statistics_branch_resumes_with_its_own_network(tmp_path):
+    import json
+
+    from _settings import train_segdec
+    from vision.data.defects import make_defects
+
+    data = make_defects(tmp_path / "d", n_train=12, n_test=0, img_size=32, seed=4, image_level_fraction=0.0)
+    run = tmp_path / "run"
+    kw = dict(num_segmented=0, backbone="mobilenetv3_small_050", pretrained=False, batch=4, device="cpu",
+              progress=False, val_split=0, workers=0)
+    first = train_segdec(data, run, stats_head=False, epochs=1, **kw)  # a labels-only run before the branch
+    s = train_segdec(data, run, resume=True, epochs=2, **kw)  # stats_head unset: the run's own network
+    assert s["steps"] == 2 * first["steps"] > 0
+    assert "stats_head" not in json.loads((run / "segdec.json").read_text())["model"]
