@@ -14,10 +14,10 @@ from vision.data.defects import make_defects
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/detectors/conftest.py
 
 runner = CliRunner()
-# mixed supervision (some defective images keep masks), the paper's trunk, augmentation on; 6 defective + 6 sampled
-# good images a balanced epoch, batch 4: 3 steps an epoch, 6 in all
+# mixed supervision (some defective images keep masks), the paper's trunk with the decision's statistics branch,
+# augmentation on; 6 defective + 6 sampled good images a balanced epoch, batch 4: 3 steps an epoch, 6 in all
 ARGS = ["--width", "0.25", "--cpu", "--batch", "4", "--epochs", "2", "--augment", "--num-segmented", "4",
-        "--backbone", "paper", "--checkpoint-every", "2", "--eval-every", "1"]
+        "--backbone", "paper", "--stats-head", "--checkpoint-every", "2", "--eval-every", "1"]
 
 
 def _train(data, out, *extra: str) -> None:
