@@ -143,7 +143,7 @@ def report_cmd(
     img_size: int = typer.Option(640, "--img-size", min=32, help="Training resolution (longer side) box sizes are "
                                  "given at."),
     split: list[str] = typer.Option([], "--split", help="Report only this split (repeatable); default: every split."),
-    near_threshold: int = typer.Option(4, "--near-threshold", min=0, max=64, help="Perceptual-hash distance (bits of "
+    near_threshold: int = typer.Option(2, "--near-threshold", min=0, max=64, help="Perceptual-hash distance (bits of "
                                        "64) at or below which two images are near duplicates."),
     overlap_iou: float = typer.Option(0.9, "--overlap-iou", min=0.0, max=1.0, help="Two same-class boxes of one image "
                                       "above this IoU are reported as a probable double label."),
