@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from vision import cli_options as opt
-from vision.cli_common import EXIT_INTERRUPTED, fail, parse_pretrained, usage_error
+from vision.cli_common import fail, interrupted, parse_pretrained, usage_error
 
 detect_app = typer.Typer(help="ATSS object detectors on COCO / YOLO / VOC image folders.", no_args_is_help=True,
                          add_completion=False, pretty_exceptions_enable=False)
@@ -95,8 +95,7 @@ def train(
     try:
         summary = train_detector(data, config, train, opt.run_options(ctx))
     except TrainingInterrupted as e:
-        typer.echo(f"{e} (negvision detect train ... --resume)", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        interrupted(f"{e} (negvision detect train ... --resume)")
     except (DatasetError, FileNotFoundError, ValueError, WeightsMismatchError) as e:
         fail(str(e))
     ev = summary.get("eval")
@@ -176,8 +175,7 @@ def _label_issues(weights: Path, data: Path, out: Path | None, *, folds: int, to
     try:
         res = rank_label_issues(data, weights, folder, config)
     except TrainingInterrupted as e:
-        typer.echo(f"{e} (a fold training was interrupted; run the command again)", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        interrupted(f"{e} (a fold training was interrupted; run the command again)")
     except (DatasetError, OSError, ValueError, WeightsMismatchError) as e:
         fail(str(e))
     echo = (lambda s: typer.echo(s, err=True)) if quiet else typer.echo  # --json keeps stdout one JSON line
@@ -286,8 +284,7 @@ def demo(
         run_demo(out=out, n_train=n_train, n_val=n_val, img_size=img_size, batch=batch,
                  epochs=epochs, workers=workers)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        interrupted("interrupted")
 
 
 __all__ = ["detect_app", "demo_app"]

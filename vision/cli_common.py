@@ -35,6 +35,12 @@ def usage_error(msg: str) -> NoReturn:
     raise typer.Exit(EXIT_USAGE)
 
 
+def interrupted(msg: str) -> NoReturn:
+    """Print ``msg`` (what was saved, how to go on) to stderr and exit with status 130 (a run stopped by a signal)."""
+    typer.echo(msg, err=True)
+    raise typer.Exit(EXIT_INTERRUPTED)
+
+
 def parse_pretrained(value: str) -> bool | str:
     """``--pretrained`` values: true / false (and synonyms) or an existing weights file."""
     v = value.lower()

@@ -10,7 +10,7 @@ import typer
 
 from clip_ood.cli_common import MODEL_HELP, PRETRAINED_HELP, load_encoder_or_fail
 from vision import cli_options as opt
-from vision.cli_common import EXIT_INTERRUPTED, fail
+from vision.cli_common import fail, interrupted
 
 retrieval_app = typer.Typer(help="DCAR dual prompt learning for image-text retrieval (and the CoOp baseline).",
                             no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -123,8 +123,7 @@ def train(
                                      skipped={"train": bad_tr, "val": bad_va},
                                      extra_config={"model": model, "pretrained": pretrained or None})
     except TrainingInterrupted as e:
-        typer.echo(f"{e} (negvision retrieval train ... --resume)", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        interrupted(f"{e} (negvision retrieval train ... --resume)")
     except (FileNotFoundError, CheckpointCorruptError, WeightsMismatchError) as e:
         fail(str(e))
     typer.echo(json.dumps({k: summary.get(k) for k in ("steps", "last_loss", "best_metric", "last_metrics",

@@ -10,7 +10,7 @@ from typing import Any
 import typer
 
 from vision import cli_options as opt
-from vision.cli_common import EXIT_INTERRUPTED, fail, parse_pretrained, usage_error
+from vision.cli_common import fail, interrupted, parse_pretrained, usage_error
 
 app = typer.Typer(
     help="Two-stage surface-defect network (SegDecNet): train, eval, predict on defect image folders.",
@@ -163,8 +163,7 @@ def train(
     try:
         summary = train_segdec(data, config, train, run)
     except TrainingInterrupted as e:
-        typer.echo(f"{e} (negvision defect train ... --resume)", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        interrupted(f"{e} (negvision defect train ... --resume)")
     except (DatasetError, ValueError, FileNotFoundError, WeightsMismatchError) as e:
         fail(str(e))
         return

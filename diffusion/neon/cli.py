@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from vision import cli_options as opt
-from vision.cli_common import EXIT_INTERRUPTED, fail, usage_error
+from vision.cli_common import fail, interrupted, usage_error
 
 neon_app = typer.Typer(
     help="Neon: self-train a diffusion model, then merge weights in the negative direction "
@@ -152,8 +152,7 @@ def selftrain_cmd(
     try:
         info = _call(self_train, model, settings, train, run, usage=(ConditioningError,))
     except TrainingInterrupted as e:
-        typer.echo(f"{e} (negvision neon selftrain ... --resume)", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        interrupted(f"{e} (negvision neon selftrain ... --resume)")
     typer.echo(json.dumps(info))
 
 

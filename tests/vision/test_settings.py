@@ -66,3 +66,19 @@ def test_cli_builds_run_options_once_from_the_shared_options(tmp_path):
     assert run.config["seed"] == 4 and run.config["workers"] == 3  # the command's options: config.yaml
     r = CliRunner().invoke(app, ["--out", "y", "--device", "tpu"])
     assert r.exit_code == 2 and "--device 'tpu'" in r.output
+
+
+def test_an_interrupted_training_command_exits_130_with_the_resume_hint(monkeypatch, tmp_path):
+    import detectors.segdec.train as segdec_train
+    from detectors.segdec.cli import app as defect_app
+    from vision.data.defects import make_defects
+    from vision.engine import TrainingInterrupted
+
+    def stopped(*a, **k):
+        raise TrainingInterrupted("stopped by SIGINT at step 3; saved checkpoints/last")
+
+    monkeypatch.setattr(segdec_train, "train_segdec", stopped)
+    data = make_defects(tmp_path / "d", n_train=4, n_test=0, img_size=32, seed=0)
+    r = CliRunner().invoke(defect_app, ["train", "--data", str(data), "--out", str(tmp_path / "r"), "--cpu"])
+    assert r.exit_code == 130
+    assert "saved checkpoints/last (negvision defect train ... --resume)" in r.output
