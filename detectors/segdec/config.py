@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vision.engine.config import TrainConfig
+from vision.engine.config import ENGINE_DEFAULTS, TrainConfig
 
 _PLAIN_SGD = dict(optimizer="sgd", momentum=0.0, weight_decay=0.0, scheduler="constant")
 
@@ -126,7 +126,6 @@ def preset_of(layout: str) -> tuple[SegDecConfig, TrainConfig]:
 
 
 def preset_train_defaults(layout: str) -> dict[str, Any]:
-    """The preset's schedule as :meth:`TrainConfig.resolved` defaults."""
+    """The preset's schedule as :meth:`TrainConfig.resolved` defaults (the task-defaulted fields it sets)."""
     train = preset_of(layout)[1]
-    return {k: getattr(train, k) for k in ("epochs", "lr", "batch_size", "optimizer", "momentum", "weight_decay",
-                                           "scheduler")}
+    return {k: getattr(train, k) for k in ENGINE_DEFAULTS if train.is_set(k)}
